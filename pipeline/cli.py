@@ -1,0 +1,93 @@
+"""The ``vpipe`` command. Subcommands import their heavy libraries lazily: ``vpipe --help`` needs no torch."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TRAINING = ("fit", "validate", "test", "predict")
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="vpipe", description="Video understanding pipeline: extract → features → train → report.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="decode the videos of a manifest into a frame store", formatter_class=fmt)
+    p.add_argument("--manifest", required=True, help="CSV of video_id,path,label,split[,start_sec,end_sec]")
+    p.add_argument("--out", required=True, help="frame store folder (replaced atomically)")
+    p.add_argument("--fps", type=float, default=0.0, help="output frame rate; 0 keeps every frame")
+    p.add_argument("--size", default=None, help="scale whole frames to S×S or WxH (no crop); default keeps the size")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="skip: record bad videos in errors.csv; fail: stop")
+    p.add_argument("--shard-mb", type=int, default=256, help="approximate size of a frame shard")
+
+    p = sub.add_parser("features", help="cache CNN features of a frame store (Lightning predict job)", formatter_class=fmt)
+    p.add_argument("--frames", required=True, help="frame store folder")
+    p.add_argument("--out", required=True, help="feature store folder (replaced atomically)")
+    p.add_argument("--backbone", required=True, help="timm model name, e.g. resnet18")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", default=None, help="local .safetensors or .pth weights")
+    w.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the model hub)")
+    p.add_argument("--seed", type=int, default=0, help="random-initialisation seed when no weights are given")
+    p.add_argument("--pool", choices=["avg", "grid"], default="avg", help="avg: (N, D); grid: (N, C, G, G)")
+    p.add_argument("--grid", type=int, default=4, help="G for --pool grid")
+    p.add_argument("--input-size", type=int, default=None, help="side fed to the model; default: the model's own")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers")
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto, ...")
+    p.add_argument("--devices", default="1", help="devices per node")
+    p.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on GPUs")
+
+    for name in TRAINING:
+        sub.add_parser(name, add_help=False, help=f"LightningCLI {name}: vpipe {name} -c configs/NAME.yaml (see vpipe {name} --help)")
+
+    p = sub.add_parser("report", help="table of every metrics/*.json, also written to metrics/summary.md", formatter_class=fmt)
+    p.add_argument("--metrics", default="metrics", help="folder of metrics JSON files")
+    p.add_argument("--out", default="metrics/summary.md", help="Markdown copy of the table ('' for none)")
+
+    p = sub.add_parser("ui", help="MLflow UI on this project's store, bound to 127.0.0.1", formatter_class=fmt)
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="keep it local: the UI has no authentication")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRAINING:
+        from pipeline.train import cli_main
+
+        cli_main(argv)
+        return
+    args = _parser().parse_args(argv)
+    if args.command == "extract":
+        from pipeline.extract import ExtractError, extract
+        from pipeline.manifest import ManifestError
+
+        try:
+            extract(args.manifest, args.out, fps=args.fps, size=args.size, workers=args.workers, on_error=args.on_error, shard_mb=args.shard_mb)
+        except (ExtractError, ManifestError) as err:
+            sys.exit(f"vpipe extract: {err}")
+    elif args.command == "features":
+        from pipeline.backbone import BackboneError
+        from pipeline.features import compute
+        from pipeline.stores import StoreError
+
+        devices = int(args.devices) if args.devices.isdigit() else args.devices
+        try:
+            compute(args.frames, args.out, name=args.backbone, weights=args.weights, pretrained=args.pretrained, pool=args.pool,
+                    grid=args.grid, input_size=args.input_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                    accelerator=args.accelerator, devices=devices, precision=args.precision, seed=args.seed)
+        except (BackboneError, StoreError) as err:
+            sys.exit(f"vpipe features: {err}")
+    elif args.command == "report":
+        from pipeline.report import report
+
+        print(report(args.metrics, args.out or None))
+    elif args.command == "ui":
+        from pipeline import tracking
+
+        tracking.ensure_store(tracking.tracking_uri())
+        cmd = ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host, "--port", str(args.port)]
+        os.execvp(sys.executable, [sys.executable, "-m", *cmd])

@@ -1,0 +1,109 @@
+"""Datasets over the feature store, TSN-style clip sampling, and the LightningDataModule.
+
+A training item is ``num_segments`` steps of one video: the video's frames are cut into that many
+equal segments and one frame is drawn from each (at random when training, the centre when
+evaluating). Grid features ``(C, G, G)`` are flattened to ``C*G*G`` per step.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.stores import FeatureStore, IndexRow
+
+
+class Batch(TypedDict):
+    """What every temporal task receives."""
+
+    x: torch.Tensor  # (B, T, D) float32
+    mask: torch.Tensor  # (B, T) bool, True at real steps
+    y: torch.Tensor  # (B,) int64 class index
+
+
+def segment_indices(length: int, num_segments: int, rng: np.random.Generator | None) -> np.ndarray:
+    """TSN sampling: one index in each of ``num_segments`` equal segments of ``range(length)``.
+
+    With ``rng`` the index is uniform within its segment (training jitter); without, the segment's
+    centre (deterministic evaluation). Shorter videos repeat frames, keeping order.
+    """
+    edges = np.linspace(0, length, num_segments + 1)
+    if rng is None:
+        points = (edges[:-1] + edges[1:]) / 2
+    else:
+        points = edges[:-1] + rng.random(num_segments) * (edges[1:] - edges[:-1])
+    return np.minimum(points.astype(np.int64), length - 1)
+
+
+class FeatureClips(Dataset):
+    """Clips of one split of a feature store, as :class:`Batch` items."""
+
+    def __init__(self, root: str, rows: list[IndexRow], classes: list[str], num_segments: int, train: bool, seed: int = 0):
+        self.root, self.rows, self.num_segments, self.train, self.seed = root, rows, num_segments, train, seed
+        self.class_index = {c: i for i, c in enumerate(classes)}
+        self._store: FeatureStore | None = None  # opened lazily: one memmap per worker process
+        self._rng: np.random.Generator | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._store is None:
+            self._store = FeatureStore(self.root)
+            # Seeded per process: torch gives each DataLoader worker its own seed (seed_everything(workers=True)).
+            self._rng = np.random.default_rng([self.seed, torch.initial_seed() % 2**32])
+        row = self.rows[i]
+        feats = self._store.rows(row.video_id)
+        idx = segment_indices(len(feats), self.num_segments, self._rng if self.train else None)
+        x = torch.from_numpy(np.asarray(feats[idx], dtype=np.float32).reshape(self.num_segments, -1))
+        return {"x": x, "mask": torch.ones(self.num_segments, dtype=torch.bool), "y": self.class_index[row.label]}
+
+
+class FeatureDataModule(pl.LightningDataModule):
+    """Cached features of one dataset, for classification.
+
+    Args:
+        features: the feature store folder (output of ``vpipe features``).
+        num_segments: steps per clip (TSN segments).
+        batch_size: clips per batch, per device.
+        num_workers: DataLoader worker processes per device.
+        pin_memory: pin host memory (worth it when training on a GPU).
+        seed: seeds the training jitter.
+    """
+
+    def __init__(self, features: str, num_segments: int = 8, batch_size: int = 32, num_workers: int = 0,
+                 pin_memory: bool = False, seed: int = 0):
+        super().__init__()
+        self.features, self.num_segments, self.batch_size = features, num_segments, batch_size
+        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+        store = FeatureStore(features)  # reads index and meta only
+        self.cache_key = store.cache_key
+        self.classes = sorted({r.label for r in store.split("train")})
+        if not self.classes:
+            raise ValueError(f"{store.root / 'index.csv'}: no training videos")
+        self.input_dim = int(np.prod(store.feature_shape))
+        self._splits = {s: [r for r in store.split(s) if r.label in self.classes] for s in ("train", "val", "test")}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _loader(self, split: str) -> DataLoader:
+        dataset = FeatureClips(self.features, self._splits[split], self.classes, self.num_segments, split == "train", self.seed)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=split == "train", num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,153 @@
+"""Temporal heads: plain ``torch.nn`` modules (no Lightning) mapping a clip of features to logits.
+
+Every head takes ``input_dim`` and ``num_classes`` first (the data module supplies them) and is
+called as ``head(x, mask)``:
+
+- ``x``: ``(B, T, D)`` float features, padded along T;
+- ``mask``: ``(B, T)`` bool, True where a step is a real frame (at least one per clip);
+- returns ``(B, num_classes)`` logits.
+
+Configs name heads by import path (``class_path: pipeline.heads.GRUHead``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+def last_valid(outputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``outputs[b, last true index of mask[b]]``: (B, T, H) → (B, H)."""
+    last = mask.long().sum(1).clamp(min=1) - 1  # (B,)
+    return outputs[torch.arange(outputs.shape[0], device=outputs.device), last]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid steps: (B, T, D) → (B, D)."""
+    weights = mask.unsqueeze(-1).to(x.dtype)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class RecurrentHead(nn.Module):
+    """A recurrent network over the clip; the logits come from the last valid step.
+
+    With ``bidirectional=True`` the backward direction's output at the first step (which has read
+    the whole clip) is concatenated with the forward direction's output at the last valid step.
+
+    Args:
+        input_dim: features per step.
+        num_classes: outputs.
+        cell: ``rnn`` (tanh), ``lstm`` or ``gru``.
+        hidden_size: units per direction.
+        num_layers: stacked layers.
+        bidirectional: read the clip in both directions.
+        dropout: between stacked layers and before the classifier.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_classes: int,
+        cell: Literal["rnn", "lstm", "gru"] = "gru",
+        hidden_size: int = 128,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.norm = nn.LayerNorm(input_dim)  # cached CNN features come at arbitrary scales
+        kind = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        extra = {"nonlinearity": "tanh"} if cell == "rnn" else {}
+        self.rnn = kind(
+            input_dim, hidden_size, num_layers=num_layers, batch_first=True, bidirectional=bidirectional,
+            dropout=dropout if num_layers > 1 else 0.0, **extra,
+        )
+        self.hidden_size, self.bidirectional = hidden_size, bidirectional
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.norm(x))  # (B, T, H * directions)
+        summary = last_valid(out[..., : self.hidden_size], mask)
+        if self.bidirectional:
+            summary = torch.cat([summary, out[:, 0, self.hidden_size :]], dim=-1)
+        return self.fc(self.dropout(summary))
+
+
+class RNNHead(RecurrentHead):
+    """Vanilla (tanh) RNN head; see :class:`RecurrentHead` for the arguments."""
+
+    def __init__(self, input_dim: int, num_classes: int, hidden_size: int = 128, num_layers: int = 1,
+                 bidirectional: bool = False, dropout: float = 0.0):
+        super().__init__(input_dim, num_classes, "rnn", hidden_size, num_layers, bidirectional, dropout)
+
+
+class LSTMHead(RecurrentHead):
+    """LSTM head; see :class:`RecurrentHead` for the arguments."""
+
+    def __init__(self, input_dim: int, num_classes: int, hidden_size: int = 128, num_layers: int = 1,
+                 bidirectional: bool = False, dropout: float = 0.0):
+        super().__init__(input_dim, num_classes, "lstm", hidden_size, num_layers, bidirectional, dropout)
+
+
+class GRUHead(RecurrentHead):
+    """GRU head; see :class:`RecurrentHead` for the arguments."""
+
+    def __init__(self, input_dim: int, num_classes: int, hidden_size: int = 128, num_layers: int = 1,
+                 bidirectional: bool = False, dropout: float = 0.0):
+        super().__init__(input_dim, num_classes, "gru", hidden_size, num_layers, bidirectional, dropout)
+
+
+class TransformerHead(nn.Module):
+    """A small Transformer encoder with learned positions; masked mean of its outputs → logits.
+
+    Args:
+        input_dim: features per step.
+        num_classes: outputs.
+        d_model: width of the encoder.
+        num_layers: encoder layers.
+        nhead: attention heads.
+        max_len: longest clip (positions).
+        dropout: inside the encoder and before the classifier.
+    """
+
+    def __init__(self, input_dim: int, num_classes: int, d_model: int = 128, num_layers: int = 2, nhead: int = 4,
+                 max_len: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(input_dim), nn.Linear(input_dim, d_model))
+        self.pos = nn.Parameter(torch.zeros(1, max_len, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, 2 * d_model, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.fc = nn.Sequential(nn.LayerNorm(d_model), nn.Dropout(dropout), nn.Linear(d_model, num_classes))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) + self.pos[:, : x.shape[1]]
+        h = self.encoder(h, src_key_padding_mask=~mask)
+        return self.fc(masked_mean(h, mask))
+
+
+class MeanPoolHead(nn.Module):
+    """Order-invariant baseline: masked mean of the features over time, then an MLP.
+
+    Args:
+        input_dim: features per step.
+        num_classes: outputs.
+        hidden_size: width of the hidden layer (0: a linear classifier).
+        dropout: before the classifier.
+    """
+
+    def __init__(self, input_dim: int, num_classes: int, hidden_size: int = 128, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(input_dim)
+        layers: list[nn.Module] = [nn.Dropout(dropout)]
+        if hidden_size:
+            layers += [nn.Linear(input_dim, hidden_size), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_size, num_classes)]
+        else:
+            layers.append(nn.Linear(input_dim, num_classes))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.mlp(masked_mean(self.norm(x), mask))

@@ -1,0 +1,90 @@
+"""LightningModules: the systems that own loss, metrics, optimiser and logging around a plain head."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline.data import Batch
+
+
+class Classifier(pl.LightningModule):
+    """Clip classification with a temporal head over per-frame features.
+
+    Args:
+        head: builds the head from ``(input_dim, num_classes)``; in a config, a ``class_path`` such as
+            ``pipeline.heads.GRUHead`` with its other ``init_args``.
+        input_dim: features per step (linked from the data module).
+        num_classes: classes (linked from the data module).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warm-up before the cosine decay.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        head: Callable[[int, int], nn.Module],
+        input_dim: int = 0,
+        num_classes: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_epochs: int = 1,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["head"])
+        if input_dim <= 0 or num_classes <= 0:
+            raise ValueError(f"input_dim and num_classes must be positive, got {input_dim} and {num_classes}")
+        self.head = head(input_dim, num_classes)
+        # One metric object per stage, so values never mix between stages (and sync correctly under DDP).
+        # (ModuleDict keys may not shadow nn.Module attributes such as `train`, hence the suffix.)
+        self.metrics = nn.ModuleDict({
+            f"{stage}_metrics": torchmetrics.MetricCollection({
+                "acc": torchmetrics.Accuracy("multiclass", num_classes=num_classes),
+                "f1": torchmetrics.F1Score("multiclass", num_classes=num_classes, average="macro"),
+            }, prefix=f"{stage}/")
+            for stage in ("train", "val", "test")
+        })
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(x, mask)
+
+    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
+        logits = self(batch["x"], batch["mask"])
+        loss = F.cross_entropy(logits, batch["y"], label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics.update(logits, batch["y"])
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]), sync_dist=True,
+                 prog_bar=stage != "train")
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = min(total - 1, self.hparams.warmup_epochs * steps_per_epoch)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
