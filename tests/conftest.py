@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny videos written with PyAV, tiny manifests and stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.manifest import write_manifest
+from pipeline.video import write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def moving_square(frames: int = 12, height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
+    """A bright square moving right over a noisy background: frame i differs from frame i+1."""
+    rng = np.random.default_rng(seed)
+    video = rng.integers(0, 60, (frames, height, width, 3), dtype=np.uint8)
+    for i in range(frames):
+        x = 2 + i * (width - 14) // max(1, frames - 1)
+        video[i, 10:22, x : x + 12] = 230
+    return video
+
+
+@pytest.fixture
+def make_video(tmp_path: Path):
+    """``make_video(name, frames=12, fps=25, ...)`` writes an H.264 MP4 and returns its path."""
+
+    def make(name: str = "clip.mp4", frames: int = 12, fps: float = 25, height: int = 48, width: int = 64, seed: int = 0) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(path, moving_square(frames, height, width, seed), fps)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path, make_video) -> Path:
+    """A manifest of 6 clips in 2 classes (train/val/test), returns the manifest path."""
+    rows = []
+    for c, label in enumerate(["left", "right"]):
+        for i, split in enumerate(["train", "val", "test"]):
+            make_video(f"videos/{label}{i}.mp4", frames=10 + 2 * i, seed=10 * c + i)
+            rows.append({"video_id": f"{label}{i}", "path": f"videos/{label}{i}.mp4", "label": label, "split": split})
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(manifest, rows)
+    return manifest
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch):
+    """Tests never reach a model hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -1,0 +1,97 @@
+"""`dvc repro` end to end in a temporary copy of the repository, with tiny params."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED = ["gesture_gru", "gesture_meanpool", "action_lstm"]
+
+
+def copy_repository(dest: Path) -> None:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    for name in filter(None, listed.split("\0")):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def shrink(repo: Path) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for item in params["datasets"].values():
+        item["count"] = 3
+    params["features"]["input_size"] = 64
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    for name in TRAINED:
+        path = repo / "configs" / f"{name}.yaml"
+        config = yaml.safe_load(path.read_text())
+        config["trainer"]["max_epochs"] = 2
+        path.write_text(yaml.safe_dump(config))
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage(tmp_path):
+    repo = tmp_path / "repo"
+    copy_repository(repo)
+    shrink(repo)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "VPIPE_ROOT", "DVC_ROOT")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], repo, env)
+
+    log = run(["dvc", "repro"], repo, env)
+    for stage in ("synth@gestures", "extract@digits", "features@actions", "train@gesture_gru", "report"):
+        assert f"Running stage '{stage}'" in log
+
+    for dataset in ("gestures", "actions", "digits"):
+        assert (repo / "data/raw" / dataset / "manifest.csv").is_file()
+        store = repo / "data/frames" / dataset
+        for name in ("frames-00000.npy", "index.csv", "errors.csv", "meta.json"):
+            assert (store / name).is_file(), store / name
+    for dataset in ("gestures", "actions"):
+        for name in ("features-00000.npy", "index.csv", "errors.csv", "meta.json"):
+            assert (repo / "data/features" / dataset / name).is_file()
+    for name in TRAINED:
+        assert (repo / "models" / name / "best.ckpt").is_file() and (repo / "models" / name / "last.ckpt").is_file()
+        metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
+        assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
+        epochs = (repo / "plots" / name / "epochs.csv").read_text().splitlines()
+        assert epochs[0].startswith("epoch,") and len(epochs) == 3  # header + 2 epochs
+    assert "| gesture_gru |" in (repo / "metrics" / "summary.md").read_text()
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for name in TRAINED:
+        experiment = client.get_experiment_by_name(name)
+        runs = client.search_runs([experiment.experiment_id])
+        assert len(runs) == 1, name
+        run_ = runs[0]
+        assert run_.info.status == "FINISHED"
+        assert "test/acc" in run_.data.metrics and "val/acc" in run_.data.metrics
+        assert run_.data.tags["dvc_stage"] == f"train@{name}" and len(run_.data.tags["git_commit"]) == 40
+        assert experiment.artifact_location.startswith((repo / "mlartifacts").as_uri())
+        assert "config.yaml" in [a.path for a in client.list_artifacts(run_.info.run_id)]
+    assert not (repo / "mlruns").exists()
+
+    again = run(["dvc", "repro"], repo, env)
+    assert "Running stage" not in again and "up to date" in again

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline import backbone
+from pipeline.extract import extract
+from pipeline.features import compute
+from pipeline.stores import FeatureStore, FrameStore
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    from conftest import moving_square
+
+    from pipeline.manifest import write_manifest
+    from pipeline.video import write_video
+
+    root = tmp_path_factory.mktemp("feat")
+    rows = []
+    for i, split in enumerate(["train", "val", "test"]):
+        write_video(root / f"v{i}.mp4", moving_square(8 + i, seed=i), 25)
+        rows.append({"video_id": f"v{i}", "path": f"v{i}.mp4", "label": "a", "split": split})
+    write_manifest(root / "manifest.csv", rows)
+    extract(root / "manifest.csv", root / "frames", size="40", workers=1)
+    return root / "frames"
+
+
+@pytest.mark.parametrize("pool", ["avg", "grid"])
+def test_feature_store_mirrors_frames(frames, tmp_path, pool):
+    compute(str(frames), str(tmp_path / "f"), name="test_resnet", pool=pool, grid=2, input_size=32, batch_size=4, num_workers=0,
+            accelerator="cpu")
+    feats, store = FeatureStore(tmp_path / "f"), FrameStore(frames)
+    model, _ = backbone.create("test_resnet")
+    width = model.num_features
+    assert feats.feature_shape == ((width,) if pool == "avg" else (width, 2, 2))
+    assert [r.video_id for r in feats.index] == [r.video_id for r in store.index]
+    for row in store.index:
+        got = feats.rows(row.video_id)
+        assert got.dtype == np.float16 and got.shape == (row.length, *feats.feature_shape)
+    # Equal to a direct forward pass of the same model on the same frames, to float16 rounding.
+    encoder = backbone.FrameEncoder(model, backbone.preprocessing(model, 32), pool, 2)
+    with torch.inference_mode():
+        direct = encoder(torch.from_numpy(np.array(store.rows("v1")))).numpy()
+    np.testing.assert_allclose(feats.rows("v1").astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+    assert feats.meta["frames_hash"] == store.meta["content_hash"] and len(feats.cache_key) == 16
+
+
+def test_weights_file_round_trip(frames, tmp_path):
+    model, _ = backbone.create("test_resnet", seed=123)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    compute(str(frames), str(tmp_path / "a"), name="test_resnet", seed=123, input_size=32, num_workers=0, accelerator="cpu")
+    compute(str(frames), str(tmp_path / "b"), name="test_resnet", weights=str(tmp_path / "w.pth"), input_size=32, num_workers=0,
+            accelerator="cpu")
+    a, b = FeatureStore(tmp_path / "a"), FeatureStore(tmp_path / "b")
+    np.testing.assert_array_equal(a.shard(0), b.shard(0))
+    assert a.cache_key != b.cache_key and b.meta["weights"]["weights_file"] == "w.pth"
+
+
+def test_preprocessing_follows_the_model():
+    model, identity = backbone.create("test_resnet", seed=3)
+    prep = backbone.preprocessing(model)
+    cfg = model.pretrained_cfg
+    assert prep.input_size == tuple(cfg["input_size"][1:]) and prep.mean == tuple(cfg["mean"]) and identity == {"random_init_seed": 3}
+
+
+def test_unknown_backbone_lists_close_names():
+    with pytest.raises(backbone.BackboneError, match="closest timm names: .*resnet18"):
+        backbone.create("resnet19")

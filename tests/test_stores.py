@@ -1,0 +1,52 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.stores import FeatureStore, FrameStore, StoreError, StoreWriter
+
+INFO = dict(label="x", split="train", src_fps=25.0, fps=25.0, width=8, height=6, duration_sec=1.0)
+
+
+def test_round_trip_across_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    videos = {f"v{i}": rng.integers(0, 255, (5 + i, 6, 8, 3), dtype=np.uint8) for i in range(4)}
+    # Shards of about 2 videos: the writer flushes a shard once it holds 1,500 bytes.
+    with StoreWriter(tmp_path / "store", "frames", shard_bytes=1500) as writer:
+        for vid, frames in videos.items():
+            writer.add(frames, video_id=vid, **INFO)
+        writer.add_error("bad", "/data/bad.mp4", "ValueError: /data/bad.mp4: no video stream\nsecond line")
+        writer.finish({"kind": "frames"})
+    store = FrameStore(tmp_path / "store")
+    assert len({r.shard for r in store.index}) > 1
+    for vid, frames in videos.items():
+        np.testing.assert_array_equal(store.rows(vid), frames)
+    assert store.errors == [{"video_id": "bad", "path": "/data/bad.mp4", "error": "ValueError: /data/bad.mp4: no video stream second line"}]
+    meta = json.loads((tmp_path / "store" / "meta.json").read_text())
+    assert len(meta["content_hash"]) == 64
+    names = {p.name for p in (tmp_path / "store").iterdir()}
+    assert {"errors.csv", "index.csv", "meta.json", "frames-00000.npy", "frames-00001.npy"} <= names
+
+
+def test_failure_leaves_previous_store_untouched(tmp_path):
+    out = tmp_path / "store"
+    with StoreWriter(out, "frames") as writer:
+        writer.add(np.zeros((3, 6, 8, 3), np.uint8), video_id="old", **INFO)
+        writer.finish({"kind": "frames"})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(RuntimeError), StoreWriter(out, "frames") as writer:
+        writer.add(np.ones((3, 6, 8, 3), np.uint8), video_id="new", **INFO)
+        raise RuntimeError("killed mid-way")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]  # no temporary folder left behind
+
+
+def test_missing_and_truncated_stores_name_the_file(tmp_path):
+    with pytest.raises(StoreError, match="index.csv: missing"):
+        FeatureStore(tmp_path)
+    with StoreWriter(tmp_path / "s", "frames") as writer:
+        writer.add(np.zeros((4, 6, 8, 3), np.uint8), video_id="a", **INFO)
+        writer.finish({"kind": "frames"})
+    np.save(tmp_path / "s" / "frames-00000.npy", np.zeros((2, 6, 8, 3), np.uint8))
+    with pytest.raises(StoreError, match="frames-00000.npy: holds 2 rows, index says a ends at 4"):
+        FrameStore(tmp_path / "s").rows("a")
