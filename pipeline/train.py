@@ -35,16 +35,15 @@ class LogConfigToMLflow(SaveConfigCallback):
 
 
 class EpochCSV(Callback):
-    """Appends one row per validation epoch to ``path`` (for ``dvc plots``): epoch and logged metrics."""
+    """Rewrites ``path`` (for ``dvc plots``) after every training epoch: one row per epoch, every
+    epoch-level ``train/`` and ``val/`` metric (validation runs before ``on_train_epoch_end``)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: list[dict] = []
 
     @rank_zero_only
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         self.rows.append({"epoch": trainer.current_epoch, **metrics})
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ def copy_repository(dest: Path) -> None:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout
     for name in filter(None, listed.split("\0")):
+        if name.startswith(("dvc.lock", "data/", "models/", "metrics/", "plots/")):  # outputs of a local run
+            continue
         src = ROOT / name
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
