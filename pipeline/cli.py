@@ -15,13 +15,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("extract", help="decode the videos of a manifest into a frame store", formatter_class=fmt)
-    p.add_argument("--manifest", required=True, help="CSV of video_id,path,label,split[,start_sec,end_sec]")
+    p.add_argument("--manifest", help="CSV of video_id,path,label,split[,start_sec,end_sec]")
     p.add_argument("--out", required=True, help="frame store folder (replaced atomically)")
     p.add_argument("--fps", type=float, default=0.0, help="output frame rate; 0 keeps every frame")
     p.add_argument("--size", default=None, help="scale whole frames to S×S or WxH (no crop); default keeps the size")
+    p.add_argument("--max-frames", type=int, default=None, help="keep at most N frames per video, sampled uniformly")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="skip: record bad videos in errors.csv; fail: stop")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per video before its decoder is killed (0: no limit)")
     p.add_argument("--shard-mb", type=int, default=256, help="approximate size of a frame shard")
+    p.add_argument("--num-shards", type=int, default=None, help="split the manifest into N parts (default: $WORLD_SIZE or 1)")
+    p.add_argument("--shard-index", type=int, default=None, help="the part this process extracts (default: $RANK or 0)")
+    p.add_argument("--merge", nargs="+", metavar="PART", default=None, help="join part stores into --out instead of extracting")
 
     p = sub.add_parser("features", help="cache CNN features of a frame store (Lightning predict job)", formatter_class=fmt)
     p.add_argument("--frames", required=True, help="frame store folder")
@@ -62,12 +67,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = _parser().parse_args(argv)
     if args.command == "extract":
-        from pipeline.extract import ExtractError, extract
+        from pipeline.extract import ExtractError, extract, merge
         from pipeline.manifest import ManifestError
+        from pipeline.stores import StoreError
 
         try:
-            extract(args.manifest, args.out, fps=args.fps, size=args.size, workers=args.workers, on_error=args.on_error, shard_mb=args.shard_mb)
-        except (ExtractError, ManifestError) as err:
+            if args.merge:
+                merge(args.merge, args.out)
+            elif not args.manifest:
+                sys.exit("vpipe extract: give --manifest (or --merge PART...)")
+            else:
+                extract(args.manifest, args.out, fps=args.fps, size=args.size, max_frames=args.max_frames, workers=args.workers,
+                        on_error=args.on_error, timeout=args.timeout or None, shard_mb=args.shard_mb, num_shards=args.num_shards,
+                        shard_index=args.shard_index)
+        except (ExtractError, ManifestError, StoreError) as err:
             sys.exit(f"vpipe extract: {err}")
     elif args.command == "features":
         from pipeline.backbone import BackboneError

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -66,12 +67,64 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class NpyAppender:
+    """An ``.npy`` file written block by block (memory stays flat); the header is fixed up on close.
+
+    The header has a fixed size, so rows are appended right after it and only the shape in it
+    changes at the end. ``numpy.load`` (with or without ``mmap_mode``) reads the result.
+    """
+
+    HEADER = 128  # bytes: magic, version, length, then the dict padded with spaces
+
+    def __init__(self, path: str | os.PathLike, dtype: np.dtype, row_shape: tuple[int, ...]):
+        self.path, self.dtype, self.row_shape = Path(path), np.dtype(dtype), tuple(row_shape)
+        self.rows = self.nbytes = 0
+        self._fh = open(self.path, "wb")
+        self._fh.write(b"\0" * self.HEADER)
+
+    def append(self, block: np.ndarray) -> None:
+        if block.dtype != self.dtype or tuple(block.shape[1:]) != self.row_shape:
+            raise ValueError(f"{self.path}: rows of {self.row_shape} {self.dtype} expected, got {block.shape[1:]} {block.dtype}")
+        self._fh.write(np.ascontiguousarray(block).data)
+        self.rows += len(block)
+        self.nbytes += block.nbytes
+
+    def close(self) -> None:
+        if self._fh.closed:
+            return
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.rows, *self.row_shape)}
+        text = repr(header).encode("latin1")
+        size = self.HEADER - 10
+        self._fh.seek(0)
+        self._fh.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", size) + text.ljust(size - 1) + b"\n")
+        self._fh.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> None:
+    """Remove temporary folders of ``out`` left by runs that were killed (their process is gone)."""
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        parts = path.name[len(out.name) + 2 :].split("-")
+        if len(parts) >= 2 and parts[0] in ("tmp", "old") and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class StoreWriter:
     """Writes a store atomically into ``out``.
 
-    Rows are appended per video; a shard is flushed to disk once it holds ``shard_bytes`` bytes.
-    Use as a context manager: on success the temporary folder replaces ``out``; on an exception it is
-    removed and ``out`` (if it existed) is left untouched.
+    Rows are appended per video straight to the current shard file; a new shard starts once the
+    current one holds ``shard_bytes`` bytes (a video never spans two shards). Use as a context
+    manager: on success the temporary folder replaces ``out``; on an exception it is removed and
+    ``out`` (if it existed) is left untouched. Temporary folders of killed runs are removed on entry.
     """
 
     def __init__(self, out: str | os.PathLike, prefix: str, shard_bytes: int = 256 << 20):
@@ -80,47 +133,50 @@ class StoreWriter:
         self.shard_bytes = shard_bytes
         self.index: list[IndexRow] = []
         self.errors: list[dict] = []
-        self._pending: list[np.ndarray] = []
-        self._pending_rows = 0
-        self._pending_bytes = 0
-        self._shard = 0
+        self._shard: NpyAppender | None = None
+        self._shards = 0
         self.tmp: Path | None = None
 
     def __enter__(self) -> StoreWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        clean_stale(self.out)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
         return self
 
-    def add(self, rows: np.ndarray, **info) -> IndexRow:
-        """Append one video's rows (``(N, ...)``); ``info`` fills the other index columns."""
-        if self._pending and (self._pending[0].shape[1:] != rows.shape[1:] or self._pending[0].dtype != rows.dtype):
-            self._flush()  # a shard holds one shape and dtype
-        row = IndexRow(shard=self._shard, offset=self._pending_rows, length=len(rows), **info)
-        self._pending.append(rows)
-        self._pending_rows += len(rows)
-        self._pending_bytes += rows.nbytes
+    def _shard_for(self, dtype: np.dtype, row_shape: tuple[int, ...]) -> NpyAppender:
+        current = self._shard
+        if current is None or current.nbytes >= self.shard_bytes or current.dtype != dtype or current.row_shape != row_shape:
+            if current is not None:
+                current.close()
+            self._shard = NpyAppender(self.tmp / f"{self.prefix}-{self._shards:05d}.npy", dtype, row_shape)
+            self._shards += 1
+        return self._shard
+
+    def add(self, rows: np.ndarray, keep: np.ndarray | None = None, block: int = 256, **info) -> IndexRow:
+        """Append one video's rows ``(N, ...)`` (an array or a memory map), or only rows ``keep``;
+        ``info`` fills the other index columns. Rows are copied ``block`` at a time."""
+        keep = np.arange(len(rows)) if keep is None else keep
+        shard = self._shard_for(rows.dtype, tuple(rows.shape[1:]))
+        row = IndexRow(shard=self._shards - 1, offset=shard.rows, length=len(keep), **info)
+        contiguous = len(keep) == len(rows)
+        for i in range(0, len(keep), block):
+            shard.append(rows[i : i + block] if contiguous else rows[keep[i : i + block]])
         self.index.append(row)
-        if self._pending_bytes >= self.shard_bytes:
-            self._flush()
         return row
 
     def add_error(self, video_id: str, path: str, error: str) -> None:
         self.errors.append({"video_id": video_id, "path": path, "error": " ".join(str(error).split())})
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        np.save(self.tmp / f"{self.prefix}-{self._shard:05d}.npy", np.concatenate(self._pending))
-        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
-        self._shard += 1
-
     def finish(self, meta: dict) -> Path:
-        self._flush()
+        if self._shard is not None:
+            self._shard.close()
         finalize(self.tmp, self.out, self.index, self.errors, meta)
         self.tmp = None
         return self.out
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._shard is not None:
+            self._shard.close()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -139,7 +195,8 @@ def replace_dir(src: Path, dst: Path) -> None:
     """Move the finished folder ``src`` to ``dst``, replacing an existing ``dst`` with two renames."""
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-{os.getpid()}-", dir=dst.parent))
+        os.rmdir(old)
         os.rename(dst, old)
     os.rename(src, dst)
     if old is not None:

@@ -1,23 +1,32 @@
 """Video decoding and encoding with PyAV: the only module of the package that imports ``av``.
 
-Frame-rate resampling rule (``decode(..., fps=F)``): output frame ``k`` stands for presentation
-time ``t_k = t_0 + k / F``, where ``t_0`` is the time of the first decoded frame (so streams whose
-timestamps do not start at 0 come out right). It is served by the last decoded frame whose
-presentation time is ``<= t_k`` (sample-and-hold, as a display would show it). Output frames are
-produced while ``t_k`` lies before the end of the last decoded frame. ``fps=0`` keeps every frame.
+Frame-rate resampling rule (``fps=F``): output frame ``k`` stands for presentation time
+``t_k = start + k / F`` on the stream's own clock, where time 0 is the first decoded frame (so
+streams whose timestamps start late come out right) and ``start`` is ``start_sec`` (default 0).
+It is served by the last decoded frame whose presentation time is ``<= t_k`` (sample and hold, as a
+display would show it). Output frames are produced while ``t_k`` lies before the end of the last
+frame shown (its time plus its duration) and before ``end_sec``. ``fps=0`` keeps every frame.
 Times come from ``frame.pts * stream.time_base``, never from frame indices, so variable-frame-rate
-files are resampled by when their frames are shown.
+files are resampled by when their frames are shown. Only frames that are emitted are scaled and
+converted (one libswscale pass each: scaling and RGB conversion together).
+
+Rotation metadata (the display matrix) is applied, so phone videos come out upright; ``size`` is
+the size after rotation.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+
+# Times closer than this are equal: float rounding of pts × time_base must not add or drop a frame.
+EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -27,7 +36,7 @@ class DecodedVideo:
     frames: np.ndarray  # (T, H, W, 3) uint8 RGB
     src_fps: float  # the stream's average rate as the container declares it
     fps: float  # the rate of `frames` (src_fps when every frame is kept)
-    duration_sec: float  # span of the decoded frames: last end - first start
+    duration_sec: float  # time span the frames cover
 
 
 def parse_size(size: str | int | None) -> tuple[int, int] | None:
@@ -50,82 +59,127 @@ def versions() -> dict[str, str]:
     return {"pyav": av.__version__, "ffmpeg": ".".join(map(str, av.library_versions.get("libavcodec", ())))}
 
 
-def decode(
-    path: str | os.PathLike,
-    *,
-    fps: float = 0.0,
-    size: tuple[int, int] | None = None,
-    start_sec: float | None = None,
-    end_sec: float | None = None,
-    threads: int = 1,
-) -> DecodedVideo:
-    """Decode a video file to RGB frames.
+class Decoder:
+    """Streams the RGB frames of one video; use as a context manager, then iterate.
 
     Args:
         path: the video file.
         fps: output frame rate; 0 keeps every decoded frame.
-        size: (width, height) of the output; the whole frame is scaled (no crop). None keeps it.
-        start_sec: drop frames shown before this time (relative to the stream's first frame).
-        end_sec: drop frames shown at or after this time (relative to the stream's first frame).
-        threads: decoder threads (slice threading: safe inside worker processes).
+        size: (width, height) of the output after rotation; the whole frame is scaled (no crop).
+        start_sec: first output time, relative to the stream's first frame.
+        end_sec: no output at or after this time, relative to the stream's first frame.
+        threads: decoder threads; frame threading when above 1 (spawned worker processes only:
+            frame threading has hung inside forked DataLoader workers, PyAV #1962).
 
-    Raises:
-        ValueError: the file has no video stream or no decodable frame (message names the file).
-        av.FFmpegError / OSError: the container cannot be opened or read.
+    After iteration, ``count`` and ``duration_sec`` describe what was produced. Errors name the file.
     """
-    path = Path(path)
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "SLICE"
-        stream.thread_count = max(1, threads)
-        time_base = stream.time_base or Fraction(1, 1)
-        src_fps = float(stream.average_rate or stream.guessed_rate or 0.0)
 
-        out: list[np.ndarray] = []
-        held: np.ndarray | None = None  # last frame shown so far (for sample-and-hold)
+    def __init__(self, path: str | os.PathLike, *, fps: float = 0.0, size: tuple[int, int] | None = None,
+                 start_sec: float | None = None, end_sec: float | None = None, threads: int = 1):
+        self.path, self.fps, self.size = Path(path), float(fps), size
+        self.start, self.end, self.threads = float(start_sec or 0.0), end_sec, threads
+        self.count, self.duration_sec, self.src_fps = 0, 0.0, 0.0
+
+    def __enter__(self) -> Decoder:
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such file")
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            raise ValueError(f"{self.path}: empty file (0 bytes)")
+        self.container = av.open(str(self.path))
+        try:
+            if not self.container.streams.video:
+                kinds = ", ".join(sorted({s.type for s in self.container.streams})) or "none"
+                raise ValueError(f"{self.path}: no video stream (streams: {kinds})")
+            self.stream = self.container.streams.video[0]
+            self.stream.thread_type = "AUTO" if self.threads > 1 else "SLICE"
+            self.stream.thread_count = max(1, self.threads)
+            self.src_fps = float(self.stream.average_rate or self.stream.guessed_rate or 0.0)
+        except BaseException:
+            self.container.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.container.close()
+
+    def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        turns = int(round((frame.rotation or 0) / 90)) % 4  # counter-clockwise quarter turns
+        if self.size is None:
+            image = frame.to_ndarray(format="rgb24")
+        else:
+            w, h = self.size if turns % 2 == 0 else self.size[::-1]
+            image = frame.to_ndarray(format="rgb24", width=w, height=h)
+        return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        time_base = self.stream.time_base or Fraction(1, 90000)
+        step = 1.0 / self.src_fps if self.src_fps else 0.04
         t0: float | None = None
-        next_k = 0
-        last_t = last_dur = 0.0
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                continue
-            t = float(frame.pts * time_base)
+        held: av.VideoFrame | None = None  # last frame shown so far, for sample and hold
+        held_rgb: np.ndarray | None = None
+        held_end = 0.0
+        k = 0  # next output index
+        first = last = None
+        for frame in self.container.decode(self.stream):
+            if frame.pts is not None:
+                t = float(frame.pts * time_base)
+            elif first is None:
+                t = 0.0
+            else:  # no timestamp: assume the declared rate
+                t = (t0 or 0.0) + last + step
             if t0 is None:
                 t0 = t
-            rel = t - t0
-            if start_sec is not None and rel < start_sec and fps == 0:
-                continue
-            if end_sec is not None and rel >= end_sec:
+            t -= t0
+            if self.end is not None and t >= self.end:
                 break
-            last_dur = float(frame.duration * time_base) if frame.duration else (1.0 / src_fps if src_fps else 0.0)
-            last_t = rel
-            rgb = frame.to_ndarray(format="rgb24", width=size[0], height=size[1]) if size else frame.to_ndarray(format="rgb24")
-            if fps == 0:
-                out.append(rgb)
+            duration = float(frame.duration * time_base) if frame.duration else step
+            if self.fps == 0:
+                if t < self.start:
+                    continue
+                yield self._rgb(frame)
+                first = t if first is None else first
+                last, held_end, k = t, t + duration, k + 1
                 continue
-            origin = start_sec or 0.0
-            # Emit every output time t_k that lies before this frame's start: the held frame serves it.
-            while held is not None and origin + next_k / fps < rel:
-                out.append(held)
-                next_k += 1
-            held = rgb
-            if rel < origin:  # before the clip start: keep as the held frame only
-                continue
-        if fps and held is not None:
-            origin = start_sec or 0.0
-            end = last_t + max(last_dur, 1e-6)
-            if end_sec is not None:
-                end = min(end, end_sec)
-            while origin + next_k / fps < end:
-                out.append(held)
-                next_k += 1
-    if not out:
-        raise ValueError(f"{path}: no decodable video frame")
-    first = start_sec or 0.0
-    duration = (last_t + last_dur) - first if fps == 0 else len(out) / fps
-    return DecodedVideo(np.stack(out), src_fps, float(fps or src_fps), round(max(duration, 0.0), 6))
+            while held is not None and self.start + k / self.fps < t - EPS:
+                if held_rgb is None:
+                    held_rgb = self._rgb(held)
+                yield held_rgb
+                k += 1
+            held, held_rgb, held_end, last = frame, None, t + duration, t
+            first = t if first is None else first
+        if self.fps and held is not None:
+            end = held_end if self.end is None else min(held_end, self.end)
+            while self.start + k / self.fps < end - EPS:
+                if held_rgb is None:
+                    held_rgb = self._rgb(held)
+                yield held_rgb
+                k += 1
+        if t0 is None:
+            raise ValueError(f"{self.path}: no decodable video frame")
+        self.count = k
+        self.duration_sec = round(k / self.fps if self.fps else max(0.0, held_end - max(self.start, first or 0.0)), 6)
+
+
+def uniform_indices(count: int, keep: int | None) -> np.ndarray:
+    """``keep`` indices spread uniformly over ``range(count)`` (all when ``keep`` is None or larger)."""
+    if not keep or keep >= count:
+        return np.arange(count)
+    return np.round(np.linspace(0, count - 1, keep)).astype(np.int64)
+
+
+def decode(path: str | os.PathLike, *, fps: float = 0.0, size: tuple[int, int] | None = None, start_sec: float | None = None,
+           end_sec: float | None = None, max_frames: int | None = None, threads: int = 1) -> DecodedVideo:
+    """Decode a whole video into memory (see :class:`Decoder`); ``max_frames`` keeps N frames uniformly.
+
+    Raises:
+        FileNotFoundError, ValueError, av.FFmpegError: the message names the file.
+    """
+    with Decoder(path, fps=fps, size=size, start_sec=start_sec, end_sec=end_sec, threads=threads) as decoder:
+        frames = list(decoder)
+    if not frames:
+        raise ValueError(f"{path}: no frame between start_sec={start_sec} and end_sec={end_sec}")
+    frames = np.stack(frames)[uniform_indices(len(frames), max_frames)]
+    return DecodedVideo(frames, decoder.src_fps, fps or decoder.src_fps, decoder.duration_sec)
 
 
 def write_video(
@@ -136,11 +190,17 @@ def write_video(
     codec: str = "libx264",
     crf: int = 20,
     preset: str = "veryfast",
+    pix_fmt: str = "yuv420p",
+    options: dict[str, str] | None = None,
+    rotation: int = 0,
+    pts: list[int] | None = None,
+    time_base: Fraction | None = None,
 ) -> None:
     """Encode RGB frames ``(T, H, W, 3)`` uint8 to a video file (H.264 in MP4 by default).
 
-    Width and height must be even for yuv420p. Encoding is deterministic: the same frames give the
-    same bytes.
+    ``rotation`` writes display-matrix metadata (degrees counter-clockwise); ``pts`` with
+    ``time_base`` gives each frame its own timestamp (variable frame rate, late starts).
+    With one encoder thread the output bytes depend only on the input.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -149,13 +209,19 @@ def write_video(
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": preset}
-        # One encoder thread: output bytes must not depend on the machine's core count.
+        stream.pix_fmt = pix_fmt
+        opts = {"crf": str(crf), "preset": preset} if codec == "libx264" else {}
+        stream.options = {**opts, **(options or {})}
         stream.thread_count = 1
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+        if time_base is not None:
+            stream.codec_context.time_base = time_base
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], time_base
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

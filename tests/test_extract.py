@@ -1,11 +1,15 @@
 import csv
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from pipeline.extract import ExtractError, extract
+from pipeline.extract import ExtractError, extract, merge
 from pipeline.manifest import read_manifest, write_manifest
-from pipeline.stores import FrameStore
+from pipeline.stores import FrameStore, StoreError
 from pipeline.video import decode
 
 
@@ -18,7 +22,7 @@ def test_extract_writes_the_store(tiny_dataset, tmp_path):
         np.testing.assert_array_equal(store.rows(entry.video_id), expected)
         row = next(r for r in store.index if r.video_id == entry.video_id)
         assert (row.label, row.split, row.width, row.height, row.fps) == (entry.label, entry.split, 32, 32, 10.0)
-    assert store.meta["params"] == {"fps": 10, "size": [32, 32]} and "pyav" in store.meta
+    assert store.meta["params"] == {"fps": 10, "size": [32, 32], "max_frames": None} and "pyav" in store.meta
 
 
 def test_store_does_not_depend_on_workers(tiny_dataset, tmp_path):
@@ -46,3 +50,95 @@ def test_bad_videos_are_recorded_and_the_rest_extracted(tiny_dataset, tmp_path):
     with pytest.raises(ExtractError, match="empty.mp4"):
         extract(tiny_dataset, tmp_path / "strict", on_error="fail", workers=1)
     assert not (tmp_path / "strict").exists()
+
+
+def _add_rows(manifest, extra):
+    rows = list(csv.DictReader(open(manifest)))
+    write_manifest(manifest, rows + [{"video_id": v, "path": p, "label": "left", "split": "train"} for v, p in extra])
+
+
+def test_every_kind_of_bad_input_is_recorded(tiny_dataset, tmp_path):
+    import av
+
+    from pipeline.video import write_video
+
+    root = tiny_dataset.parent
+    (root / "zero.mp4").write_bytes(b"")
+    (root / "random.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    (root / "text.mp4").write_text("this is a text file, not a video\n" * 100)
+    good = (root / "videos/left0.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    with av.open(str(root / "audio.m4a"), "w") as container:  # audio only
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    with av.open(str(root / "noframes.avi"), "w") as container:  # a video stream without a frame
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height = 32, 32
+        container.start_encoding()
+    from conftest import moving_square
+
+    write_video(root / "full.mkv", moving_square(40, 48, 64), 25)
+    mkv = (root / "full.mkv").read_bytes()
+    (root / "cut.mkv").write_bytes(mkv[: int(len(mkv) * 0.6)])  # truncated mid-stream, still decodable in part
+
+    bad = {"zero": "zero.mp4", "random": "random.mp4", "text": "text.mp4", "truncated": "truncated.mp4",
+           "audio": "audio.m4a", "missing": "missing.mp4", "noframes": "noframes.avi"}
+    _add_rows(tiny_dataset, [*bad.items(), ("cut", "cut.mkv")])
+    summary = extract(tiny_dataset, tmp_path / "frames", workers=2)
+    store = FrameStore(tmp_path / "frames")
+    errors = {e["video_id"]: e["error"] for e in store.errors}
+    assert set(errors) == set(bad) and summary["failed"] == len(bad)
+    for vid, name in bad.items():
+        assert name in errors[vid], errors[vid]
+    assert "empty file" in errors["zero"] and "no video stream" in errors["audio"] and "no such file" in errors["missing"]
+    assert "no decodable video frame" in errors["noframes"]
+    cut = next(r for r in store.index if r.video_id == "cut")
+    assert 0 < cut.length < 40  # the frames before the cut are kept
+    assert summary["extracted"] == 7
+
+
+def test_hanging_decoder_is_killed_after_timeout(tiny_dataset, tmp_path):
+    os.mkfifo(tiny_dataset.parent / "hangs.mp4")  # opening a FIFO with no writer blocks forever
+    _add_rows(tiny_dataset, [("hangs", "hangs.mp4")])
+    summary = extract(tiny_dataset, tmp_path / "frames", workers=2, timeout=3)
+    assert (summary["extracted"], summary["failed"]) == (6, 1)
+    [error] = FrameStore(tmp_path / "frames").errors
+    assert error["video_id"] == "hangs" and "longer than 3 s" in error["error"] and "hangs.mp4" in error["error"]
+
+
+def test_parts_merged_equal_a_single_run(tiny_dataset, tmp_path):
+    extract(tiny_dataset, tmp_path / "single", size="24", workers=1)
+    parts = [extract(tiny_dataset, tmp_path / f"part{i}", size="24", workers=1, num_shards=3, shard_index=i)["out"] for i in range(3)]
+    merge(parts, tmp_path / "merged")
+    single, merged = FrameStore(tmp_path / "single"), FrameStore(tmp_path / "merged")
+    assert [r.video_id for r in merged.index] == [r.video_id for r in single.index]
+    for a, b in zip(single.index, merged.index, strict=True):
+        assert (a.label, a.split, a.length, a.width, a.fps) == (b.label, b.split, b.length, b.width, b.fps)
+        np.testing.assert_array_equal(merged.rows(a.video_id), single.rows(a.video_id))
+    assert os.stat(tmp_path / "merged" / "frames-00000.npy").st_ino == os.stat(tmp_path / "part0" / "frames-00000.npy").st_ino
+    with pytest.raises(StoreError, match="different parameters"):
+        merge([parts[0], extract(tiny_dataset, tmp_path / "other", size="16", workers=1, num_shards=3, shard_index=1)["out"]],
+              tmp_path / "bad")
+
+
+def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, make_video):
+    rows = []
+    for i in range(12):
+        make_video(f"v/{i}.mp4", frames=60, height=240, width=320, seed=i)
+        rows.append({"video_id": f"v{i}", "path": f"v/{i}.mp4", "label": "a", "split": "train"})
+    write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--manifest", str(tmp_path / "m.csv"), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".store.tmp-*/spill/*")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not out.exists() and list(tmp_path.glob(".store.tmp-*"))  # killed mid-way: only a temporary folder
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+    assert len(FrameStore(out).index) == 12
+    assert not list(tmp_path.glob(".store.tmp-*"))  # the killed run's leftovers are gone

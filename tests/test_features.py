@@ -11,7 +11,6 @@ from pipeline.stores import FeatureStore, FrameStore
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
     from conftest import moving_square
-
     from pipeline.manifest import write_manifest
     from pipeline.video import write_video
 
