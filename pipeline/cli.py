@@ -39,11 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=["avg", "grid"], default="avg", help="avg: (N, D); grid: (N, C, G, G)")
     p.add_argument("--grid", type=int, default=4, help="G for --pool grid")
     p.add_argument("--input-size", type=int, default=None, help="side fed to the model; default: the model's own")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers")
+    p.add_argument("--batch-size", type=int, default=64, help="frames per batch, per device")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, up to 4 on GPU)")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto, ...")
-    p.add_argument("--devices", default="1", help="devices per node")
-    p.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on GPUs")
+    p.add_argument("--devices", default="1", help="devices per node (a number, a list such as 0,1, or auto)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines (torchrun or SLURM)")
+    p.add_argument("--strategy", default="auto", help="e.g. ddp; auto picks DDP for several devices")
+    p.add_argument("--precision", default=None, help="default: bf16-mixed on CUDA GPUs with bf16, else 32-true")
+    p.add_argument("--overwrite", action="store_true", help="replace a feature store whose cache key differs")
 
     for name in TRAINING:
         sub.add_parser(name, add_help=False, help=f"LightningCLI {name}: vpipe {name} -c configs/NAME.yaml (see vpipe {name} --help)")
@@ -84,15 +87,16 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"vpipe extract: {err}")
     elif args.command == "features":
         from pipeline.backbone import BackboneError
-        from pipeline.features import compute
+        from pipeline.features import FeatureCacheError, compute
         from pipeline.stores import StoreError
 
         devices = int(args.devices) if args.devices.isdigit() else args.devices
         try:
             compute(args.frames, args.out, name=args.backbone, weights=args.weights, pretrained=args.pretrained, pool=args.pool,
                     grid=args.grid, input_size=args.input_size, batch_size=args.batch_size, num_workers=args.num_workers,
-                    accelerator=args.accelerator, devices=devices, precision=args.precision, seed=args.seed)
-        except (BackboneError, StoreError) as err:
+                    accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
+                    precision=args.precision, seed=args.seed, overwrite=args.overwrite)
+        except (BackboneError, StoreError, FeatureCacheError) as err:
             sys.exit(f"vpipe features: {err}")
     elif args.command == "report":
         from pipeline.report import report

@@ -1,14 +1,20 @@
 """The features stage: a Lightning ``predict`` job from a frame store to a feature store.
 
-Feature shards mirror the frame shards row for row (``features-0000k.npy`` row ``i`` is the
+Feature shards mirror the frame shards row for row (``features-0000k.npy`` row ``i`` holds the
 features of ``frames-0000k.npy`` row ``i``), so ``index.csv`` carries over unchanged. Batches are
-contiguous slices of one shard (no per-frame items); a writer callback puts each batch's output
-into its rows of a pre-allocated memory-mapped shard.
+contiguous slices of one shard (no per-frame items); only uint8 crosses to the device, where frames
+are resized and normalised.
+
+Under DDP (``--devices N``, ``--num-nodes M``, torchrun or SLURM) the predict sampler gives every
+slice to exactly one rank; each rank streams its features into a part file through
+:class:`PartWriter`, and global rank 0 assembles the parts into the store, checking that every frame
+was computed exactly once. One process is the same code path with one part.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -21,23 +27,26 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import backbone
-from pipeline.stores import FrameStore, StoreError, finalize
+from pipeline.stores import FeatureStore, FrameStore, NpyAppender, StoreError, clean_stale, finalize
+
+
+class FeatureCacheError(RuntimeError):
+    pass
 
 
 class FrameSlices(Dataset):
-    """Item ``i``: ``(shard, start, frames[start:stop])`` for the ``i``-th slice of at most ``batch`` rows."""
+    """Item ``i``: ``(shard, start, frames[start:stop])``, the ``i``-th slice of at most ``batch`` rows."""
 
-    def __init__(self, root: Path, batch: int):
-        self.root = root
-        store = FrameStore(root)
+    def __init__(self, store: FrameStore, batch: int):
+        self.root = store.root
         self.slices = []
         for shard in sorted({r.shard for r in store.index}):
             rows = len(store.shard(shard))
             expected = max(r.offset + r.length for r in store.index if r.shard == shard)
             if rows < expected:
-                raise StoreError(f"{root}/frames-{shard:05d}.npy: holds {rows} frames, index.csv needs {expected}")
+                raise StoreError(f"{store.root}/frames-{shard:05d}.npy: holds {rows} frames, index.csv needs {expected}")
             self.slices += [(shard, s, min(s + batch, rows)) for s in range(0, rows, batch)]
-        self._store: FrameStore | None = None
+        self._store: FrameStore | None = None  # opened lazily: one memory map per worker process
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -52,31 +61,65 @@ class FrameSlices(Dataset):
 class Encoder(pl.LightningModule):
     def __init__(self, encoder: backbone.FrameEncoder):
         super().__init__()
-        self.encoder = encoder
+        self.encoder = encoder.to(memory_format=torch.channels_last)
 
     def predict_step(self, batch, batch_idx: int):
         shard, start, frames = batch
-        return shard, start, self.encoder(frames).half()
+        return int(shard), int(start), self.encoder(frames).half()
 
 
-class ShardWriter(BasePredictionWriter):
-    """Writes each batch's features into its rows of the memory-mapped output shards."""
+class PartWriter(BasePredictionWriter):
+    """Streams one rank's features into ``part-RANK.npy``; ``part-RANK.json`` says where each batch belongs."""
 
     def __init__(self, folder: Path):
         super().__init__(write_interval="batch")
         self.folder = folder
-        self._open: dict[int, np.ndarray] = {}
+        self.part: NpyAppender | None = None
+        self.batches: list[tuple[int, int, int]] = []  # (shard, start row, rows)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         shard, start, feats = prediction
-        if shard not in self._open:
-            self._open[shard] = np.load(self.folder / f"features-{shard:05d}.npy", mmap_mode="r+")
-        self._open[shard][start : start + len(feats)] = feats.cpu().numpy()
+        array = feats.float().cpu().numpy().astype(np.float16) if feats.dtype == torch.bfloat16 else feats.cpu().numpy()
+        if self.part is None:
+            self.part = NpyAppender(self.folder / f"part-{trainer.global_rank:05d}.npy", np.float16, array.shape[1:])
+        self.part.append(array)
+        self.batches.append((shard, start, len(array)))
 
-    def close(self) -> None:
-        for array in self._open.values():
-            array.flush()
-        self._open.clear()
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if self.part is not None:
+            self.part.close()
+        (self.folder / f"part-{trainer.global_rank:05d}.json").write_text(json.dumps(self.batches))
+
+
+def assemble(folder: Path, store: FrameStore, shape: tuple[int, ...]) -> None:
+    """Rank 0: write ``features-0000k.npy`` from every rank's part; every frame exactly once."""
+    shards = {k: len(store.shard(k)) for k in sorted({r.shard for r in store.index})}
+    outputs = {k: np.lib.format.open_memmap(folder / f"features-{k:05d}.npy", mode="w+", dtype=np.float16, shape=(n, *shape))
+               for k, n in shards.items()}
+    covered = {k: np.zeros(n, np.int32) for k, n in shards.items()}
+    for meta in sorted(folder.glob("part-*.json")):
+        batches = json.loads(meta.read_text())
+        part = np.load(meta.with_suffix(".npy"), mmap_mode="r") if batches else None
+        row = 0
+        for shard, start, rows in batches:
+            outputs[shard][start : start + rows] = part[row : row + rows]
+            covered[shard][start : start + rows] += 1
+            row += rows
+        del part
+        meta.unlink()
+        meta.with_suffix(".npy").unlink(missing_ok=True)
+    for k, counts in covered.items():
+        if (counts != 1).any():
+            raise FeatureCacheError(f"shard {k}: {int((counts == 0).sum())} frames computed by no rank, "
+                                    f"{int((counts > 1).sum())} by several")
+        outputs[k].flush()
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16 autocast on CUDA GPUs that support it, full precision elsewhere."""
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
 
 
 def compute(
@@ -90,43 +133,69 @@ def compute(
     grid: int = 4,
     input_size: int | None = None,
     batch_size: int = 64,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     accelerator: str = "auto",
     devices: int | str = 1,
-    precision: str = "32-true",
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str | None = None,
     seed: int = 0,
-) -> dict:
-    """Compute features of every frame of the store ``frames`` into the feature store ``out``."""
+    overwrite: bool = False,
+) -> dict | None:
+    """Compute features of every frame of the store ``frames`` into the feature store ``out``.
+
+    Returns the store's meta on global rank 0 (None on other ranks).
+
+    Raises:
+        FeatureCacheError: ``out`` holds features with another cache key and ``overwrite`` is False.
+        StoreError: the frame store is missing, damaged or shorter than its index says.
+        backbone.BackboneError: unknown backbone, unreadable weights, unreachable hub.
+    """
     frames_root, out = Path(frames), Path(out)
     store = FrameStore(frames_root)
     model, identity = backbone.create(name, weights=weights, pretrained=pretrained, seed=seed)
     prep = backbone.preprocessing(model, input_size)
-    encoder = backbone.FrameEncoder(model, prep, pool, grid)
     key, key_parts = backbone.cache_key(name, identity, prep, pool, grid, store.meta["content_hash"])
+    if (out / "meta.json").is_file():
+        previous = FeatureStore(out).meta.get("cache_key")
+        if previous == key and not overwrite:
+            print(f"features: {out} is up to date (key {key})", file=sys.stderr)
+            return FeatureStore(out).meta
+        if previous != key and not overwrite:
+            raise FeatureCacheError(f"{out / 'meta.json'}: holds features with cache key {previous}, this run's key is {key} "
+                                    f"({name}, {identity}, pool={pool}); pass --overwrite to replace them")
+    encoder = backbone.FrameEncoder(model, prep, pool, grid)
     with torch.inference_mode():
         shape = tuple(encoder(torch.zeros(1, *store.shard(0).shape[1:], dtype=torch.uint8)).shape[1:])
 
     tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    writer = PartWriter(tmp)
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                         precision=precision or default_precision(accelerator), logger=False, callbacks=[writer],
+                         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
+    on_gpu = trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+    if trainer.global_rank == 0:  # the other ranks start writing only after joining rank 0 in predict()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    workers = num_workers if num_workers is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
+    loader = DataLoader(FrameSlices(store, batch_size), batch_size=None, num_workers=workers, pin_memory=on_gpu,
+                        persistent_workers=False)
+    started = time.perf_counter()
+    trainer.predict(Encoder(encoder), loader, return_predictions=False)
+    trainer.strategy.barrier()
+    if trainer.global_rank != 0:
+        return None
     try:
-        for shard in sorted({r.shard for r in store.index}):
-            np.lib.format.open_memmap(tmp / f"features-{shard:05d}.npy", mode="w+", dtype=np.float16,
-                                      shape=(len(store.shard(shard)), *shape)).flush()
-        writer = ShardWriter(tmp)
-        trainer = pl.Trainer(accelerator=accelerator, devices=devices, precision=precision, logger=False,
-                             callbacks=[writer], enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
-        loader = DataLoader(FrameSlices(frames_root, batch_size), batch_size=None, num_workers=num_workers,
-                            pin_memory=trainer.accelerator.__class__.__name__ == "CUDAAccelerator")
-        started = time.perf_counter()
-        trainer.predict(Encoder(encoder), loader, return_predictions=False)
-        writer.close()
+        assemble(tmp, store, shape)
         seconds = time.perf_counter() - started
-        n = sum(len(store.shard(s)) for s in {r.shard for r in store.index})
         meta = {"kind": "features", "cache_key": key, **key_parts, "feature_shape": list(shape), "dtype": "float16",
-                "frames": str(frames_root)}
+                "frames": str(frames_root), "world_size": trainer.world_size}
         finalize(tmp, out, store.index, store.errors, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"features: {n} frames in {seconds:.1f} s ({n / seconds:.0f} frames/s), shape {shape}, key {key}", file=sys.stderr)
-    return json.loads((out / "meta.json").read_text())
+    n = sum(len(store.shard(s)) for s in {r.shard for r in store.index})
+    print(f"features: {n} frames in {seconds:.1f} s ({n / seconds:.0f} frames/s) on {trainer.world_size} process(es), "
+          f"shape {shape}, key {key}", file=sys.stderr)
+    return FeatureStore(out).meta

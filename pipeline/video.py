@@ -24,6 +24,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 # Times closer than this are equal: float rounding of pts × time_base must not add or drop a frame.
 EPS = 1e-6
@@ -94,6 +95,7 @@ class Decoder:
             self.stream.thread_type = "AUTO" if self.threads > 1 else "SLICE"
             self.stream.thread_count = max(1, self.threads)
             self.src_fps = float(self.stream.average_rate or self.stream.guessed_rate or 0.0)
+            self._reformatter = VideoReformatter()
         except BaseException:
             self.container.close()
             raise
@@ -104,11 +106,10 @@ class Decoder:
 
     def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
         turns = int(round((frame.rotation or 0) / 90)) % 4  # counter-clockwise quarter turns
-        if self.size is None:
-            image = frame.to_ndarray(format="rgb24")
-        else:
-            w, h = self.size if turns % 2 == 0 else self.size[::-1]
-            image = frame.to_ndarray(format="rgb24", width=w, height=h)
+        w, h = (None, None) if self.size is None else self.size if turns % 2 == 0 else self.size[::-1]
+        # One reformatter for the whole video: it keeps its libswscale context between frames
+        # (frame.to_ndarray would build a new one per frame). AREA averages properly when shrinking.
+        image = self._reformatter.reformat(frame, format="rgb24", width=w, height=h, interpolation="AREA").to_ndarray()
         return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
     def __iter__(self) -> Iterator[np.ndarray]:

@@ -142,3 +142,49 @@ def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, make_vi
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
     assert len(FrameStore(out).index) == 12
     assert not list(tmp_path.glob(".store.tmp-*"))  # the killed run's leftovers are gone
+
+
+def test_mixed_formats_in_one_run(tmp_path):
+    """Every container, codec and oddity of the decoding tests, through one `extract` run."""
+    from fractions import Fraction
+
+    from test_decode_cases import quadrants
+
+    from conftest import moving_square
+    from pipeline.video import write_video
+
+    clips = {
+        "avi": ("a.avi", dict(codec="mpeg4", options={"qscale": "2"}), (48, 64)),
+        "webm": ("b.webm", dict(codec="libvpx-vp9", options={"deadline": "realtime", "cpu-used": "8"}), (48, 64)),
+        "hevc": ("c.mp4", dict(codec="libx265", options={"preset": "ultrafast", "x265-params": "log-level=error"}), (48, 64)),
+        "mjpeg": ("d.avi", dict(codec="mjpeg", pix_fmt="yuvj420p"), (48, 64)),
+        "odd": ("e.mkv", dict(codec="ffv1", pix_fmt="bgr0"), (17, 33)),
+        "rotated": ("f.mp4", dict(rotation=90), (48, 64)),
+        "vfr": ("g.mkv", dict(codec="ffv1", pix_fmt="bgr0", pts=[0, 10, 20, 50, 51, 52, 53, 54], time_base=Fraction(1, 100)), (48, 64)),
+        "late": ("h.mkv", dict(codec="ffv1", pix_fmt="bgr0", pts=[900 + 4 * i for i in range(8)], time_base=Fraction(1, 100)), (48, 64)),
+        "4k": ("i.mp4", dict(preset="ultrafast"), (2160, 3840)),
+    }
+    rows = []
+    for vid, (name, kwargs, (h, w)) in clips.items():
+        frames = quadrants(3, h, w) if vid == "4k" else moving_square(8, h, w)
+        write_video(tmp_path / name, frames, 25, **kwargs)
+        rows.append({"video_id": vid, "path": name, "label": "x", "split": "train"})
+    write_manifest(tmp_path / "m.csv", rows)
+    summary = extract(tmp_path / "m.csv", tmp_path / "store", fps=10, size="32x24", workers=2)
+    assert summary["failed"] == 0, FrameStore(tmp_path / "store").errors
+    index = {r.video_id: r for r in FrameStore(tmp_path / "store").index}
+    assert all((r.width, r.height) == (32, 24) for r in index.values())
+    from pipeline.video import decode
+
+    for vid in ("vfr", "late"):  # resampled by presentation time, exactly as decode() does (tested there)
+        assert index[vid].length == len(decode(tmp_path / clips[vid][0], fps=10).frames)
+    assert index["vfr"].length == 6 and index["late"].length == 4
+
+
+def test_parts_default_to_torchrun_environment(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    extract(tiny_dataset, tmp_path / "part", workers=1)
+    ids = [r.video_id for r in FrameStore(tmp_path / "part").index]
+    assert ids == [e.video_id for e in read_manifest(tiny_dataset)[3:]]
+    assert FrameStore(tmp_path / "part").meta["part"] == [1, 2]

@@ -4,8 +4,8 @@ import torch
 
 from pipeline import backbone
 from pipeline.extract import extract
-from pipeline.features import compute
-from pipeline.stores import FeatureStore, FrameStore
+from pipeline.features import FeatureCacheError, compute
+from pipeline.stores import FeatureStore, FrameStore, StoreError
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,51 @@ def test_preprocessing_follows_the_model():
 def test_unknown_backbone_lists_close_names():
     with pytest.raises(backbone.BackboneError, match="closest timm names: .*resnet18"):
         backbone.create("resnet19")
+
+
+def test_different_key_is_refused_unless_overwrite(frames, tmp_path, capsys):
+    out = tmp_path / "f"
+    compute(str(frames), str(out), name="test_resnet", input_size=32, accelerator="cpu")
+    first = FeatureStore(out).cache_key
+    compute(str(frames), str(out), name="test_resnet", input_size=32, accelerator="cpu")  # same key: nothing to do
+    assert "is up to date" in capsys.readouterr().err
+    with pytest.raises(FeatureCacheError, match=f"holds features with cache key {first}.*--overwrite"):
+        compute(str(frames), str(out), name="test_resnet", input_size=32, seed=1, accelerator="cpu")
+    assert FeatureStore(out).cache_key == first  # untouched
+    compute(str(frames), str(out), name="test_resnet", input_size=32, seed=1, accelerator="cpu", overwrite=True)
+    assert FeatureStore(out).cache_key != first and FeatureStore(out).meta["weights"] == {"random_init_seed": 1}
+
+
+def test_damaged_frame_store_is_named(frames, tmp_path):
+    import shutil
+
+    broken = tmp_path / "frames"
+    shutil.copytree(frames, broken)
+    np.save(broken / "frames-00000.npy", np.zeros((3, 40, 40, 3), np.uint8))
+    with pytest.raises(StoreError, match="frames-00000.npy: holds 3 frames, index.csv needs"):
+        compute(str(broken), str(tmp_path / "f"), name="test_resnet", accelerator="cpu")
+    (broken / "meta.json").unlink()
+    with pytest.raises(StoreError, match="meta.json: missing"):
+        compute(str(broken), str(tmp_path / "f"), name="test_resnet", accelerator="cpu")
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one(frames, tmp_path):
+    """`--devices 2 --strategy ddp` on CPU (gloo): every frame once, same features as one process."""
+    import subprocess
+    import sys
+
+    args = ["--frames", str(frames), "--backbone", "test_resnet", "--input-size", "32", "--batch-size", "3",
+            "--pool", "grid", "--grid", "2", "--accelerator", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "pipeline", "features", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "pipeline", "features", *args, "--out", str(tmp_path / "two"), "--devices", "2",
+                          "--strategy", "ddp"], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 process(es)" in two.stderr
+    a, b = FeatureStore(tmp_path / "one"), FeatureStore(tmp_path / "two")
+    assert a.cache_key == b.cache_key and b.meta["world_size"] == 2
+    for shard in {r.shard for r in a.index}:
+        np.testing.assert_allclose(a.shard(shard).astype(np.float32), b.shard(shard).astype(np.float32), rtol=1e-2, atol=1e-3)
+    assert not list(tmp_path.glob(".two.*"))
