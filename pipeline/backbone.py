@@ -91,14 +91,19 @@ class FrameEncoder(nn.Module):
     def __init__(self, model: nn.Module, prep: Preprocessing, pool: Literal["avg", "grid"] = "avg", grid: int = 4):
         super().__init__()
         self.model, self.prep, self.pool, self.grid = model, prep, pool, grid
-        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1) * 255)
+        # (x / 255 - mean) / std as one multiply-add: x * scale + shift.
+        std = torch.tensor(prep.std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("shift", -torch.tensor(prep.mean).view(1, 3, 1, 1) / std)
 
     def normalise(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames.permute(0, 3, 1, 2).float()
+        # (B, H, W, 3) uint8 viewed as (B, 3, H, W) is already channels_last in memory: no copy.
+        x = frames.permute(0, 3, 1, 2)
         if tuple(x.shape[-2:]) != self.prep.input_size:
-            x = F.interpolate(x, size=self.prep.input_size, mode=self.prep.interpolation, align_corners=False, antialias=True)
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            x = F.interpolate(x.float(), size=self.prep.input_size, mode=self.prep.interpolation, align_corners=False,
+                              antialias=True)
+        # One kernel converts uint8 to float and normalises (type promotion inside addcmul).
+        return torch.addcmul(self.shift, x, self.scale).contiguous(memory_format=torch.channels_last)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         fmap = self.model.forward_features(self.normalise(frames))

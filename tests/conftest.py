@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
+# Before timm and huggingface_hub are imported (they read it at import): tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.manifest import write_manifest
-from pipeline.video import write_video
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from pipeline.manifest import write_manifest  # noqa: E402
+from pipeline.video import write_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -113,3 +113,19 @@ def test_two_ddp_processes_equal_one(frames, tmp_path):
     for shard in {r.shard for r in a.index}:
         np.testing.assert_allclose(a.shard(shard).astype(np.float32), b.shard(shard).astype(np.float32), rtol=1e-2, atol=1e-3)
     assert not list(tmp_path.glob(".two.*"))
+
+
+def test_safetensors_weights_and_pretrained_offline(frames, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _ = backbone.create("test_resnet", seed=5)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    loaded, identity = backbone.create("test_resnet", weights=str(tmp_path / "w.safetensors"))
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+    assert identity["weights_file"] == "w.safetensors" and len(identity["weights_sha256"]) == 64
+    with pytest.raises(backbone.BackboneError, match="no_such.pth: weights file not found"):
+        backbone.create("test_resnet", weights=str(tmp_path / "no_such.pth"))
+    # The model hub is unreachable here (HF_HUB_OFFLINE=1): a clear message, not a stack of hub errors.
+    with pytest.raises(backbone.BackboneError, match="pretrained weights could not be fetched.*--weights FILE"):
+        backbone.create("resnet18", pretrained=True)
