@@ -27,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=None, help="split the manifest into N parts (default: $WORLD_SIZE or 1)")
     p.add_argument("--shard-index", type=int, default=None, help="the part this process extracts (default: $RANK or 0)")
     p.add_argument("--merge", nargs="+", metavar="PART", default=None, help="join part stores into --out instead of extracting")
+    p.add_argument("--image-fps", type=float, default=12.0, help="frame rate of image-sequence folders without an fps column")
+    p.add_argument("--root", default=None, help="dataset root that every path must stay inside (default: the manifest's folder)")
+
+    p = sub.add_parser("check", help="validate a manifest and the files it names before any work", formatter_class=fmt)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--root", default=None, help="dataset root that every path must stay inside (default: the manifest's folder)")
+    p.add_argument("--min-per-class", type=int, default=2, help="warn about classes with fewer training examples")
+    p.add_argument("--show", type=int, default=5, help="offenders named per problem")
 
     p = sub.add_parser("features", help="cache CNN features of a frame store (Lightning predict job)", formatter_class=fmt)
     p.add_argument("--frames", required=True, help="frame store folder")
@@ -82,9 +90,24 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 extract(args.manifest, args.out, fps=args.fps, size=args.size, max_frames=args.max_frames, workers=args.workers,
                         on_error=args.on_error, timeout=args.timeout or None, shard_mb=args.shard_mb, num_shards=args.num_shards,
-                        shard_index=args.shard_index)
+                        shard_index=args.shard_index, image_fps=args.image_fps, root=args.root)
         except (ExtractError, ManifestError, StoreError) as err:
             sys.exit(f"vpipe extract: {err}")
+    elif args.command == "check":
+        from pipeline.manifest import ManifestError, read_manifest, validate
+
+        try:
+            entries = read_manifest(args.manifest)
+        except ManifestError as err:
+            sys.exit(f"vpipe check: {err}")
+        report = validate(entries, args.manifest, root=args.root, min_per_class=args.min_per_class, show=args.show)
+        counts = {s: sum(e.split == s for e in entries) for s in ("train", "val", "test")}
+        print(f"{args.manifest}: {len(entries)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+              f"{len({e.label for e in entries})} classes")
+        for line in report.lines():
+            print(f"  {line}")
+        if not report.ok:
+            sys.exit(1)
     elif args.command == "features":
         from pipeline.backbone import BackboneError
         from pipeline.features import FeatureCacheError, compute

@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.manifest import Entry, read_manifest
+from pipeline.manifest import Entry, read_manifest, validate
 from pipeline.stores import FrameStore, NpyAppender, StoreError, StoreWriter, file_sha256, finalize
 
 # Completed videos may wait for an earlier, slower one: at most this many per worker.
@@ -50,14 +50,14 @@ class Job:
     threads: int = 1  # decoder threads, set when the job starts
 
 
-def _decode_to_spill(job: Job, fps: float, size) -> dict:
+def _decode_to_spill(job: Job, fps: float, size, image_fps: float) -> dict:
     """Decode one video into ``job.spill`` (an .npy written block by block); returns its index info."""
     from pipeline.video import Decoder
 
     writer = None
     try:
         with Decoder(job.entry.path, fps=fps, size=size, start_sec=job.entry.start_sec, end_sec=job.entry.end_sec,
-                     threads=job.threads) as decoder:
+                     threads=job.threads, image_fps=job.entry.fps or image_fps) as decoder:
             block: list[np.ndarray] = []
             for frame in decoder:
                 block.append(frame)
@@ -85,11 +85,11 @@ def _one_line(err: BaseException, path: Path) -> str:
     return f"{type(err).__name__}: {message}"
 
 
-def _worker(conn, fps: float, size) -> None:
+def _worker(conn, fps: float, size, image_fps: float) -> None:
     """Worker process: receive jobs until None, answer (number, info, error)."""
     while (job := conn.recv()) is not None:
         try:
-            conn.send((job.number, _decode_to_spill(job, fps, size), None))
+            conn.send((job.number, _decode_to_spill(job, fps, size, image_fps), None))
         except Exception as err:  # noqa: BLE001 - every decoder failure becomes a row of errors.csv
             job.spill.unlink(missing_ok=True)
             conn.send((job.number, None, _one_line(err, job.entry.path)))
@@ -236,11 +236,16 @@ def extract(
     shard_mb: int = 256,
     num_shards: int | None = None,
     shard_index: int | None = None,
+    image_fps: float = 12.0,
+    root: str | os.PathLike | None = None,
 ) -> dict:
     """Extract the frames of every video in ``manifest`` into the frame store ``out``.
 
     With ``num_shards`` > 1 only part ``shard_index`` of the manifest is extracted, into ``out``
-    (a part store; join the parts with :func:`merge`).
+    (a part store; join the parts with :func:`merge`). A "video" may be a folder of images (natural
+    order) at the manifest's ``fps`` column or ``image_fps``. The manifest is validated first
+    (:func:`pipeline.manifest.validate`, with ``root`` as the dataset root): dataset-level errors stop
+    the run before any work; missing or unreadable files follow ``on_error``.
 
     Returns ``{"extracted": N, "failed": M, "frames": F, "seconds": S, "out": path}``.
 
@@ -251,12 +256,14 @@ def extract(
 
     manifest, out = Path(manifest), Path(out)
     entries = read_manifest(manifest)
+    report = validate(entries, manifest, root=root)
+    report.raise_or_warn(file_errors_fatal=on_error == "fail")
     num_shards = int(num_shards or os.environ.get("WORLD_SIZE", 1))
     shard_index = int(shard_index if shard_index is not None else os.environ.get("RANK", 0))
     part = part_of(entries, num_shards, shard_index) if num_shards > 1 else entries
     wh = video.parse_size(size)
     workers = max(1, min(workers or os.cpu_count() or 1, len(part) or 1))
-    params = {"fps": fps, "size": list(wh) if wh else None, "max_frames": max_frames}
+    params = {"fps": fps, "size": list(wh) if wh else None, "max_frames": max_frames, "image_fps": image_fps}
     started = time.perf_counter()
     progress = _Progress(len(part))
     try:
@@ -264,7 +271,7 @@ def extract(
             spills = writer.tmp / "spill"
             spills.mkdir()
             jobs = [Job(i, e, spills / f"{i:08d}.npy") for i, e in enumerate(part)]
-            for job, info, error in _pool_results(jobs, workers, (fps, wh), timeout):
+            for job, info, error in _pool_results(jobs, workers, (fps, wh, image_fps), timeout):
                 if error is not None:
                     if on_error == "fail":
                         raise ExtractError(error)

@@ -1,18 +1,24 @@
-"""The manifest: a CSV of ``video_id,path,label,split[,start_sec,end_sec]``.
+"""The manifest: a CSV of ``video_id,path,label,split[,start_sec,end_sec,fps]``.
 
 ``path`` is relative to the manifest's folder (absolute paths are allowed); ``video_id`` is unique;
-``split`` is ``train``, ``val`` or ``test``.
+``split`` is ``train``, ``val`` or ``test``. A path may name a folder of images (an image sequence,
+as Jester ships), whose frame rate is the optional ``fps`` column.
+
+:func:`read_manifest` rejects what makes the file unusable (columns, duplicate ids, bad values);
+:func:`validate` then checks the dataset it describes before any work is done.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 REQUIRED = ["video_id", "path", "label", "split"]
-OPTIONAL = ["start_sec", "end_sec"]
+OPTIONAL = ["start_sec", "end_sec", "fps"]
 SPLITS = ("train", "val", "test")
 
 
@@ -28,6 +34,8 @@ class Entry:
     split: str
     start_sec: float | None = None
     end_sec: float | None = None
+    fps: float | None = None  # frame rate of an image sequence
+    raw_path: str = ""  # the path as written in the manifest
 
 
 def _optional_float(value: str | None, where: str) -> float | None:
@@ -74,6 +82,7 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
             try:
                 start = _optional_float(row.get("start_sec"), where)
                 end = _optional_float(row.get("end_sec"), where)
+                fps = _optional_float(row.get("fps"), where)
             except ManifestError as err:
                 problems.append(str(err))
                 continue
@@ -81,7 +90,8 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
                 problems.append(f"{where}: end_sec {end} is not after start_sec {start}")
                 continue
             video = Path(row["path"])
-            entries.append(Entry(vid, video if video.is_absolute() else base / video, row["label"].strip(), row["split"], start, end))
+            entries.append(Entry(vid, video if video.is_absolute() else base / video, row["label"].strip(), row["split"], start, end,
+                                 fps, row["path"]))
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -98,3 +108,75 @@ def write_manifest(path: str | os.PathLike, rows: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=header, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+
+
+@dataclass
+class Report:
+    """What :func:`validate` found: per problem, the offenders (all of them) and a one-line title."""
+
+    source: Path
+    errors: dict[str, list[str]]
+    warnings: dict[str, list[str]]
+    file_errors: dict[str, list[str]]  # missing or unreadable files: fatal or recorded, by --on-error
+    show: int = 5
+
+    def lines(self) -> list[str]:
+        out = []
+        for kind, problems in (("error", self.errors), ("error", self.file_errors), ("warning", self.warnings)):
+            for title, offenders in problems.items():
+                shown = ", ".join(offenders[: self.show]) + (f", ... ({len(offenders) - self.show} more)" if len(offenders) > self.show else "")
+                out.append(f"{kind}: {len(offenders)} {title}: {shown}")
+        return out
+
+    def __str__(self) -> str:
+        n_err = sum(len(v) > 0 for v in (*self.errors.values(), *self.file_errors.values()))
+        head = f"{self.source}: {n_err} error(s), {len(self.warnings)} warning(s)"
+        return "\n  ".join([head, *self.lines()])
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.file_errors
+
+    def raise_or_warn(self, file_errors_fatal: bool = True) -> None:
+        """Raise :class:`ManifestError` on errors; print warnings (and recorded file errors) to stderr."""
+        if self.errors or (file_errors_fatal and self.file_errors):
+            raise ManifestError(str(self))
+        if self.warnings or self.file_errors:
+            print(str(self), file=sys.stderr)
+
+
+def validate(entries: list[Entry], manifest: str | os.PathLike, root: str | os.PathLike | None = None,
+             min_per_class: int = 2, show: int = 5) -> Report:
+    """Check a dataset before any work.
+
+    Errors: paths that escape the dataset root (``root``, default the manifest's folder; absolute
+    paths are checked only against an explicit ``root``), an empty train split, labels in val/test
+    that never occur in train; and, by file, missing and unreadable paths. Warnings: an empty val or
+    test split, classes with fewer than ``min_per_class`` training examples.
+    """
+    manifest = Path(manifest)
+    base = Path(root).resolve() if root else manifest.parent.resolve()
+    errors: dict[str, list[str]] = {}
+    warnings: dict[str, list[str]] = {}
+    files: dict[str, list[str]] = {}
+    for e in entries:
+        if (root or not Path(e.raw_path).is_absolute()) and not Path(os.path.normpath(e.path.absolute())).is_relative_to(base):
+            errors.setdefault(f"path(s) escape the dataset root {base}", []).append(f"{e.video_id} ({e.raw_path or e.path})")
+        elif not e.path.exists():
+            files.setdefault("file(s) missing", []).append(str(e.path))
+        elif not os.access(e.path, os.R_OK | (os.X_OK if e.path.is_dir() else 0)):
+            files.setdefault("file(s) unreadable", []).append(str(e.path))
+    by_split = {s: [e for e in entries if e.split == s] for s in SPLITS}
+    train_labels = Counter(e.label for e in by_split["train"])
+    if not by_split["train"]:
+        errors["empty split(s)"] = ["train"]
+    for split in ("val", "test"):
+        if not by_split[split]:
+            warnings.setdefault("empty split(s)", []).append(split)
+    unseen = Counter((e.label, e.split) for s in ("val", "test") for e in by_split[s] if e.label not in train_labels)
+    if unseen and by_split["train"]:
+        errors["label(s) in val/test never occur in train"] = [f"{label} ({split}: {n})" for (label, split), n in sorted(unseen.items())]
+    few = sorted((n, label) for label, n in train_labels.items() if n < min_per_class)
+    if few:
+        warnings[f"class(es) with fewer than {min_per_class} training examples"] = [f"{label} ({n})" for n, label in few]
+    return Report(manifest, errors, warnings, files, show)

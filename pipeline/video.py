@@ -17,6 +17,7 @@ the size after rotation.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +27,9 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Jester's frame rate; image sequences take theirs from the manifest's `fps` column or --image-fps.
+DEFAULT_IMAGE_FPS = 12.0
 # Times closer than this are equal: float rounding of pts × time_base must not add or drop a frame.
 EPS = 1e-6
 
@@ -76,14 +80,26 @@ class Decoder:
     """
 
     def __init__(self, path: str | os.PathLike, *, fps: float = 0.0, size: tuple[int, int] | None = None,
-                 start_sec: float | None = None, end_sec: float | None = None, threads: int = 1):
+                 start_sec: float | None = None, end_sec: float | None = None, threads: int = 1,
+                 image_fps: float = DEFAULT_IMAGE_FPS):
         self.path, self.fps, self.size = Path(path), float(fps), size
         self.start, self.end, self.threads = float(start_sec or 0.0), end_sec, threads
+        self.image_fps = float(image_fps)
         self.count, self.duration_sec, self.src_fps = 0, 0.0, 0.0
+        self.container = None
+        self._reformatter = VideoReformatter()
 
     def __enter__(self) -> Decoder:
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such file")
+        if self.path.is_dir():  # an image sequence (e.g. Jester): the images in natural order
+            self.images = sorted((p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+            if not self.images:
+                raise ValueError(f"{self.path}: a folder without images ({', '.join(IMAGE_SUFFIXES)})")
+            if self.image_fps <= 0:
+                raise ValueError(f"{self.path}: an image sequence needs a frame rate > 0, got {self.image_fps}")
+            self.src_fps = self.image_fps
+            return self
         if self.path.is_file() and self.path.stat().st_size == 0:
             raise ValueError(f"{self.path}: empty file (0 bytes)")
         self.container = av.open(str(self.path))
@@ -95,14 +111,37 @@ class Decoder:
             self.stream.thread_type = "AUTO" if self.threads > 1 else "SLICE"
             self.stream.thread_count = max(1, self.threads)
             self.src_fps = float(self.stream.average_rate or self.stream.guessed_rate or 0.0)
-            self._reformatter = VideoReformatter()
         except BaseException:
             self.container.close()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.container.close()
+        if self.container is not None:
+            self.container.close()
+
+    def _timed_frames(self) -> Iterator[tuple[float, float, av.VideoFrame]]:
+        """(time since the first frame, duration, frame) in presentation order, seconds."""
+        if self.container is None:
+            for i, image in enumerate(self.images):
+                try:
+                    with av.open(str(image)) as container:
+                        frame = next(container.decode(video=0))
+                except (av.FFmpegError, StopIteration) as err:
+                    raise ValueError(f"{image}: not a readable image ({err})") from err
+                yield i / self.image_fps, 1.0 / self.image_fps, frame
+            return
+        time_base = self.stream.time_base or Fraction(1, 90000)
+        step = 1.0 / self.src_fps if self.src_fps else 0.04
+        t0 = previous = None
+        for frame in self.container.decode(self.stream):
+            if frame.pts is not None:
+                t = float(frame.pts * time_base)
+            else:  # no timestamp: assume the declared rate
+                t = 0.0 if previous is None else previous + step
+            t0 = t if t0 is None else t0
+            previous = t
+            yield t - t0, float(frame.duration * time_base) if frame.duration else step, frame
 
     def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
         turns = int(round((frame.rotation or 0) / 90)) % 4  # counter-clockwise quarter turns
@@ -113,40 +152,27 @@ class Decoder:
         return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        time_base = self.stream.time_base or Fraction(1, 90000)
-        step = 1.0 / self.src_fps if self.src_fps else 0.04
-        t0: float | None = None
         held: av.VideoFrame | None = None  # last frame shown so far, for sample and hold
         held_rgb: np.ndarray | None = None
         held_end = 0.0
         k = 0  # next output index
-        first = last = None
-        for frame in self.container.decode(self.stream):
-            if frame.pts is not None:
-                t = float(frame.pts * time_base)
-            elif first is None:
-                t = 0.0
-            else:  # no timestamp: assume the declared rate
-                t = (t0 or 0.0) + last + step
-            if t0 is None:
-                t0 = t
-            t -= t0
+        first = None
+        for t, duration, frame in self._timed_frames():
             if self.end is not None and t >= self.end:
                 break
-            duration = float(frame.duration * time_base) if frame.duration else step
             if self.fps == 0:
                 if t < self.start:
                     continue
                 yield self._rgb(frame)
                 first = t if first is None else first
-                last, held_end, k = t, t + duration, k + 1
+                held_end, k = t + duration, k + 1
                 continue
             while held is not None and self.start + k / self.fps < t - EPS:
                 if held_rgb is None:
                     held_rgb = self._rgb(held)
                 yield held_rgb
                 k += 1
-            held, held_rgb, held_end, last = frame, None, t + duration, t
+            held, held_rgb, held_end = frame, None, t + duration
             first = t if first is None else first
         if self.fps and held is not None:
             end = held_end if self.end is None else min(held_end, self.end)
@@ -155,10 +181,15 @@ class Decoder:
                     held_rgb = self._rgb(held)
                 yield held_rgb
                 k += 1
-        if t0 is None:
+        if first is None and held is None:
             raise ValueError(f"{self.path}: no decodable video frame")
         self.count = k
         self.duration_sec = round(k / self.fps if self.fps else max(0.0, held_end - max(self.start, first or 0.0)), 6)
+
+
+def natural_key(path: Path) -> list:
+    """``img2.jpg`` before ``img10.jpg``: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
 def uniform_indices(count: int, keep: int | None) -> np.ndarray:
@@ -169,13 +200,14 @@ def uniform_indices(count: int, keep: int | None) -> np.ndarray:
 
 
 def decode(path: str | os.PathLike, *, fps: float = 0.0, size: tuple[int, int] | None = None, start_sec: float | None = None,
-           end_sec: float | None = None, max_frames: int | None = None, threads: int = 1) -> DecodedVideo:
+           end_sec: float | None = None, max_frames: int | None = None, threads: int = 1,
+           image_fps: float = DEFAULT_IMAGE_FPS) -> DecodedVideo:
     """Decode a whole video into memory (see :class:`Decoder`); ``max_frames`` keeps N frames uniformly.
 
     Raises:
         FileNotFoundError, ValueError, av.FFmpegError: the message names the file.
     """
-    with Decoder(path, fps=fps, size=size, start_sec=start_sec, end_sec=end_sec, threads=threads) as decoder:
+    with Decoder(path, fps=fps, size=size, start_sec=start_sec, end_sec=end_sec, threads=threads, image_fps=image_fps) as decoder:
         frames = list(decoder)
     if not frames:
         raise ValueError(f"{path}: no frame between start_sec={start_sec} and end_sec={end_sec}")

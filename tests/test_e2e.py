@@ -30,7 +30,7 @@ def copy_repository(dest: Path) -> None:
 
 def shrink(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    for item in params["datasets"].values():
+    for item in params["synthetic"].values():
         item["count"] = 3
     params["features"]["input_size"] = 64
     (repo / "params.yaml").write_text(yaml.safe_dump(params))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.extract import ExtractError, extract, merge
-from pipeline.manifest import read_manifest, write_manifest
+from pipeline.manifest import ManifestError, read_manifest, write_manifest
 from pipeline.stores import FrameStore, StoreError
 from pipeline.video import decode
 
@@ -22,7 +22,7 @@ def test_extract_writes_the_store(tiny_dataset, tmp_path):
         np.testing.assert_array_equal(store.rows(entry.video_id), expected)
         row = next(r for r in store.index if r.video_id == entry.video_id)
         assert (row.label, row.split, row.width, row.height, row.fps) == (entry.label, entry.split, 32, 32, 10.0)
-    assert store.meta["params"] == {"fps": 10, "size": [32, 32], "max_frames": None} and "pyav" in store.meta
+    assert store.meta["params"] == {"fps": 10, "size": [32, 32], "max_frames": None, "image_fps": 12.0} and "pyav" in store.meta
 
 
 def test_store_does_not_depend_on_workers(tiny_dataset, tmp_path):
@@ -47,6 +47,11 @@ def test_bad_videos_are_recorded_and_the_rest_extracted(tiny_dataset, tmp_path):
         assert name in errors[vid]["error"] and "\n" not in errors[vid]["error"]
     assert "no such file" in errors["gone"]["error"]
 
+    # --on-error fail: a missing file stops the run before any work, ...
+    with pytest.raises(ManifestError, match="1 file\\(s\\) missing: .*missing.mp4"):
+        extract(tiny_dataset, tmp_path / "strict", on_error="fail", workers=1)
+    # ... and the first file that cannot be decoded stops it with an error naming the file.
+    write_manifest(tiny_dataset, [r for r in csv.DictReader(open(tiny_dataset)) if r["video_id"] != "gone"])
     with pytest.raises(ExtractError, match="empty.mp4"):
         extract(tiny_dataset, tmp_path / "strict", on_error="fail", workers=1)
     assert not (tmp_path / "strict").exists()
