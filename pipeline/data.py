@@ -12,6 +12,7 @@ from typing import TypedDict
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.stores import FeatureStore, IndexRow
@@ -94,8 +95,12 @@ class FeatureDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         dataset = FeatureClips(self.features, self._splits[split], self.classes, self.num_segments, split == "train", self.seed)
+        sampler = None
+        if split != "train" and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning's default DistributedSampler pads by repeating samples; evaluation must count each once.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=split == "train", num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, shuffle=split == "train", sampler=sampler, num_workers=self.num_workers,
             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
         )
 

@@ -52,6 +52,10 @@ class Classifier(pl.LightningModule):
             }, prefix=f"{stage}/")
             for stage in ("train", "val", "test")
         })
+        # Evaluation loss as a sample-weighted mean, synced over ranks like the other metrics.
+        self.losses = nn.ModuleDict({f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("val", "test")})
+        self.confusion = torchmetrics.ConfusionMatrix("multiclass", num_classes=num_classes)
+        self.test_confusion: torch.Tensor | None = None  # (true, predicted) counts of the last test, all ranks
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.head(x, mask)
@@ -61,10 +65,14 @@ class Classifier(pl.LightningModule):
         loss = F.cross_entropy(logits, batch["y"], label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits, batch["y"])
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]), sync_dist=True,
-                 prog_bar=stage != "train")
+        if stage == "train":
+            self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]), sync_dist=True)
+        else:
+            mean = self.losses[f"{stage}_loss"]
+            mean.update(loss.detach(), len(batch["y"]))
+            self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
-        return loss
+        return loss if stage == "train" else logits
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -73,7 +81,12 @@ class Classifier(pl.LightningModule):
         self._step(batch, "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+        logits = self._step(batch, "test")
+        self.confusion.update(logits.argmax(-1), batch["y"])
+
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion = self.confusion.compute().cpu()
+        self.confusion.reset()
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

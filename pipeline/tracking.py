@@ -35,8 +35,9 @@ def _git(*args: str) -> str | None:
 
 
 def run_tags(**extra: str) -> dict[str, str]:
-    """Lineage tags for a training run: git commit and dirty flag, DVC stage, host, plus ``extra``."""
-    tags = {"host": socket.gethostname(), "world_size": os.environ.get("WORLD_SIZE", "1")}
+    """Lineage tags for a training run: git commit and dirty flag, DVC stage, host, plus ``extra``
+    (the world size is tagged once the trainer knows it)."""
+    tags = {"host": socket.gethostname()}
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["git_commit"] = commit

@@ -32,6 +32,8 @@ class LogConfigToMLflow(SaveConfigCallback):
                 text = self.parser.dump(self.config, skip_none=False)
                 logger.experiment.log_text(logger.run_id, text, "config.yaml")
                 logger.log_hyperparams(self.config.as_dict())
+                # Known only now: the launcher sets up the other ranks after the logger exists.
+                logger.experiment.set_tag(logger.run_id, "world_size", str(trainer.world_size))
 
 
 class EpochCSV(Callback):
@@ -52,6 +54,66 @@ class EpochCSV(Callback):
             writer = csv.DictWriter(fh, fieldnames=header, lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.rows)
+
+
+class ConfusionReport(Callback):
+    """After testing: the confusion matrix as a PNG, per-class precision/recall/F1 as a CSV, and one
+    ``actual,predicted`` row per test clip (for ``dvc plots``' confusion template), in ``folder`` and
+    as MLflow artifacts."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    @rank_zero_only
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        matrix = getattr(pl_module, "test_confusion", None)
+        if matrix is None:
+            return
+        classes = list(getattr(trainer.datamodule, "classes", range(len(matrix))))
+        matrix = matrix.numpy().astype(int)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "predictions.csv", "w", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["actual", "predicted"])
+            for i, j in zip(*matrix.nonzero(), strict=True):
+                writer.writerows([[classes[i], classes[j]]] * matrix[i, j])
+        with open(self.folder / "per_class.csv", "w", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["class", "precision", "recall", "f1", "support"])
+            for i, name in enumerate(classes):
+                tp, predicted, support = matrix[i, i], matrix[:, i].sum(), matrix[i].sum()
+                precision = tp / predicted if predicted else 0.0
+                recall = tp / support if support else 0.0
+                f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+                writer.writerow([name, f"{precision:.4f}", f"{recall:.4f}", f"{f1:.4f}", support])
+        self._png(matrix, classes)
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                for name in ("confusion.png", "per_class.csv", "predictions.csv"):
+                    logger.experiment.log_artifact(logger.run_id, str(self.folder / name), "test")
+
+    def _png(self, matrix, classes) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        size = 2 + 0.45 * len(classes)
+        fig, ax = plt.subplots(figsize=(size + 1, size))
+        image = ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        fig.savefig(self.folder / "confusion.png", dpi=100)
+        plt.close(fig)
 
 
 class VPipeCLI(LightningCLI):
@@ -79,6 +141,8 @@ class VPipeCLI(LightningCLI):
                                 mode=self._get(self.config, "monitor_mode"), save_last=True, enable_version_counter=False),
                 EpochCSV(root / "plots" / name / "epochs.csv"),
             ]
+        if self.subcommand in ("fit", "test"):
+            callbacks.append(ConfusionReport(root / "plots" / name))
         if config.get("logger") in (None, True):
             tags = tracking.run_tags(feature_cache_key=getattr(self.datamodule, "cache_key", ""))
             kwargs["logger"] = tracking.mlflow_logger(name, run_name=f"{name}-{self.subcommand}", tags=tags)
@@ -86,11 +150,15 @@ class VPipeCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Test the best checkpoint and write ``metrics/NAME.json``."""
-        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+        self.after_test()
+
+    def after_test(self) -> None:
+        """Write the test metrics (synced over all ranks) to ``metrics/NAME.json`` on rank zero."""
         if self.trainer.is_global_zero:
             path = tracking.project_root() / "metrics" / f"{self.experiment}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            metrics = {k: round(float(v), 6) for k, v in sorted(results[0].items())}
+            metrics = {k: round(float(v), 6) for k, v in sorted(self.trainer.callback_metrics.items()) if k.startswith("test/")}
             path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED = ["gesture_gru", "gesture_meanpool", "action_lstm"]
+TRAINED = ["gesture_gru", "gesture_lstm", "gesture_rnn", "gesture_transformer", "gesture_meanpool", "action_lstm", "action_gru"]
 
 
 def copy_repository(dest: Path) -> None:
@@ -79,6 +79,8 @@ def test_dvc_repro_runs_every_stage(tmp_path):
         epochs = (repo / "plots" / name / "epochs.csv").read_text().splitlines()
         assert epochs[0].startswith("epoch,") and len(epochs) == 3  # header + 2 epochs
     assert "| gesture_gru |" in (repo / "metrics" / "summary.md").read_text()
+    plots = run(["dvc", "plots", "show", "--json"], repo, env)
+    assert "plots/gesture_gru/predictions.csv" in plots and "val_accuracy" in plots
 
     import mlflow
 
@@ -93,6 +95,7 @@ def test_dvc_repro_runs_every_stage(tmp_path):
         assert run_.data.tags["dvc_stage"] == f"train@{name}" and len(run_.data.tags["git_commit"]) == 40
         assert experiment.artifact_location.startswith((repo / "mlartifacts").as_uri())
         assert "config.yaml" in [a.path for a in client.list_artifacts(run_.info.run_id)]
+        assert "test/confusion.png" in [a.path for a in client.list_artifacts(run_.info.run_id, "test")]
     assert not (repo / "mlruns").exists()
 
     again = run(["dvc", "repro"], repo, env)
