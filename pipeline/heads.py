@@ -151,3 +151,58 @@ class MeanPoolHead(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.mlp(masked_mean(self.norm(x), mask))
+
+
+class RowLSTMEncoder(nn.Module):
+    """Reads the G rows of a frame's feature grid ``(C, G, G)`` top to bottom with an LSTM, so where
+    things are in the frame shapes the frame's vector: ``(B, T, C*G*G)`` → ``(B, T, hidden_size)``.
+
+    Args:
+        input_dim: ``C * G * G`` (grid features flattened, as the data module gives them).
+        grid: G.
+        hidden_size: the LSTM's width, which is also the output per frame.
+    """
+
+    def __init__(self, input_dim: int, grid: int, hidden_size: int = 128):
+        super().__init__()
+        if input_dim % (grid * grid):
+            raise ValueError(f"input_dim {input_dim} is not C * {grid} * {grid}")
+        self.channels, self.grid = input_dim // (grid * grid), grid
+        self.norm = nn.LayerNorm(self.channels * grid)
+        self.rows = nn.LSTM(self.channels * grid, hidden_size, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        grid = x.reshape(b * t, self.channels, self.grid, self.grid)  # (B*T, C, G, G)
+        rows = grid.permute(0, 2, 1, 3).reshape(b * t, self.grid, self.channels * self.grid)  # (B*T, G rows, C*G)
+        _, (h, _) = self.rows(self.norm(rows))
+        return h[-1].reshape(b, t, -1)
+
+
+class RowLSTMHead(nn.Module):
+    """A :class:`RowLSTMEncoder` per frame, then any temporal head over the frame vectors.
+
+    Args:
+        input_dim: ``C * G * G``.
+        num_classes: outputs.
+        grid: G of the stored grid features.
+        row_hidden: width of the row LSTM (the per-frame vector).
+        temporal: the head over time: ``rnn``, ``lstm``, ``gru``, ``transformer`` or ``meanpool``.
+        hidden_size: width of the temporal head.
+        dropout: inside the temporal head.
+    """
+
+    def __init__(self, input_dim: int, num_classes: int, grid: int = 4, row_hidden: int = 128,
+                 temporal: Literal["rnn", "lstm", "gru", "transformer", "meanpool"] = "gru", hidden_size: int = 128,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.encoder = RowLSTMEncoder(input_dim, grid, row_hidden)
+        if temporal in ("rnn", "lstm", "gru"):
+            self.head = RecurrentHead(row_hidden, num_classes, temporal, hidden_size, dropout=dropout)
+        elif temporal == "transformer":
+            self.head = TransformerHead(row_hidden, num_classes, d_model=hidden_size, dropout=dropout)
+        else:
+            self.head = MeanPoolHead(row_hidden, num_classes, hidden_size, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x), mask)

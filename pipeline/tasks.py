@@ -49,10 +49,13 @@ class Classifier(pl.LightningModule):
             f"{stage}_metrics": torchmetrics.MetricCollection({
                 "acc": torchmetrics.Accuracy("multiclass", num_classes=num_classes),
                 "f1": torchmetrics.F1Score("multiclass", num_classes=num_classes, average="macro"),
+                # top-5 only where it says something, and not per training step (it costs a sort).
+                **({"acc_top5": torchmetrics.Accuracy("multiclass", num_classes=num_classes, top_k=5)}
+                   if num_classes > 5 and stage != "train" else {}),
             }, prefix=f"{stage}/")
             for stage in ("train", "val", "test")
         })
-        # Evaluation loss as a sample-weighted mean, synced over ranks like the other metrics.
+        # Loss as a sample-weighted mean, synced over ranks like the other metrics.
         self.losses = nn.ModuleDict({f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("val", "test")})
         self.confusion = torchmetrics.ConfusionMatrix("multiclass", num_classes=num_classes)
         self.test_confusion: torch.Tensor | None = None  # (true, predicted) counts of the last test, all ranks
@@ -61,18 +64,31 @@ class Classifier(pl.LightningModule):
         return self.head(x, mask)
 
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
+        """Loss and metric updates; evaluation values are logged once per epoch (see :meth:`_log_epoch`)."""
         logits = self(batch["x"], batch["mask"])
         loss = F.cross_entropy(logits, batch["y"], label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
         metrics = self.metrics[f"{stage}_metrics"]
-        metrics.update(logits, batch["y"])
         if stage == "train":
+            # Logged through Lightning, which reduces them when the epoch ends, before any
+            # on_train_epoch_end hook reads them (the per-epoch CSV does).
+            metrics(logits.detach(), batch["y"])
             self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]), sync_dist=True)
-        else:
-            mean = self.losses[f"{stage}_loss"]
-            mean.update(loss.detach(), len(batch["y"]))
-            self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
-        return loss if stage == "train" else logits
+            self.log_dict(metrics, on_step=False, on_epoch=True)
+            return loss
+        metrics.update(logits, batch["y"])
+        self.losses[f"{stage}_loss"].update(loss, len(batch["y"]))
+        return logits
+
+    def _log_epoch(self, stage: str) -> None:
+        # compute() synchronises over ranks (each sample counted once), hence no sync_dist here.
+        metrics, mean = self.metrics[f"{stage}_metrics"], self.losses[f"{stage}_loss"]
+        values = {f"{stage}/loss": mean.compute(), **metrics.compute()}
+        self.log_dict(values, prog_bar=True, sync_dist=False)
+        metrics.reset()
+        mean.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -85,6 +101,7 @@ class Classifier(pl.LightningModule):
         self.confusion.update(logits.argmax(-1), batch["y"])
 
     def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
         self.test_confusion = self.confusion.compute().cpu()
         self.confusion.reset()
 

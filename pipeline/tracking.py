@@ -58,13 +58,15 @@ def ensure_store(uri: str) -> None:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
-def mlflow_logger(experiment: str, run_name: str | None = None, tags: dict[str, str] | None = None):
-    """An MLFlowLogger on this project's store, experiment ``experiment``, best checkpoint logged at the end."""
+def mlflow_logger(experiment: str, run_name: str | None = None, tags: dict[str, str] | None = None,
+                  run_id: str | None = None):
+    """An MLFlowLogger on this project's store, experiment ``experiment``, best checkpoint logged at the
+    end; with ``run_id``, logging continues that run (a resumed fit)."""
     from pytorch_lightning.loggers import MLFlowLogger
 
     uri = tracking_uri()
     ensure_store(uri)
     return MLFlowLogger(
-        experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=tags,
-        artifact_location=(artifact_root() / experiment).as_uri(), log_model=True,
+        experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=None if run_id else tags,
+        artifact_location=(artifact_root() / experiment).as_uri(), log_model=True, run_id=run_id,
     )

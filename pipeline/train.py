@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline import tracking
@@ -30,8 +33,15 @@ class LogConfigToMLflow(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 text = self.parser.dump(self.config, skip_none=False)
-                logger.experiment.log_text(logger.run_id, text, "config.yaml")
-                logger.log_hyperparams(self.config.as_dict())
+                params = _flatten_dict(_convert_params(self.config.as_dict()))
+                logged = logger.experiment.get_run(logger.run_id).data.params
+                if logged:  # a resumed run: MLflow params are immutable, so keep the first and add new keys
+                    logger.experiment.log_text(logger.run_id, text, "config-resumed.yaml")
+                    params = {k: v for k, v in params.items() if k not in logged}
+                else:
+                    logger.experiment.log_text(logger.run_id, text, "config.yaml")
+                if params:
+                    logger.log_hyperparams(params)
                 # Known only now: the launcher sets up the other ranks after the logger exists.
                 logger.experiment.set_tag(logger.run_id, "world_size", str(trainer.world_size))
 
@@ -43,6 +53,12 @@ class EpochCSV(Callback):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: list[dict] = []
+
+    @rank_zero_only
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path and self.path.is_file():  # resumed: keep the epochs before the checkpoint
+            with open(self.path, newline="") as fh:
+                self.rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < trainer.current_epoch]
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -116,6 +132,28 @@ class ConfusionReport(Callback):
         plt.close(fig)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place: a job killed while
+    saving leaves the previous ``last.ckpt`` intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+class RunIdInCheckpoint(Callback):
+    """Stores the MLflow run id in every checkpoint, so a resumed fit continues the same run."""
+
+    KEY = "mlflow_run_id"
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and trainer.is_global_zero:
+                checkpoint[self.KEY] = logger.run_id
+
+
 class VPipeCLI(LightningCLI):
     """LightningCLI plus: a ``name`` per experiment, links from data to model, MLflow, fit → test → metrics."""
 
@@ -138,15 +176,31 @@ class VPipeCLI(LightningCLI):
         if self.subcommand == "fit":
             callbacks += [
                 ModelCheckpoint(dirpath=root / "models" / name, filename="best", monitor=self._get(self.config, "monitor"),
-                                mode=self._get(self.config, "monitor_mode"), save_last=True, enable_version_counter=False),
+                                mode=self._get(self.config, "monitor_mode"), save_last=False, enable_version_counter=False),
+                # last.ckpt after every epoch, improved or not (save_last only copies when a best is saved): resume from it.
+                ModelCheckpoint(dirpath=root / "models" / name, filename="last", save_top_k=1, enable_version_counter=False),
                 EpochCSV(root / "plots" / name / "epochs.csv"),
             ]
         if self.subcommand in ("fit", "test"):
             callbacks.append(ConfusionReport(root / "plots" / name))
         if config.get("logger") in (None, True):
             tags = tracking.run_tags(feature_cache_key=getattr(self.datamodule, "cache_key", ""))
-            kwargs["logger"] = tracking.mlflow_logger(name, run_name=f"{name}-{self.subcommand}", tags=tags)
+            run_id = self._resumed_run_id(root / "models" / name) if self.subcommand == "fit" else None
+            kwargs["logger"] = tracking.mlflow_logger(name, run_name=f"{name}-{self.subcommand}", tags=tags, run_id=run_id)
+            callbacks.append(RunIdInCheckpoint())
+        if not config.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return self._instantiate_trainer({**config, **kwargs}, callbacks)
+
+    def _resumed_run_id(self, models: Path) -> str | None:
+        """The MLflow run of the checkpoint a fit resumes from (``--ckpt_path last`` or a path), if any."""
+        ckpt = self._get(self.config, "ckpt_path")
+        path = models / "last.ckpt" if ckpt == "last" else Path(ckpt) if ckpt and ckpt not in ("best", "hpc") else None
+        if path is None or not path.is_file():
+            return None
+        import torch
+
+        return torch.load(path, map_location="cpu", weights_only=True).get(RunIdInCheckpoint.KEY)
 
     def after_fit(self) -> None:
         """Test the best checkpoint and write ``metrics/NAME.json``."""

@@ -5,7 +5,8 @@ import torch
 
 from pipeline import heads
 
-HEADS = [heads.RNNHead, heads.LSTMHead, heads.GRUHead, heads.TransformerHead, heads.MeanPoolHead]
+HEADS = [heads.RNNHead, heads.LSTMHead, heads.GRUHead, heads.TransformerHead, heads.MeanPoolHead,
+         lambda d, c: heads.RowLSTMHead(d, c, grid=2, row_hidden=8, temporal="lstm")]
 
 
 @pytest.mark.parametrize("cls", HEADS)
@@ -42,3 +43,22 @@ def test_mean_pool_ignores_order():
 def test_bidirectional_gru():
     head = heads.GRUHead(8, 3, hidden_size=4, num_layers=2, bidirectional=True, dropout=0.1)
     assert head(torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)).shape == (2, 3)
+
+
+def test_row_lstm_reads_rows_in_order():
+    """Swapping two rows of the grid changes the frame vector; the encoder sees where things are."""
+    torch.manual_seed(0)
+    encoder = heads.RowLSTMEncoder(3 * 4 * 4, grid=4, hidden_size=6).eval()
+    grid = torch.randn(2, 5, 3, 4, 4)
+    swapped = grid[:, :, :, [1, 0, 2, 3], :]
+    out = encoder(grid.flatten(2))
+    assert out.shape == (2, 5, 6)
+    assert not torch.allclose(out, encoder(swapped.flatten(2)))
+    with pytest.raises(ValueError, match="not C"):
+        heads.RowLSTMEncoder(10, grid=4)
+
+
+@pytest.mark.parametrize("temporal", ["rnn", "lstm", "gru", "transformer", "meanpool"])
+def test_row_lstm_in_front_of_any_head(temporal):
+    head = heads.RowLSTMHead(8 * 2 * 2, 4, grid=2, row_hidden=8, temporal=temporal, hidden_size=8)
+    assert head(torch.randn(3, 6, 32), torch.ones(3, 6, dtype=torch.bool)).shape == (3, 4)

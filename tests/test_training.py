@@ -87,3 +87,64 @@ def test_ddp_test_metrics_equal_single_process(tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("gesture_gru").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert run.data.metrics["test/acc"] == pytest.approx(single["test/acc"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_killed_fit_resumes_the_same_mlflow_run(tmp_path):
+    import os
+    import signal
+    import time
+
+    import mlflow
+    import torch
+
+    features = feature_store(tmp_path / "features")
+    args = ["fit", "-c", str(ROOT / "configs" / "gesture_gru.yaml"), "--data.init_args.features", str(features),
+            "--data.init_args.batch_size", "2", "--trainer.accelerator", "cpu"]
+    last = tmp_path / "models" / "gesture_gru" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--trainer.max_epochs", "200"], cwd=tmp_path,
+                            env={**os.environ, "VPIPE_ROOT": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not last.is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gesture_gru").experiment_id
+    [killed] = client.search_runs([experiment])
+    assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)  # loads with weights_only
+    assert checkpoint["mlflow_run_id"] == killed.info.run_id
+    done_epochs = checkpoint["epoch"] + 1
+
+    _vpipe([*args, "--ckpt_path", "last", "--trainer.max_epochs", str(done_epochs + 2)], tmp_path)
+    [run] = client.search_runs([experiment])
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+    assert len(steps) >= done_epochs + 2 and steps == sorted(steps)
+    epochs = (tmp_path / "plots" / "gesture_gru" / "epochs.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in epochs] == list(range(done_epochs + 2))
+    assert "test/acc" in json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
+
+
+def test_clip_sampling_and_augmentation(features):
+    import torch
+
+    from pipeline.data import FeatureDataModule, segment_indices
+
+    assert segment_indices(16, 4, None).tolist() == [2, 6, 10, 14]  # centres: deterministic evaluation
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = segment_indices(16, 4, rng)
+        assert all(4 * k <= i < 4 * (k + 1) for k, i in enumerate(idx))  # one frame from each segment
+    assert segment_indices(3, 5, None).tolist() == sorted(segment_indices(3, 5, None).tolist())  # short clips repeat, in order
+
+    plain = FeatureDataModule(str(features), num_segments=4, batch_size=4)
+    augmented = FeatureDataModule(str(features), num_segments=4, batch_size=4, feature_noise=0.5, feature_dropout=0.5)
+    batch = next(iter(plain.train_dataloader()))
+    assert batch["x"].shape == (4, 4, 16) and batch["mask"].all() and batch["y"].dtype == torch.int64
+    x = next(iter(augmented.train_dataloader()))["x"]
+    assert (x == 0).float().mean() > 0.3  # about half the values dropped
+    evaluation = [next(iter(m.test_dataloader()))["x"] for m in (plain, augmented)]
+    torch.testing.assert_close(evaluation[0], evaluation[1])  # evaluation is never augmented
