@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import backbone
@@ -66,6 +66,17 @@ class Encoder(pl.LightningModule):
     def predict_step(self, batch, batch_idx: int):
         shard, start, frames = batch
         return int(shard), int(start), self.encoder(frames).half()
+
+
+class FramesPerSecondBar(TQDMProgressBar):
+    """Lightning's progress bar (batches, ETA) with frames/s beside it: a batch is a slice of frames."""
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self.frames = getattr(self, "frames", 0) + len(batch[2])
+        elapsed = self.predict_progress_bar.format_dict.get("elapsed") or 0
+        if elapsed:
+            self.predict_progress_bar.set_postfix(frames_s=f"{self.frames * trainer.world_size / elapsed:.0f}")
 
 
 class PartWriter(BasePredictionWriter):
@@ -170,9 +181,11 @@ def compute(
 
     tmp = out.parent / f".{out.name}.partial"
     writer = PartWriter(tmp)
+    tty = sys.stderr.isatty()
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                         precision=precision or default_precision(accelerator), logger=False, callbacks=[writer],
-                         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
+                         precision=precision or default_precision(accelerator), logger=False,
+                         callbacks=[writer, *([FramesPerSecondBar()] if tty else [])], enable_progress_bar=tty,
+                         enable_model_summary=False)
     on_gpu = trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
     if trainer.global_rank == 0:  # the other ranks start writing only after joining rank 0 in predict()
         out.parent.mkdir(parents=True, exist_ok=True)
