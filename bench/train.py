@@ -39,7 +39,6 @@ from pipeline.stores import StoreWriter  # noqa: E402
 from pipeline.train import VPipeCLI  # noqa: E402
 
 CONFIG = HERE.parent / "configs" / "gesture_gru.yaml"
-EXTRA: list[str] = []
 
 
 def feature_store(folder: Path, videos: int) -> Path:
@@ -65,6 +64,7 @@ class EpochTimer(pl.Callback):
 def ours(store: Path, root: Path) -> float:
     timer = EpochTimer()
     os.environ["VPIPE_ROOT"] = str(root)  # checkpoints of the benchmark run stay in its temporary folder
+
     # A subclass hands the timer to the trainer and skips the test that `vpipe fit` runs after fitting.
     class Timed(VPipeCLI):
         def instantiate_trainer(self, **kwargs):
@@ -79,7 +79,7 @@ def ours(store: Path, root: Path) -> float:
           save_config_callback=None, seed_everything_default=0,
           args=["fit", "-c", str(CONFIG), "--data.init_args.features", str(store), "--trainer.max_epochs", "1",
                 "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
-                "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu", *EXTRA])
+                "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu"])
     return timer.steps / timer.seconds
 
 
