@@ -221,7 +221,7 @@ class Store:
         self.root = Path(root)
         for name in ("index.csv", "meta.json"):
             if not (self.root / name).is_file():
-                raise StoreError(f"{self.root / name}: missing; is {self.root} a finished {self.kind} store?")
+                raise StoreError(f"{self.root / name}: missing; is {self.root} a finished {self.prefix} store?")
         try:
             self.meta = json.loads((self.root / "meta.json").read_text())
         except json.JSONDecodeError as err:
@@ -237,10 +237,6 @@ class Store:
                 self.errors = list(csv.DictReader(fh))
         self._by_id = {r.video_id: r for r in self.index}
         self._shards: dict[int, np.ndarray] = {}
-
-    @property
-    def kind(self) -> str:
-        return self.prefix
 
     def shard(self, k: int) -> np.ndarray:
         if k not in self._shards:

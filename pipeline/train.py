@@ -200,7 +200,8 @@ class VPipeCLI(LightningCLI):
             return None
         import torch
 
-        return torch.load(path, map_location="cpu", weights_only=True).get(RunIdInCheckpoint.KEY)
+        # mmap: only the run id is needed here; Lightning reads the weights when it restores them.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(RunIdInCheckpoint.KEY)
 
     def after_fit(self) -> None:
         """Test the best checkpoint and write ``metrics/NAME.json``."""
