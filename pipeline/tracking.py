@@ -2,8 +2,21 @@
 
 The store is ``sqlite:///<project root>/mlflow.db`` with artifacts under ``<project root>/mlartifacts``
 unless ``MLFLOW_TRACKING_URI`` says otherwise. The project root is ``$VPIPE_ROOT``, else DVC's
-``$DVC_ROOT`` (set inside ``dvc repro``), else the current directory. The URI is always explicit
-and absolute: Lightning's MLFlowLogger would otherwise fall back to ``./mlruns``.
+``$DVC_ROOT`` (set inside ``dvc repro`` and ``dvc exp run``), else the current directory. The URI is
+always explicit and absolute: Lightning's MLFlowLogger would otherwise fall back to ``./mlruns``.
+
+Training outputs (``models/``, ``metrics/``, ``plots/``) go to the *workspace* instead:
+``$VPIPE_ROOT``, else the current directory. The two differ under ``dvc exp run --queue``: DVC runs
+the stage in a temporary copy of the repository (the working directory) but points ``$DVC_ROOT`` at
+the repository itself, so outputs land where DVC collects them and the run lands in the one store.
+
+Lineage (:func:`lineage_tags`): every run is tagged with what it was trained on. The stores' own
+``meta.json`` content hashes and cache keys describe exactly the data that was read. Inside a DVC
+stage the ``dvc.lock`` hashes of the input stores are tagged too: DVC writes a stage's lock entry as
+soon as the stage finishes, so while ``train@X`` runs, the entries of the upstream ``features``/
+``extract`` stages describe the stores it reads (the train stage's own entry, written after it
+finishes, is not there yet). Outside DVC the lock may describe an older repro, so it is not tagged.
+Training configs are tracked by DVC as params (values, not hashes): their MD5 is tagged instead.
 """
 
 from __future__ import annotations
@@ -15,7 +28,17 @@ from pathlib import Path
 
 
 def project_root() -> Path:
+    """Where the MLflow store lives."""
     return Path(os.environ.get("VPIPE_ROOT") or os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def workspace() -> Path:
+    """Where training outputs go: ``$VPIPE_ROOT``, else the working directory (a DVC stage's wdir)."""
+    return Path(os.environ.get("VPIPE_ROOT") or os.getcwd()).resolve()
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used; the message names the URI."""
 
 
 def tracking_uri() -> str:
@@ -49,8 +72,31 @@ def run_tags(**extra: str) -> dict[str, str]:
     return tags
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise :class:`TrackingError` unless the HTTP tracking server at ``uri`` answers within ``timeout``.
+
+    Any HTTP answer counts (even 401: the server is there). Without this check MLflow's client retries
+    a dead server for minutes, and only once training has already started.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"MLflow tracking server {uri} does not answer ({reason}); start it, fix MLFLOW_TRACKING_URI, "
+            f"or unset it to use the project's store sqlite:///{project_root() / 'mlflow.db'}") from err
+
+
 def ensure_store(uri: str) -> None:
-    """Create the backend store's schema now, once, before any training process opens it."""
+    """Check an HTTP server answers, or create a SQLite store's schema now, once, before any training
+    process opens it."""
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     if uri.startswith("sqlite:///"):
         import mlflow
 
@@ -70,3 +116,93 @@ def mlflow_logger(experiment: str, run_name: str | None = None, tags: dict[str, 
         experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=None if run_id else tags,
         artifact_location=(artifact_root() / experiment).as_uri(), log_model=True, run_id=run_id,
     )
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _meta(store: str | os.PathLike) -> dict:
+    import json
+
+    try:
+        return json.loads((Path(store) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def dvc_lock_outs(root: Path) -> dict[str, tuple[str, str]]:
+    """``path → (hash, stage)`` for every stage output recorded in ``root/dvc.lock``."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    import yaml
+
+    outs = {}
+    for stage, entry in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).items():
+        for out in entry.get("outs") or []:
+            digest = out.get("md5") or out.get(out.get("hash", ""), "")
+            outs[os.path.normpath(out["path"])] = (str(digest), stage)
+    return outs
+
+
+def lineage_tags(features: str | None = None, frames: str | None = None, configs: list[str] = ()) -> dict[str, str]:
+    """Tags naming the inputs of a training run: stores (path, content hash, cache key, extraction
+    parameters), their ``dvc.lock`` hashes inside a DVC stage, and the config files with their MD5."""
+    tags: dict[str, str] = {}
+    frames_hash = None
+    if features:
+        meta = _meta(features)
+        tags["data.features"] = str(features)
+        for key, tag in (("content_hash", "content_hash"), ("cache_key", "cache_key"), ("backbone", "backbone"),
+                         ("pool", "pool")):
+            if meta.get(key) is not None:
+                tags[f"data.features.{tag}"] = str(meta[key])
+        frames = frames or meta.get("frames")
+        frames_hash = meta.get("frames_hash")  # what the features were computed from
+    if frames:
+        meta = _meta(frames)
+        tags["data.frames"] = str(frames)
+        if frames_hash or meta.get("content_hash"):
+            tags["data.frames.content_hash"] = str(frames_hash or meta["content_hash"])
+        if meta.get("params"):
+            tags["data.frames.params"] = ", ".join(f"{k}={v}" for k, v in meta["params"].items())
+    if os.environ.get("DVC_STAGE"):
+        root = workspace()
+        outs = dvc_lock_outs(root)
+        for role, path in (("features", features), ("frames", frames)):
+            if path:
+                rel = os.path.normpath(os.path.relpath(Path(path).resolve(), root))
+                if rel in outs:
+                    tags[f"dvc.lock.{role}"] = f"{outs[rel][0]} ({outs[rel][1]})"
+    if configs:
+        files = [Path(c) for c in configs]
+        tags["config"] = ", ".join(str(c) for c in configs)
+        tags["config.md5"] = ", ".join(_md5(f) if f.is_file() else "?" for f in files)
+    return tags
+
+
+def register_best(client, name: str, run_id: str, checkpoint: Path, metrics: dict[str, float],
+                  tags: dict[str, str] | None = None) -> str:
+    """Log ``checkpoint`` as the run's ``model/`` artifact and register it as a new version of the
+    registered model ``name``, tagged with its test metrics; returns the version.
+
+    The version's source is the artifact folder, so ``models:/NAME/VERSION`` (or ``models:/NAME/latest``)
+    downloads the checkpoint, which carries everything ``vpipe classify`` needs.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client.log_artifact(run_id, str(checkpoint), "model")
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=f"Best checkpoints of the `{name}` training config "
+                                                          "(vpipe fit -c configs/{name}.yaml).".replace("{name}", name))
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    version = client.create_model_version(
+        name, source, run_id=run_id, description=f"Test metrics of the best checkpoint: {summary}",
+        tags={**{k: str(v) for k, v in metrics.items()}, **(tags or {})})
+    return version.version

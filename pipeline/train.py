@@ -154,6 +154,41 @@ class RunIdInCheckpoint(Callback):
                 checkpoint[self.KEY] = logger.run_id
 
 
+class InferenceRecipe(Callback):
+    """Stores in every checkpoint (``checkpoint["vpipe"]``) what inference on a new video needs:
+    the model's config with its linked values, the class names, the clip length, and the ``meta.json``
+    of the frame store (decoding: fps, size) and of the feature store (backbone, weights, input size,
+    pooling), so ``vpipe classify`` repeats the preprocessing the model was trained on."""
+
+    KEY = "vpipe"
+
+    def __init__(self, model_config: dict):
+        self.model_config = model_config
+        self.recipe: dict | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        config = json.loads(json.dumps(self.model_config, default=str))
+        # Values linked from the data module (input_dim, num_classes, ...) are known only now.
+        init = config.setdefault("init_args", {})
+        init.update({k: v for k, v in pl_module.hparams.items()
+                     if not k.startswith("_") and isinstance(v, int | float | str | bool) and not isinstance(init.get(k), dict)})
+        features = getattr(dm, "features", None)
+        frames = getattr(dm, "frames", None)
+        features_meta = tracking._meta(features) if features else None
+        frames = frames or (features_meta or {}).get("frames")
+        self.recipe = {
+            "task": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}", "model": config,
+            "input": "features" if features else "frames", "classes": list(getattr(dm, "classes", [])),
+            "num_segments": getattr(dm, "num_segments", None), "features_meta": features_meta,
+            "frames_meta": tracking._meta(frames) if frames else None,
+        }
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self.recipe is not None:
+            checkpoint[self.KEY] = self.recipe
+
+
 class VPipeCLI(LightningCLI):
     """LightningCLI plus: a ``name`` per experiment, links from data to model, MLflow, fit → test → metrics."""
 
@@ -169,7 +204,7 @@ class VPipeCLI(LightningCLI):
         return self._get(self.config, "name")
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
-        root = tracking.project_root()
+        root = tracking.workspace()
         name = self.experiment
         config = self._get(self.config_init, "trainer", default={})
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
@@ -180,13 +215,19 @@ class VPipeCLI(LightningCLI):
                 # last.ckpt after every epoch, improved or not (save_last only copies when a best is saved): resume from it.
                 ModelCheckpoint(dirpath=root / "models" / name, filename="last", save_top_k=1, enable_version_counter=False),
                 EpochCSV(root / "plots" / name / "epochs.csv"),
+                InferenceRecipe(self._get(self.config, "model").as_dict()),
             ]
         if self.subcommand in ("fit", "test"):
             callbacks.append(ConfusionReport(root / "plots" / name))
         if config.get("logger") in (None, True):
-            tags = tracking.run_tags(feature_cache_key=getattr(self.datamodule, "cache_key", ""))
+            configs = [str(c) for c in self._get(self.config, "config", default=None) or []]
+            tags = tracking.run_tags(feature_cache_key=getattr(self.datamodule, "cache_key", ""), **tracking.lineage_tags(
+                getattr(self.datamodule, "features", None), getattr(self.datamodule, "frames", None), configs))
             run_id = self._resumed_run_id(root / "models" / name) if self.subcommand == "fit" else None
-            kwargs["logger"] = tracking.mlflow_logger(name, run_name=f"{name}-{self.subcommand}", tags=tags, run_id=run_id)
+            # Under `dvc exp run` the run is named after the DVC experiment, so a sweep's runs tell apart.
+            run_name = os.environ.get("DVC_EXP_NAME") if self.subcommand == "fit" else None
+            kwargs["logger"] = tracking.mlflow_logger(name, run_name=run_name or f"{name}-{self.subcommand}", tags=tags,
+                                                      run_id=run_id)
             callbacks.append(RunIdInCheckpoint())
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
@@ -204,17 +245,25 @@ class VPipeCLI(LightningCLI):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(RunIdInCheckpoint.KEY)
 
     def after_fit(self) -> None:
-        """Test the best checkpoint and write ``metrics/NAME.json``."""
+        """Test the best checkpoint, write ``metrics/NAME.json``, register the best checkpoint in MLflow."""
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
-        self.after_test()
+        metrics = self.after_test()
+        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero and best:
+                tags = {k: v for k, v in logger.experiment.get_run(logger.run_id).data.tags.items()
+                        if k in ("git_commit", "git_dirty", "dvc_stage", "dvc_exp_name", "data.features.cache_key")}
+                version = tracking.register_best(logger.experiment, self.experiment, logger.run_id, Path(best), metrics, tags)
+                logger.experiment.set_tag(logger.run_id, "registered_model", f"models:/{self.experiment}/{version}")
 
-    def after_test(self) -> None:
-        """Write the test metrics (synced over all ranks) to ``metrics/NAME.json`` on rank zero."""
+    def after_test(self) -> dict[str, float]:
+        """Write the test metrics (synced over all ranks) to ``metrics/NAME.json`` on rank zero; returns them."""
+        metrics = {k: round(float(v), 6) for k, v in sorted(self.trainer.callback_metrics.items()) if k.startswith("test/")}
         if self.trainer.is_global_zero:
-            path = tracking.project_root() / "metrics" / f"{self.experiment}.json"
+            path = tracking.workspace() / "metrics" / f"{self.experiment}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            metrics = {k: round(float(v), 6) for k, v in sorted(self.trainer.callback_metrics.items()) if k.startswith("test/")}
             path.write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
 
 
 def cli_main(args: list[str] | None = None) -> VPipeCLI:
