@@ -66,15 +66,34 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="MLflow UI on this project's store, bound to 127.0.0.1", formatter_class=fmt)
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1", help="keep it local: the UI has no authentication")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes")
+
+    p = sub.add_parser("classify", help="top-k labels of videos with a trained classifier", formatter_class=fmt,
+                       description="Decode each video as the model's frame store was extracted, compute features as its "
+                                   "feature store was, and print the top-k classes with probabilities.")
+    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    m = p.add_mutually_exclusive_group(required=True)
+    m.add_argument("--ckpt", help="checkpoint written by vpipe fit, e.g. models/gesture_gru/best.ckpt")
+    m.add_argument("--model", help="registered model: models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+    p.add_argument("--topk", type=int, default=5, help="classes printed per video or window")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    p.add_argument("--window", type=float, default=None, help="classify windows of W seconds (streaming) instead of whole videos")
+    p.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: --window)")
+    p.add_argument("--weights", default=None, help="backbone weights file, when the features were computed from one")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TRAINING:
+        from pipeline.tracking import TrackingError
         from pipeline.train import cli_main
 
-        cli_main(argv)
+        try:
+            cli_main(argv)
+        except TrackingError as err:
+            sys.exit(f"vpipe {argv[0]}: {err}")
         return
     args = _parser().parse_args(argv)
     if args.command == "extract":
@@ -126,8 +145,15 @@ def main(argv: list[str] | None = None) -> None:
 
         print(report(args.metrics, args.out or None))
     elif args.command == "ui":
-        from pipeline import tracking
+        from pipeline import ui
 
-        tracking.ensure_store(tracking.tracking_uri())
-        cmd = ["mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host, "--port", str(args.port)]
-        os.execvp(sys.executable, [sys.executable, "-m", *cmd])
+        ui.serve(args.host, args.port, args.workers)
+    elif args.command == "classify":
+        from pipeline.classify import ClassifyError, run
+
+        try:
+            status = run(args.videos, ckpt=args.ckpt, model_uri=args.model, topk=args.topk, as_json=args.json, window=args.window,
+                         stride=args.stride, weights=args.weights, device=args.device)
+        except ClassifyError as err:
+            sys.exit(f"vpipe classify: {err}")
+        sys.exit(status)

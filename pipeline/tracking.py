@@ -114,7 +114,9 @@ def mlflow_logger(experiment: str, run_name: str | None = None, tags: dict[str, 
     ensure_store(uri)
     return MLFlowLogger(
         experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=None if run_id else tags,
-        artifact_location=(artifact_root() / experiment).as_uri(), log_model=True, run_id=run_id,
+        # A server stores artifacts where it is configured to (``--serve-artifacts``), not on this machine.
+        artifact_location=None if uri.startswith(("http://", "https://")) else (artifact_root() / experiment).as_uri(),
+        log_model=True, run_id=run_id,
     )
 
 

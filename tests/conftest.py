@@ -59,3 +59,36 @@ def _no_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> Path:
+    """A tiny project taken through the real chain once per session, in its own root: H.264 videos of
+    two classes (a square moving right, the same clips reversed) → frame store (10 fps, 32×32) →
+    feature store (timm ``test_resnet``, grid pooling) → ``vpipe fit`` of ``gesture_gru`` for two
+    epochs with MLflow on (``mlflow.db``, ``mlartifacts/``, a registered model version)."""
+    from pipeline.extract import extract
+    from pipeline.features import compute
+    from pipeline.train import cli_main
+
+    root = tmp_path_factory.mktemp("project")
+    rows = []
+    for label, step in (("right", 1), ("left", -1)):
+        for i, split in enumerate(["train", "train", "train", "val", "val", "test", "test"]):
+            path = root / "videos" / f"{label}{i}.mp4"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_video(path, moving_square(14 + i, 48, 64, seed=i)[::step], 25)
+            rows.append({"video_id": f"{label}{i}", "path": f"videos/{label}{i}.mp4", "label": label, "split": split})
+    write_manifest(root / "videos" / "manifest.csv", [{**r, "path": r["path"].removeprefix("videos/")} for r in rows])
+    extract(root / "videos" / "manifest.csv", root / "frames", fps=10, size="32", workers=1)
+    compute(str(root / "frames"), str(root / "features"), name="test_resnet", pool="grid", grid=2, input_size=32,
+            batch_size=64, num_workers=0, accelerator="cpu")
+    previous = os.environ.get("VPIPE_ROOT")
+    os.environ["VPIPE_ROOT"] = str(root)
+    try:
+        cli_main(["fit", "-c", str(ROOT / "configs" / "gesture_gru.yaml"), "--data.init_args.features", str(root / "features"),
+                  "--data.init_args.batch_size", "2", "--data.init_args.num_segments", "4", "--trainer.max_epochs", "2",
+                  "--trainer.accelerator", "cpu", "--model.init_args.head.init_args.hidden_size", "16"])
+    finally:
+        os.environ.pop("VPIPE_ROOT") if previous is None else os.environ.__setitem__("VPIPE_ROOT", previous)
+    return root

@@ -1,0 +1,238 @@
+"""``vpipe classify``: a trained classifier on new videos, with the preprocessing it was trained on.
+
+A checkpoint written by ``vpipe fit`` carries an inference recipe (see
+:class:`pipeline.train.InferenceRecipe`): the model's config, the class names, the clip length, and
+the ``meta.json`` of the frame store and of the feature store it was trained on. A video is decoded
+with the frame store's parameters (fps, size); for a model over cached features, the frames are
+encoded by the same timm backbone, weights identity, input size, normalisation and pooling as the
+feature store; the clip is sampled like evaluation clips (the centre frame of each of
+``num_segments`` equal segments) and the head gives class probabilities. A model that consumes
+frames itself (an end-to-end classifier with a trainable frame encoder) gets the uint8 frames.
+
+``--window W --stride S`` (seconds) classifies every W-second window, every S seconds, while
+decoding: memory holds one window, whatever the length of the video.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class ClassifyError(RuntimeError):
+    """A model or a video cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class Classifier:
+    """A loaded classifier and what it needs: decoding parameters and, for feature models, the backbone."""
+
+    model: torch.nn.Module
+    classes: list[str]
+    num_segments: int
+    fps: float  # extraction frame rate (0: every frame)
+    size: tuple[int, int] | None  # (width, height) after extraction scaling
+    encoder: torch.nn.Module | None  # uint8 frames → features; None when the model takes frames
+    source: str
+
+    @torch.inference_mode()
+    def probabilities(self, frames: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(C,)`` of one clip of uint8 frames ``(T, H, W, 3)``."""
+        from pipeline.data import segment_indices
+
+        device = next(self.model.parameters()).device
+        clip = torch.from_numpy(np.ascontiguousarray(frames[segment_indices(len(frames), self.num_segments, None)])).to(device)
+        if self.encoder is not None:
+            # Features are stored as float16: round the same way, so the head sees what it was trained on.
+            x = self.encoder(clip).half().float().flatten(1)[None]  # (1, T, D)
+        else:
+            x = clip[None]  # (1, T, H, W, 3) uint8: the model encodes frames itself
+        mask = torch.ones(1, len(clip), dtype=torch.bool, device=device)
+        return torch.softmax(self.model(x, mask).float(), -1)[0].cpu().numpy()
+
+
+def fetch(uri: str, folder: Path) -> Path:
+    """Download the checkpoint of a registered model version (``models:/NAME/VERSION``,
+    ``models:/NAME/latest`` or ``models:/NAME@ALIAS``) from this project's MLflow store into ``folder``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    uri_tracking = tracking.tracking_uri()
+    try:
+        tracking.ensure_store(uri_tracking)
+        mlflow.set_tracking_uri(uri_tracking)
+        mlflow.set_registry_uri(uri_tracking)  # models:/ URIs are resolved by the registry, not the tracking store
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder), tracking_uri=uri_tracking))
+    except (MlflowException, OSError, tracking.TrackingError) as err:
+        raise ClassifyError(f"{uri}: cannot be fetched from {uri_tracking} ({getattr(err, 'message', err)})") from err
+    found = sorted(local.rglob("*.ckpt")) if local.is_dir() else [local]
+    if not found:
+        raise ClassifyError(f"{uri}: the registered files hold no checkpoint")
+    return found[0]
+
+
+def _backbone(meta: dict, weights: str | None, source: str) -> torch.nn.Module:
+    """The feature store's backbone, rebuilt from its ``meta.json``: name, weights identity, preprocessing, pooling."""
+    from pipeline import backbone
+    from pipeline.stores import file_sha256
+
+    identity = meta.get("weights") or {}
+    try:
+        if "weights_sha256" in identity:
+            if not weights:
+                raise ClassifyError(f"{source}: its features were computed with weights {identity['weights_file']}; "
+                                    "pass them with --weights FILE")
+            if file_sha256(weights) != identity["weights_sha256"]:
+                raise ClassifyError(f"{weights}: not the weights the features were computed with "
+                                    f"({identity['weights_file']}, sha256 {identity['weights_sha256'][:12]}…)")
+            model, _ = backbone.create(meta["backbone"], weights=weights)
+        elif "pretrained" in identity:
+            model, _ = backbone.create(meta["backbone"], pretrained=True)
+        else:
+            model, _ = backbone.create(meta["backbone"], seed=int(identity.get("random_init_seed", 0)))
+    except backbone.BackboneError as err:
+        raise ClassifyError(f"{source}: {err}") from err
+    prep = meta["preprocessing"]
+    prep = backbone.Preprocessing(tuple(prep["input_size"]), tuple(prep["mean"]), tuple(prep["std"]), prep["interpolation"])
+    return backbone.FrameEncoder(model, prep, meta.get("pool", "avg"), int(meta.get("grid") or 4))
+
+
+def load(path: str | Path, weights: str | None = None, device: str = "cpu", source: str | None = None) -> Classifier:
+    """A classifier from a ``vpipe fit`` checkpoint.
+
+    Raises:
+        ClassifyError: not a checkpoint, no inference recipe, not a classifier, or its backbone
+            cannot be rebuilt; the message names ``source`` (default: the path).
+    """
+    path = Path(path)
+    source = source or str(path)
+    if not path.is_file():
+        raise ClassifyError(f"{source}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+        raise ClassifyError(f"{source}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    recipe = checkpoint.get("vpipe") if isinstance(checkpoint, dict) else None
+    if not recipe:
+        raise ClassifyError(f"{source}: no inference recipe in the checkpoint (write it with `vpipe fit`)")
+    task = recipe.get("task", "?")
+    if not recipe.get("classes") or not task.endswith("Classifier"):
+        raise ClassifyError(f"{source}: a checkpoint of {task}, not of a classifier; `vpipe classify` needs a classifier")
+    if not recipe.get("frames_meta"):
+        raise ClassifyError(f"{source}: the checkpoint does not record how frames were extracted (frame store meta.json)")
+
+    from jsonargparse import ArgumentParser
+    from pytorch_lightning import LightningModule
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=LightningModule)
+    try:
+        model = parser.instantiate_classes(parser.parse_object({"model": recipe["model"]})).model
+        model.load_state_dict(checkpoint["state_dict"])
+    except Exception as err:  # noqa: BLE001 - config and state-dict errors come in many types
+        raise ClassifyError(f"{source}: the model cannot be rebuilt from its recipe ({type(err).__name__}: {err})") from err
+    encoder = None
+    if recipe.get("input") == "features":
+        encoder = _backbone(recipe["features_meta"], weights, source).to(device)
+    params = recipe["frames_meta"].get("params") or {}
+    size = params.get("size")
+    return Classifier(model.eval().to(device), list(recipe["classes"]), int(recipe["num_segments"]), float(params.get("fps") or 0.0),
+                      tuple(size) if size else None, encoder, source)
+
+
+def windows(path: Path, fps: float, size: tuple[int, int] | None, window: float | None,
+            stride: float | None) -> Iterator[tuple[float | None, float | None, np.ndarray]]:
+    """``(start_sec, end_sec, frames)`` of every window of ``path`` (times None: the whole video).
+
+    A video shorter than one window is one window. Raises ClassifyError naming the file.
+    """
+    import av
+
+    from pipeline.video import Decoder
+
+    try:
+        with Decoder(path, fps=fps, size=size) as decoder:
+            rate = fps or decoder.src_fps or 25.0
+            if window is None:
+                frames = list(decoder)
+                if not frames:
+                    raise ValueError(f"{path}: no decodable video frame")
+                yield None, None, np.stack(frames)
+                return
+            length, step = max(1, round(window * rate)), max(1, round((stride or window) * rate))
+            buffer: deque[np.ndarray] = deque(maxlen=length)
+            count = 0
+            for frame in decoder:
+                buffer.append(frame)
+                count += 1
+                if count >= length and (count - length) % step == 0:
+                    yield (count - length) / rate, count / rate, np.stack(buffer)
+            if 0 < count < length:
+                yield 0.0, count / rate, np.stack(buffer)
+    except ClassifyError:
+        raise
+    except av.FFmpegError as err:  # before OSError/ValueError: PyAV's errors subclass them
+        raise ClassifyError(f"{path}: not a decodable video ({err.strerror or err})") from err
+    except (OSError, ValueError) as err:
+        message = str(err)
+        raise ClassifyError(message if str(path) in message else f"{path}: {message}") from err
+
+
+def top(probabilities: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [(classes[i], float(probabilities[i])) for i in order]
+
+
+def line(video: str, start: float | None, end: float | None, best: list[tuple[str, float]], as_json: bool) -> str:
+    """One result: ``VIDEO [0.0-2.0 s]: label 0.912, label 0.051`` or one JSON object."""
+    if as_json:
+        record = {"video": video, **({"start_sec": round(start, 3), "end_sec": round(end, 3)} if start is not None else {}),
+                  "top": [{"label": label, "probability": round(p, 6)} for label, p in best]}
+        return json.dumps(record)
+    span = f" [{start:.2f}-{end:.2f} s]" if start is not None else ""
+    return f"{video}{span}: " + ", ".join(f"{label} {p:.3f}" for label, p in best)
+
+
+def run(videos: list[str], *, ckpt: str | None = None, model_uri: str | None = None, topk: int = 5, as_json: bool = False,
+        window: float | None = None, stride: float | None = None, weights: str | None = None, device: str = "cpu",
+        out=print, err=None) -> int:
+    """Classify ``videos`` and ``out`` one line per video (or per window); returns the exit status.
+
+    Everything that can be checked before decoding (the model, the files exist, the options) is, and
+    stops the command with nothing printed; a video that fails to decode is reported on ``err``
+    (naming the file and the reason), the others are still classified, and the status is 1.
+    """
+    import sys
+
+    err = err or (lambda text: print(text, file=sys.stderr))
+    if (ckpt is None) == (model_uri is None):
+        raise ClassifyError("give --ckpt CKPT or --model models:/NAME/VERSION")
+    if topk < 1 or (window is not None and window <= 0) or (stride is not None and stride <= 0):
+        raise ClassifyError("--topk, --window and --stride must be positive")
+    if stride is not None and window is None:
+        raise ClassifyError("--stride needs --window")
+    missing = [v for v in videos if not Path(v).exists()]
+    if missing:
+        raise ClassifyError("; ".join(f"{v}: no such file" for v in missing))
+    with tempfile.TemporaryDirectory(prefix="vpipe-classify-") as tmp:
+        path = fetch(model_uri, Path(tmp)) if model_uri else Path(ckpt)
+        classifier = load(path, weights=weights, device=device, source=model_uri or ckpt)
+    failed = 0
+    for video in videos:
+        try:
+            for start, end, frames in windows(Path(video), classifier.fps, classifier.size, window, stride):
+                out(line(video, start, end, top(classifier.probabilities(frames), classifier.classes, topk), as_json))
+        except ClassifyError as error:
+            err(f"vpipe classify: {error}")
+            failed += 1
+    return 1 if failed else 0
+
