@@ -208,3 +208,16 @@ def register_best(client, name: str, run_id: str, checkpoint: Path, metrics: dic
         name, source, run_id=run_id, description=f"Test metrics of the best checkpoint: {summary}",
         tags={**{k: str(v) for k, v in metrics.items()}, **(tags or {})})
     return version.version
+
+
+def readable_params(flat: dict[str, object]) -> dict[str, object]:
+    """Config params as the UI shows them: ``model/head/hidden_size`` for
+    ``model/init_args/head/init_args/hidden_size``, ``model/head`` for its ``class_path``; the list of
+    config files as plain paths."""
+    params = {}
+    for key, value in flat.items():
+        key = key.replace("/init_args/", "/").removesuffix("/class_path")
+        if key == "config" and isinstance(value, str):
+            value = value.replace("Path_fsr(", "").replace("Path_fr(", "").replace(")", "")
+        params[key] = value
+    return params

@@ -33,7 +33,7 @@ class LogConfigToMLflow(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 text = self.parser.dump(self.config, skip_none=False)
-                params = _flatten_dict(_convert_params(self.config.as_dict()))
+                params = tracking.readable_params(_flatten_dict(_convert_params(self.config.as_dict())))
                 logged = logger.experiment.get_run(logger.run_id).data.params
                 if logged:  # a resumed run: MLflow params are immutable, so keep the first and add new keys
                     logger.experiment.log_text(logger.run_id, text, "config-resumed.yaml")
