@@ -1,31 +1,73 @@
-"""``vpipe report``: one table of every ``metrics/*.json`` (rows: experiments; columns: metrics)."""
+"""``vpipe report``: one table of every ``metrics/*.json`` (rows: experiments; columns: metrics).
+
+Each file is the flat JSON of one experiment's test metrics (``metrics/NAME.json``, written by
+``vpipe fit``). Columns are the union of the metric names: classification metrics first
+(``test/acc``, ``test/acc_top5``, ``test/f1``, ``test/loss``), the others in name order; an
+experiment without a metric leaves its cell empty (a forecaster has no accuracy). The best value of
+each column shared by several experiments is in bold: lowest for losses and errors, highest
+otherwise. ``--columns`` keeps only the metrics matching shell patterns (e.g. ``'test/acc*'``).
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
+FIRST = ("test/acc", "test/acc_top5", "test/f1", "test/loss")
+LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "error", "nll", "perplexity")
 
-def table(metrics_dir: Path) -> str:
-    """A Markdown table of the flat JSON metrics files in ``metrics_dir``."""
+
+def read(metrics_dir: Path) -> dict[str, dict[str, float]]:
+    """``{experiment: {metric: value}}`` from ``metrics_dir/*.json``; numbers only."""
     results = {}
     for path in sorted(metrics_dir.glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise SystemExit(f"{path}: not valid JSON ({err})") from err
-        results[path.stem] = {k: v for k, v in data.items() if isinstance(v, int | float)}
+        if not isinstance(data, dict):
+            raise SystemExit(f"{path}: expected a JSON object of metric names to numbers, got {type(data).__name__}")
+        results[path.stem] = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return results
+
+
+def lower_is_better(metric: str) -> bool:
+    name = metric.rsplit("/", 1)[-1].lower()
+    return any(word in name for word in LOWER_IS_BETTER)
+
+
+def table(metrics_dir: Path, columns: list[str] | None = None) -> str:
+    """A Markdown table of the flat JSON metrics files in ``metrics_dir``."""
+    results = read(Path(metrics_dir))
     if not results:
         return f"no metrics in {metrics_dir}/*.json yet"
-    columns = sorted({k for row in results.values() for k in row})
-    lines = ["| experiment | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    names = {k for row in results.values() for k in row}
+    if columns:
+        names = {k for k in names if any(fnmatch.fnmatchcase(k, pattern) for pattern in columns)}
+    ordered = [c for c in FIRST if c in names] + sorted(names - set(FIRST))
+    best = {}
+    for c in ordered:
+        values = [row[c] for row in results.values() if c in row]
+        if len(values) > 1:
+            best[c] = min(values) if lower_is_better(c) else max(values)
+
+    def cell(row: dict, c: str) -> str:
+        if c not in row:
+            return ""
+        text = f"{row[c]:.4f}"
+        return f"**{text}**" if best.get(c) == row[c] else text
+
+    lines = ["| experiment | " + " | ".join(ordered) + " |", "|---" * (len(ordered) + 1) + "|"]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" if c in row else "" for c in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(row, c) for c in ordered) + " |")
     return "\n".join(lines)
 
 
-def report(metrics_dir: str = "metrics", out: str | None = "metrics/summary.md") -> str:
-    text = table(Path(metrics_dir))
+def report(metrics_dir: str = "metrics", out: str | None = "metrics/summary.md", columns: list[str] | None = None) -> str:
+    """Print-ready table; also written to ``out`` (Markdown) when there are metrics."""
+    text = table(Path(metrics_dir), columns)
     if out and not text.startswith("no metrics"):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
     return text

@@ -1,13 +1,15 @@
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.cli import main
 
 
 def test_help_lists_every_command_without_importing_torch():
     code = "import sys; from pipeline.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    for command in ("extract", "features", "fit", "validate", "test", "predict", "report", "ui"):
+    for command in ("extract", "features", "fit", "validate", "test", "predict", "report", "ui", "classify"):
         assert command in done.stdout
     assert done.stdout.strip().endswith("False")
 
@@ -25,5 +27,21 @@ def test_report_table(tmp_path, capsys):
     (tmp_path / "b.json").write_text('{"test/acc": 0.75}')
     main(["report", "--metrics", str(tmp_path), "--out", str(tmp_path / "summary.md")])
     out = capsys.readouterr().out
-    assert "| a | 0.5000 | 1.2500 |" in out and "| b | 0.7500 |  |" in out
+    assert "| a | 0.5000 | 1.2500 |" in out and "| b | **0.7500** |  |" in out  # the best of a shared column in bold
     assert (tmp_path / "summary.md").read_text().strip() == out.strip()
+
+
+def test_report_orders_columns_marks_the_best_and_filters(tmp_path, capsys):
+    (tmp_path / "gru.json").write_text('{"test/loss": 0.4, "test/f1": 0.8, "test/acc": 0.9, "epoch": 3}')
+    (tmp_path / "meanpool.json").write_text('{"test/loss": 0.9, "test/f1": 0.5, "test/acc": 0.6}')
+    (tmp_path / "forecast.json").write_text('{"test/mse": 0.01, "test/mse_t1": 0.002, "test/ssim": 0.7}')
+    main(["report", "--metrics", str(tmp_path), "--out", ""])
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    assert header == "| experiment | test/acc | test/f1 | test/loss | epoch | test/mse | test/mse_t1 | test/ssim |"
+    assert rows[0] == "| forecast |  |  |  |  | 0.0100 | 0.0020 | 0.7000 |"  # nothing to compare: no bold
+    assert rows[1] == "| gru | **0.9000** | **0.8000** | **0.4000** | 3.0000 |  |  |  |"  # loss: lowest is best
+    main(["report", "--metrics", str(tmp_path), "--out", "", "--columns", "test/acc", "test/mse*"])
+    assert capsys.readouterr().out.splitlines()[0] == "| experiment | test/acc | test/mse | test/mse_t1 |"
+    (tmp_path / "broken.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="broken.json: expected a JSON object"):
+        main(["report", "--metrics", str(tmp_path), "--out", ""])
