@@ -27,7 +27,7 @@ test-fast: setup
 	pytest -m "not slow"
 
 ui: setup
-	vpipe ui
+	vpipe ui --port $(or $(PORT),5000)
 
 lint: setup
 	ruff check pipeline data_scripts tests bench

@@ -5,8 +5,8 @@ unless ``MLFLOW_TRACKING_URI`` says otherwise. The project root is ``$VPIPE_ROOT
 ``$DVC_ROOT`` (set inside ``dvc repro`` and ``dvc exp run``), else the current directory. The URI is
 always explicit and absolute: Lightning's MLFlowLogger would otherwise fall back to ``./mlruns``.
 
-Training outputs (``models/``, ``metrics/``, ``plots/``) go to the *workspace* instead:
-``$VPIPE_ROOT``, else the current directory. The two differ under ``dvc exp run --queue``: DVC runs
+Training outputs (``models/``, ``metrics/``, ``plots/``) go to the *workspace* instead: the current
+directory inside a DVC stage, else ``$VPIPE_ROOT``, else the current directory. The two differ under ``dvc exp run --queue``: DVC runs
 the stage in a temporary copy of the repository (the working directory) but points ``$DVC_ROOT`` at
 the repository itself, so outputs land where DVC collects them and the run lands in the one store.
 
@@ -33,7 +33,10 @@ def project_root() -> Path:
 
 
 def workspace() -> Path:
-    """Where training outputs go: ``$VPIPE_ROOT``, else the working directory (a DVC stage's wdir)."""
+    """Where training outputs go: inside a DVC stage its working directory (where DVC collects the
+    outputs), else ``$VPIPE_ROOT``, else the working directory."""
+    if os.environ.get("DVC_STAGE"):
+        return Path.cwd().resolve()
     return Path(os.environ.get("VPIPE_ROOT") or os.getcwd()).resolve()
 
 

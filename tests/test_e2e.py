@@ -93,6 +93,10 @@ def test_dvc_repro_runs_every_stage(tmp_path):
         assert run_.info.status == "FINISHED"
         assert "test/acc" in run_.data.metrics and "val/acc" in run_.data.metrics
         assert run_.data.tags["dvc_stage"] == f"train@{name}" and len(run_.data.tags["git_commit"]) == 40
+        # Lineage: the input store's hash as dvc.lock recorded it when its stage finished, before train ran.
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        recorded = {f"{out['md5']} ({stage})" for stage, entry in lock.items() for out in entry.get("outs", [])}
+        assert run_.data.tags.get("dvc.lock.features", run_.data.tags.get("dvc.lock.frames")) in recorded, name
         assert experiment.artifact_location.startswith((repo / "mlartifacts").as_uri())
         assert "config.yaml" in [a.path for a in client.list_artifacts(run_.info.run_id)]
         assert "test/confusion.png" in [a.path for a in client.list_artifacts(run_.info.run_id, "test")]

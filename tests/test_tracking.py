@@ -159,3 +159,36 @@ def test_unreachable_tracking_server_stops_before_training(fit_args, tmp_path, m
     assert f"MLflow tracking server {uri} does not answer" in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
     assert not (tmp_path / "models").exists() and not (tmp_path / "mlflow.db").exists()
     assert time.monotonic() - started < 120  # not MLflow's minutes of retries
+
+
+def test_lineage_tags_read_dvc_lock_only_inside_a_stage(tmp_path, monkeypatch):
+    import yaml
+    from test_training import feature_store
+
+    from pipeline.tracking import lineage_tags
+
+    monkeypatch.chdir(tmp_path)
+    feature_store(tmp_path / "data/features/gestures")
+    meta = json.loads((tmp_path / "data/features/gestures/meta.json").read_text())
+    (tmp_path / "data/frames/gestures").mkdir(parents=True)
+    (tmp_path / "data/frames/gestures/meta.json").write_text(json.dumps({"content_hash": "f" * 64, "params": {"fps": 10.0}}))
+    meta.update(frames="data/frames/gestures", frames_hash="e" * 64)  # the frames the features were computed from
+    (tmp_path / "data/features/gestures/meta.json").write_text(json.dumps(meta))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/x.yaml").write_text("name: x\n")
+    lock = {"schema": "2.0", "stages": {
+        "extract@gestures": {"outs": [{"path": "data/frames/gestures", "hash": "md5", "md5": "aaa.dir"}]},
+        "features@gestures": {"outs": [{"path": "data/features/gestures", "hash": "md5", "md5": "bbb.dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    outside = lineage_tags("data/features/gestures", None, ["configs/x.yaml"])
+    assert outside["data.features.cache_key"] == "test" and outside["data.frames"] == "data/frames/gestures"
+    assert outside["data.frames.content_hash"] == "e" * 64 and outside["data.frames.params"] == "fps=10.0"
+    assert outside["config"] == "configs/x.yaml" and outside["config.md5"] == "5cb9b2eb121adc70727209d5fda6fe4e"
+    assert not any(k.startswith("dvc.lock") for k in outside)  # a lock of some earlier repro proves nothing
+
+    monkeypatch.setenv("DVC_STAGE", "train@x")
+    inside = lineage_tags(str(tmp_path / "data/features/gestures"), None, ["configs/x.yaml"])
+    assert inside["dvc.lock.features"] == "bbb.dir (features@gestures)"
+    assert inside["dvc.lock.frames"] == "aaa.dir (extract@gestures)"
