@@ -91,10 +91,17 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline.tracking import TrackingError
         from pipeline.train import cli_main
 
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
         try:
             cli_main(argv)
         except TrackingError as err:
             sys.exit(f"vpipe {argv[0]}: {err}")
+        except SIGTERMException:
+            # Lightning stops at the end of the epoch with a bare SystemExit (status 0): DVC and schedulers
+            # would take the stage for finished. Exit as a process killed by SIGTERM does.
+            print(f"vpipe {argv[0]}: stopped by SIGTERM (run marked FAILED)", file=sys.stderr)
+            sys.exit(128 + 15)
         return
     args = _parser().parse_args(argv)
     if args.command == "extract":

@@ -192,3 +192,29 @@ def test_lineage_tags_read_dvc_lock_only_inside_a_stage(tmp_path, monkeypatch):
     inside = lineage_tags(str(tmp_path / "data/features/gestures"), None, ["configs/x.yaml"])
     assert inside["dvc.lock.features"] == "bbb.dir (features@gestures)"
     assert inside["dvc.lock.frames"] == "aaa.dir (extract@gestures)"
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_failed_with_a_nonzero_status(tmp_path):
+    import mlflow
+    from test_training import feature_store
+
+    features = feature_store(tmp_path / "features")
+    last = tmp_path / "models" / "gesture_gru" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "fit", "-c", str(ROOT / "configs" / "gesture_gru.yaml"),
+                             "--data.init_args.features", str(features), "--data.init_args.batch_size", "2",
+                             "--trainer.max_epochs", "500", "--trainer.accelerator", "cpu"], cwd=tmp_path,
+                            env={**os.environ, "VPIPE_ROOT": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # as a scheduler (or `kill`) stops a job
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, stderr[-2000:]  # DVC and schedulers must see the stage failed
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("gesture_gru").experiment_id])
+    assert run.info.status == "FAILED"
+    assert not (tmp_path / "metrics" / "gesture_gru.json").exists()

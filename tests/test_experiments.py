@@ -1,0 +1,87 @@
+"""`dvc exp run` in a temporary copy of the repository: `-S` on a training config and on params.yaml,
+in the workspace and queued (temporary directories), each experiment one MLflow run named and tagged
+after it, in the repository's store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_e2e import copy_repository, run
+from test_training import feature_store
+
+HIDDEN = "configs/gesture_gru.yaml:model.init_args.head.init_args.hidden_size"
+
+
+@pytest.mark.slow
+def test_dvc_experiments_land_in_mlflow(tmp_path):
+    repo = tmp_path / "repo"
+    copy_repository(repo)
+    # Only train@gesture_gru, over a tiny feature store put where the config reads it; one short epoch.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["experiments"] = {"gesture_gru": "data/features/gestures"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc_yaml["stages"] = {"train": dvc_yaml["stages"]["train"]}
+    dvc_yaml.pop("plots", None)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    config = yaml.safe_load((repo / "configs/gesture_gru.yaml").read_text())
+    config["trainer"].update(max_epochs=1, accelerator="cpu")
+    config["data"]["init_args"].update(batch_size=4, num_segments=4)
+    (repo / "configs/gesture_gru.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    feature_store(repo / "data/features/gestures")
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "VPIPE_ROOT", "DVC_ROOT")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run([*git, "commit", "-qm", "tiny"], repo, env)
+    run(["dvc", "repro"], repo, env)  # the baseline
+    run(["git", "add", "dvc.lock"], repo, env)
+    run([*git, "commit", "-qm", "baseline"], repo, env)
+
+    # In the workspace: a training-config key. DVC leaves the change in the workspace: restore it.
+    run(["dvc", "exp", "run", "-n", "narrow", "-S", f"{HIDDEN}=8"], repo, env)
+    run(["git", "checkout", "--", "configs/gesture_gru.yaml", "dvc.lock"], repo, env)
+    # Queued: a sweep over a config key plus a params.yaml key (`seed`: set, though no stage of this
+    # cut-down pipeline reads it), each run in a temporary copy of the repository (the store copied
+    # in: here it is no DVC output; after `dvc repro` it would come from the DVC cache).
+    run(["dvc", "exp", "run", "--queue", "-C", "data/features/gestures", "-S", f"{HIDDEN}=12,24", "-S", "seed=3"], repo, env)
+    run(["dvc", "exp", "run", "--run-all", "-j", "1"], repo, env)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    experiments = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for revision in exp["revs"]:
+                data = revision["data"]
+                hidden = data["params"]["configs/gesture_gru.yaml"]["data"]["model"]["init_args"]["head"]["init_args"]["hidden_size"]
+                seed = data["params"]["params.yaml"]["data"]["seed"]
+                assert seed == (0 if exp["name"] == "narrow" else 3), exp["name"]
+                experiments[exp["name"]] = (hidden, data["metrics"]["metrics/gesture_gru.json"]["data"]["test/acc"])
+    assert experiments["narrow"][0] == 8 and sorted(hidden for hidden, _ in experiments.values()) == [8, 12, 24]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gesture_gru")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"gesture_gru-fit", *experiments}  # the baseline and one run per DVC experiment
+    for name, (hidden, test_acc) in experiments.items():
+        mlflow_run = runs[name]
+        assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["dvc_exp_name"] == name
+        assert mlflow_run.data.tags["dvc_stage"] == "train@gesture_gru"
+        assert mlflow_run.data.params["model/head/hidden_size"] == str(hidden)
+        assert mlflow_run.data.metrics["test/acc"] == pytest.approx(test_acc, abs=1e-6)
+        assert mlflow_run.data.tags["data.features"] == "data/features/gestures"
+    # Every run's artifacts are in the repository's folder, also those trained in temporary copies.
+    for mlflow_run in runs.values():
+        assert mlflow_run.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
+    assert len(client.search_model_versions("name='gesture_gru'")) == 4
+    assert not list((repo / ".dvc" / "tmp").glob("exps/**/mlflow.db"))
+    shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)
