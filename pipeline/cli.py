@@ -88,10 +88,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TRAINING:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
         from pipeline.tracking import TrackingError
         from pipeline.train import cli_main
-
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         try:
             cli_main(argv)
