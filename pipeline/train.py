@@ -263,6 +263,9 @@ class VPipeCLI(LightningCLI):
             path = tracking.workspace() / "metrics" / f"{self.experiment}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(metrics, indent=2) + "\n")
+            for logger in self.trainer.loggers:
+                if isinstance(logger, MLFlowLogger):  # the values of the file, not float32's 0.30000001 (same step)
+                    logger.log_metrics(metrics, step=self.trainer.global_step)
         return metrics
 
 
