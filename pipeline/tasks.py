@@ -1,9 +1,11 @@
-"""LightningModules: the systems that own loss, metrics, optimiser and logging around a plain head."""
+"""LightningModules: the systems that own loss, metrics, optimiser and logging around a plain head:
+:class:`Classifier`, and the forecasters :class:`FeatureForecaster` and :class:`FrameForecaster`."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -11,7 +13,8 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.data import Batch
+from pipeline.data import Batch, SequenceBatch
+from pipeline.heads import ConvRecurrentForecaster, FeatureRecurrentCore, detach_state
 
 
 class Classifier(pl.LightningModule):
@@ -118,3 +121,295 @@ class Classifier(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+# Forecasting: predict the next steps of a sequence (frames or their cached features).
+
+
+def adamw_warmup_cosine(module: pl.LightningModule, lr: float, weight_decay: float, warmup_epochs: int) -> dict:
+    """AdamW with a linear warm-up over ``warmup_epochs`` then a cosine decay to zero, stepped per batch."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    total = max(1, module.trainer.estimated_stepping_batches)
+    steps_per_epoch = max(1, total // max(1, module.trainer.max_epochs or 1))
+    warmup = min(total - 1, warmup_epochs * steps_per_epoch)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class HorizonMeans(torchmetrics.Metric):
+    """Means over samples of per-sample values, kept per predicted step: ``update((B, horizon, M))``,
+    ``compute() → (horizon, M)``. Sums are reduced over ranks, so each sample counts once."""
+
+    full_state_update = False
+
+    def __init__(self, horizon: int, metrics: int):
+        super().__init__()
+        self.add_state("total", torch.zeros(horizon, metrics), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor) -> None:
+        self.total += values.float().sum(0)
+        self.count += values.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count.clamp(min=1)
+
+
+class Forecaster(pl.LightningModule):
+    """What the forecasters share: the training loop over a sequence (teacher forcing, scheduled
+    sampling, truncated backpropagation through time with manual optimisation), autoregressive
+    rollouts, and per-horizon test metrics beside the copy-last-frame baseline on the same windows.
+
+    A batch is a :class:`pipeline.data.SequenceBatch` of ``context + horizon`` steps. Training step
+    ``t`` reads step ``t`` and predicts step ``t + 1``, for every t (the loss covers the context steps
+    too). From the first future step on, with probability ``1 - p`` per window, the model reads its
+    own previous prediction instead of the truth, where ``p`` starts at ``teacher_forcing`` and
+    decays linearly to zero over ``scheduled_sampling_epochs`` (Bengio et al. 2015; None keeps it).
+
+    With ``tbptt_steps = k`` the steps are cut into chunks of ``k``: after each chunk the loss is
+    backpropagated, the optimiser steps, and the recurrent state (and the prediction fed onward) is
+    detached, so no gradient crosses a chunk boundary. ``None`` (or ``k`` ≥ the sequence) is full BPTT.
+
+    Validation and test roll out ``horizon`` steps from the ``context`` steps, feeding predictions
+    back; ``val/loss`` is the loss of that rollout. Test metrics: ``test/NAME`` averaged over the
+    horizon, ``test/hKK/NAME`` at step KK, and the same under ``test/copy_last/`` for a model that
+    repeats the last context step.
+    """
+
+    METRICS: tuple[str, ...] = ()
+    core: nn.Module
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False  # truncated BPTT: several optimiser steps per batch
+
+    def _metric_objects(self) -> None:
+        horizon, count = self.hparams.horizon, len(self.METRICS)
+        self.losses = nn.ModuleDict({f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("val", "test")})
+        self.horizons = nn.ModuleDict({f"{stage}_{who}": HorizonMeans(horizon, count)
+                                       for stage in ("val", "test") for who in ("model", "copy_last")})
+        self.test_horizons: dict[str, torch.Tensor] | None = None  # per-step test metrics of the last test, all ranks
+
+    # Subclasses define these two.
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(B, K, ...)`` predictions and truths → ``(B, K, len(METRICS))`` per-sample values."""
+        raise NotImplementedError
+
+    def teacher_forcing_prob(self) -> float:
+        start, epochs = self.hparams.teacher_forcing, self.hparams.scheduled_sampling_epochs
+        return start if not epochs else start * max(0.0, 1.0 - self.current_epoch / epochs)
+
+    def chunk_losses(self, x: torch.Tensor, teacher_forcing: float = 1.0) -> Iterator[torch.Tensor]:
+        """The loss of each truncated-BPTT chunk of the sequence ``x`` (B, T, ...), in order; the state
+        carried into the next chunk is detached once the caller has taken the loss."""
+        steps, context = x.shape[1] - 1, self.hparams.context
+        k = self.hparams.tbptt_steps or steps
+        state = pred = None
+        for start in range(0, steps, k):
+            losses = []
+            for t in range(start, min(start + k, steps)):
+                step_input = x[:, t]
+                if t >= context and teacher_forcing < 1.0:
+                    truth = torch.rand(x.shape[0], device=x.device) < teacher_forcing
+                    step_input = torch.where(truth.view(-1, *[1] * (step_input.ndim - 1)), step_input, pred)
+                pred, state = self.core.step(step_input, state, t >= context - 1)
+                losses.append(self.loss(pred, x[:, t + 1]))
+            yield torch.stack(losses).mean()
+            state, pred = detach_state(state), pred.detach()
+
+    def rollout(self, context: torch.Tensor, steps: int) -> torch.Tensor:
+        """Context ``(B, N, ...)`` → the ``steps`` following steps ``(B, steps, ...)``, each prediction fed back."""
+        state = pred = None
+        n = context.shape[1]
+        for t in range(n):
+            pred, state = self.core.step(context[:, t], state, t == n - 1)
+        preds = [pred]
+        for _ in range(steps - 1):
+            pred, state = self.core.step(pred, state, True)
+            preds.append(pred)
+        return torch.stack(preds, 1)
+
+    def training_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        losses = []
+        for loss in self.chunk_losses(batch["x"], self.teacher_forcing_prob()):
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if self.hparams.gradient_clip:
+                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+            losses.append(loss.detach())
+        scheduler.step()
+        self.log("train/loss", torch.stack(losses).mean(), on_step=False, on_epoch=True, batch_size=len(batch["x"]),
+                 sync_dist=True)
+
+    def _evaluate(self, batch: SequenceBatch, stage: str) -> None:
+        x, context, horizon = batch["x"], self.hparams.context, self.hparams.horizon
+        truth = x[:, context : context + horizon]
+        pred = self.rollout(x[:, :context], horizon)
+        copy_last = x[:, context - 1 : context].expand_as(truth)
+        self.losses[f"{stage}_loss"].update(self.loss(pred, truth), len(x))
+        self.horizons[f"{stage}_model"].update(self.sample_metrics(pred, truth))
+        self.horizons[f"{stage}_copy_last"].update(self.sample_metrics(copy_last, truth))
+
+    def _log_epoch(self, stage: str) -> None:
+        # compute() synchronises over ranks (each sample counted once), hence no sync_dist here.
+        values = {f"{stage}/loss": self.losses[f"{stage}_loss"].compute()}
+        tables = {}
+        for who, prefix in (("model", f"{stage}/"), ("copy_last", f"{stage}/copy_last/")):
+            table = tables[who] = self.horizons[f"{stage}_{who}"].compute()  # (horizon, metrics)
+            for j, name in enumerate(self.METRICS):
+                values[prefix + name] = table[:, j].mean()
+                if stage == "test":
+                    values.update({f"{prefix}h{k + 1:02d}/{name}": table[k, j] for k in range(len(table))})
+        self.log_dict(values, prog_bar=False, sync_dist=False)
+        if stage == "test":
+            self.test_horizons = {who: table.cpu() for who, table in tables.items()}
+        self.losses[f"{stage}_loss"].reset()
+        for who in ("model", "copy_last"):
+            self.horizons[f"{stage}_{who}"].reset()
+
+    def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self):
+        return adamw_warmup_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_epochs)
+
+
+class FeatureForecaster(Forecaster):
+    """Next-step prediction in feature space: cached CNN features of frames 1..t → frame t + 1's,
+    rolled out ``horizon`` steps autoregressively (see :class:`Forecaster` for training and metrics).
+
+    The core is :class:`pipeline.heads.FeatureRecurrentCore` (a residual RNN, LSTM or GRU). Metrics
+    per step: ``mse`` (mean over feature dimensions) and ``cos`` (cosine similarity).
+
+    Args:
+        input_dim: features per step (linked from the data module).
+        context: steps given (linked from the data module).
+        horizon: steps predicted at evaluation (linked from the data module).
+        cell: ``rnn``, ``lstm`` or ``gru``.
+        hidden_size: recurrent units.
+        num_layers: stacked recurrent layers.
+        dropout: between stacked layers.
+        loss: ``mse``, or ``cosine`` (one minus the cosine similarity).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warm-up before the cosine decay.
+        tbptt_steps: truncated BPTT chunk length (None: full BPTT).
+        gradient_clip: clip the gradient norm to this (manual optimisation clips here, not in the Trainer).
+        teacher_forcing: starting probability of reading the true step during the future steps.
+        scheduled_sampling_epochs: epochs over which that probability decays to zero (None: constant).
+    """
+
+    METRICS = ("mse", "cos")
+
+    def __init__(self, input_dim: int = 0, context: int = 8, horizon: int = 4, cell: Literal["rnn", "lstm", "gru"] = "gru",
+                 hidden_size: int = 256, num_layers: int = 1, dropout: float = 0.0, loss: Literal["mse", "cosine"] = "mse",
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_epochs: int = 1, tbptt_steps: int | None = None,
+                 gradient_clip: float | None = 1.0, teacher_forcing: float = 1.0, scheduled_sampling_epochs: int | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        if input_dim <= 0:
+            raise ValueError(f"input_dim must be positive, got {input_dim}")
+        if tbptt_steps is not None and tbptt_steps < 1:
+            raise ValueError(f"tbptt_steps must be at least 1 or None, got {tbptt_steps}")
+        self.core = FeatureRecurrentCore(input_dim, cell, hidden_size, num_layers, dropout)
+        self._metric_objects()
+
+    def chunk_losses(self, x: torch.Tensor, teacher_forcing: float = 1.0) -> Iterator[torch.Tensor]:
+        if self.training and self.core.scale == 0 and x.shape[1] > 1:
+            change = self.core.mean_square_change(x.detach())
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(change)  # the same scale on every rank: the mean over their first batches
+                change /= torch.distributed.get_world_size()
+            self.core.calibrate(change)
+        yield from super().chunk_losses(x, teacher_forcing)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.hparams.loss == "cosine":
+            return 1 - F.cosine_similarity(pred, target, dim=-1).mean()
+        return F.mse_loss(pred, target)
+
+    def sample_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mse = (pred - target).pow(2).mean(-1)
+        return torch.stack([mse, F.cosine_similarity(pred, target, dim=-1)], -1)
+
+
+class FrameForecaster(Forecaster):
+    """Next-frame prediction in pixel space with a ConvLSTM or ConvGRU encoder–forecaster
+    (:class:`pipeline.heads.ConvRecurrentForecaster`); see :class:`Forecaster` for training and metrics.
+
+    Frames are in [0, 1]. Metrics per predicted frame (``hKK``) and averaged: ``mse`` and ``mae`` per
+    pixel; ``mse_frame`` and ``mae_frame`` summed over one frame's pixels (the Moving MNIST
+    convention of published tables such as OpenSTL's: values in [0, 1], summed over H × W, averaged
+    over frames); ``ssim`` and ``psnr`` (torchmetrics, data range 1; PSNR capped at 100 dB where a
+    frame is reproduced exactly).
+
+    Args:
+        input_dim: channels per frame, 1 for grayscale (linked from the data module).
+        context: frames given (linked from the data module).
+        horizon: frames predicted (linked from the data module).
+        video_format: how the frames were extracted (linked from the data module; ``vpipe forecast``
+            decodes new videos the same way).
+        cell: ``lstm`` (ConvLSTM) or ``gru`` (ConvGRU).
+        hidden_channels: channels of each stacked layer (default ``[64, 64]``).
+        kernel_sizes: one kernel size, or one per layer.
+        patch_size: pixels folded into channels per side (see the forecaster).
+        share_weights: one recurrent stack for the encoder and the forecaster.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warm-up before the cosine decay.
+        tbptt_steps: truncated BPTT chunk length (None: full BPTT).
+        gradient_clip: clip the gradient norm to this (manual optimisation clips here, not in the Trainer).
+        teacher_forcing: starting probability of reading the true frame during the future steps.
+        scheduled_sampling_epochs: epochs over which that probability decays to zero (None: constant).
+        pictures: test windows drawn in the rollout pictures.
+        picture_every_n_epochs: also draw them after every N-th validation (0: only after testing).
+    """
+
+    METRICS = ("mse", "mse_frame", "mae", "mae_frame", "ssim", "psnr")
+
+    def __init__(self, input_dim: int = 1, context: int = 10, horizon: int = 10, video_format: dict | None = None,
+                 cell: Literal["lstm", "gru"] = "lstm", hidden_channels: list[int] | None = None,
+                 kernel_sizes: int | list[int] = 5, patch_size: int = 4, share_weights: bool = False, lr: float = 1e-3,
+                 weight_decay: float = 0.0, warmup_epochs: int = 1, tbptt_steps: int | None = None,
+                 gradient_clip: float | None = 1.0, teacher_forcing: float = 1.0, scheduled_sampling_epochs: int | None = None,
+                 pictures: int = 4, picture_every_n_epochs: int = 5):
+        super().__init__()
+        hidden_channels = list(hidden_channels or [64, 64])
+        self.save_hyperparameters()  # reads the locals: hidden_channels as resolved above
+        if tbptt_steps is not None and tbptt_steps < 1:
+            raise ValueError(f"tbptt_steps must be at least 1 or None, got {tbptt_steps}")
+        self.core = ConvRecurrentForecaster(input_dim, cell, hidden_channels, kernel_sizes, patch_size, share_weights)
+        self._metric_objects()
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(pred, target)
+
+    def sample_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+        b, k = pred.shape[:2]
+        err = (pred - target).flatten(2)  # (B, K, C*H*W)
+        frames_p, frames_t = pred.flatten(0, 1).float(), target.flatten(0, 1).float()  # (B*K, C, H, W)
+        ssim = structural_similarity_index_measure(frames_p, frames_t, data_range=1.0, reduction="none")
+        psnr = peak_signal_noise_ratio(frames_p, frames_t, data_range=1.0, reduction="none", dim=(1, 2, 3)).clamp(max=100.0)
+        return torch.stack([err.pow(2).mean(-1), err.pow(2).sum(-1), err.abs().mean(-1), err.abs().sum(-1),
+                            ssim.view(b, k), psnr.view(b, k)], -1)

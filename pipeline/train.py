@@ -21,6 +21,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline import tracking
+from pipeline.forecast import ForecastReport
 
 
 class LogConfigToMLflow(SaveConfigCallback):
@@ -198,6 +199,10 @@ class VPipeCLI(LightningCLI):
         parser.add_argument("--monitor_mode", default="max", choices=["min", "max"])
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_dim", "model.init_args.input_dim", apply_on="instantiate")
+        # Forecasting data modules (pipeline.data.SequenceDataModule) also give the window and the
+        # video format; a link whose source or target a class lacks is skipped.
+        for key in ("context", "horizon", "video_format"):
+            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
     @property
     def experiment(self) -> str:
@@ -218,7 +223,7 @@ class VPipeCLI(LightningCLI):
                 InferenceRecipe(self._get(self.config, "model").as_dict()),
             ]
         if self.subcommand in ("fit", "test"):
-            callbacks.append(ConfusionReport(root / "plots" / name))
+            callbacks += [ConfusionReport(root / "plots" / name), ForecastReport(root / "plots" / name)]
         if config.get("logger") in (None, True):
             configs = [str(c) for c in self._get(self.config, "config", default=None) or []]
             tags = tracking.run_tags(feature_cache_key=getattr(self.datamodule, "cache_key", ""), **tracking.lineage_tags(

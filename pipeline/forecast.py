@@ -1,0 +1,254 @@
+"""Forecasts for people: rollout pictures and per-horizon tables after training, and ``vpipe forecast``.
+
+- :class:`ForecastReport` (a callback of every ``vpipe fit``/``test``; it does nothing for other
+  models): after testing a forecaster, ``plots/NAME/horizons.csv`` (each metric per predicted step,
+  model beside copy-last); for a frame forecaster also ``plots/NAME/rollout.png`` (for a fixed set of
+  test windows, rows: input, truth, prediction) and ``plots/NAME/rollout.gif`` (truth on the left,
+  context then prediction on the right), all logged to MLflow under ``test/``; every
+  ``picture_every_n_epochs`` validations the pictures go to MLflow under ``epochs/epoch_NNN/``.
+- :func:`forecast`: decode the first frames of a video the way a frame forecaster was trained
+  (frame rate, size, grayscale, all kept in its checkpoint), roll out, write context + prediction.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+SCALE = 2  # pictures show each pixel as SCALE × SCALE
+
+
+class ForecastError(RuntimeError):
+    """A video or checkpoint ``vpipe forecast`` cannot use; the message names the file and the reason."""
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """``(..., C, H, W)`` floats in [0, 1] → ``(..., H, W, 3)`` uint8 RGB (grayscale repeated)."""
+    array = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    array = np.moveaxis(array, -3, -1)
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+
+
+def _upscale(image: np.ndarray) -> np.ndarray:
+    return image.repeat(SCALE, axis=-3).repeat(SCALE, axis=-2)
+
+
+def rollout_png(path: Path, context: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> None:
+    """A grid per window ``(N, T, H, W, 3)`` uint8: rows input (the context), truth, prediction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, c, k = len(context), context.shape[1], truth.shape[1]
+    h, w = context.shape[2:4]
+    cols, gap = max(c, k), 2
+    fig, axes = plt.subplots(n, 1, figsize=(1 + 0.55 * cols * w / 32, 0.55 * 3 * n * h / 32 + 0.4), squeeze=False)
+    for i, ax in enumerate(axes[:, 0]):
+        mosaic = np.full((3 * (h + gap), cols * (w + gap), 3), 96, np.uint8)
+        for r, row in enumerate((context[i], truth[i], pred[i])):
+            for j, frame in enumerate(row):
+                mosaic[r * (h + gap) : r * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = frame
+        ax.imshow(mosaic, interpolation="nearest")
+        ax.set_yticks([(r + 0.5) * (h + gap) for r in range(3)], [f"input 1..{c}", f"truth {c + 1}..{c + k}", "prediction"],
+                      fontsize=8)
+        ax.set_xticks([])
+        ax.set_title(f"test window {i}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def rollout_gif(path: Path, context: np.ndarray, truth: np.ndarray, pred: np.ndarray, fps: float = 5.0) -> None:
+    """An animation: per window, truth on the left; on the right the context (green bar), then the
+    prediction (red bar)."""
+    from PIL import Image
+
+    n, c, k = len(context), context.shape[1], truth.shape[1]
+    h, w = context.shape[2:4]
+    bar, gap = 3, 2
+    shown_truth = np.concatenate([context, truth], 1)  # (N, T, H, W, 3)
+    shown_model = np.concatenate([context, pred], 1)
+    images = []
+    for t in range(c + k):
+        canvas = np.full((n * (h + bar + gap), 2 * w + gap, 3), 64, np.uint8)
+        for i in range(n):
+            top = i * (h + bar + gap)
+            canvas[top : top + bar, w + gap :] = (0, 200, 0) if t < c else (220, 0, 0)
+            canvas[top + bar : top + bar + h, :w] = shown_truth[i, t]
+            canvas[top + bar : top + bar + h, w + gap :] = shown_model[i, t]
+        images.append(Image.fromarray(_upscale(canvas)))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def _frame_forecaster(module: pl.LightningModule) -> bool:
+    from pipeline.tasks import FrameForecaster
+
+    return isinstance(module, FrameForecaster)
+
+
+def draw_rollouts(module: pl.LightningModule, batch: dict, folder: Path) -> list[Path]:
+    """Roll out the windows of ``batch`` and draw ``rollout.png`` and ``rollout.gif`` into ``folder``."""
+    context, horizon = module.hparams.context, module.hparams.horizon
+    x = batch["x"].to(module.device)
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        pred = module.rollout(x[:, :context], horizon)
+    module.train(was_training)
+    frames = [to_uint8(v) for v in (x[:, :context], x[:, context : context + horizon], pred)]
+    folder.mkdir(parents=True, exist_ok=True)
+    rollout_png(folder / "rollout.png", *frames)
+    rollout_gif(folder / "rollout.gif", *frames)
+    return [folder / "rollout.png", folder / "rollout.gif"]
+
+
+def _log_artifacts(trainer: pl.Trainer, paths: list[Path], artifact_path: str) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            for path in paths:
+                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+
+
+class ForecastReport(Callback):
+    """Per-horizon CSV and rollout pictures of forecasters, in ``folder`` and in MLflow (rank zero)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = getattr(pl_module.hparams, "picture_every_n_epochs", 0) if _frame_forecaster(pl_module) else 0
+        if trainer.sanity_checking or not every or (trainer.current_epoch + 1) % every:
+            return
+        if not any(isinstance(logger, MLFlowLogger) for logger in trainer.loggers):
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = draw_rollouts(pl_module, trainer.datamodule.examples(pl_module.hparams.pictures), Path(tmp))
+            _log_artifacts(trainer, paths, f"epochs/epoch_{trainer.current_epoch:03d}")
+
+    @rank_zero_only
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tables = getattr(pl_module, "test_horizons", None)
+        if tables is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        paths = [self.folder / "horizons.csv"]
+        with open(paths[0], "w", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            names = list(pl_module.METRICS)
+            writer.writerow(["horizon", *names, *(f"copy_last_{m}" for m in names)])
+            for k, (model, copy) in enumerate(zip(tables["model"].tolist(), tables["copy_last"].tolist(), strict=True)):
+                writer.writerow([k + 1, *(f"{v:.6g}" for v in model + copy)])
+        if _frame_forecaster(pl_module) and pl_module.hparams.pictures:
+            paths += draw_rollouts(pl_module, trainer.datamodule.examples(pl_module.hparams.pictures), self.folder)
+        _log_artifacts(trainer, paths, "test")
+
+
+# vpipe forecast
+
+
+def load_frame_forecaster(ckpt: str | os.PathLike):
+    """The :class:`pipeline.tasks.FrameForecaster` of a checkpoint, on the CPU, in eval mode."""
+    import inspect
+
+    from pipeline.tasks import FrameForecaster
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise ForecastError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: zip, pickle and EOF errors alike
+        raise ForecastError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    task = (checkpoint.get("vpipe") or {}).get("task") if isinstance(checkpoint, dict) else None
+    accepted = set(inspect.signature(FrameForecaster.__init__).parameters) - {"self"}
+    if not hparams.get("video_format") or not {"cell", "hidden_channels", "patch_size"} <= set(hparams):
+        kind = task or hparams.get("_class_path") or "not a LightningModule checkpoint"
+        raise ForecastError(f"{path}: not a frame forecaster ({kind}); vpipe forecast needs a checkpoint of "
+                            "pipeline.tasks.FrameForecaster, e.g. models/nextframe_convlstm/best.ckpt")
+    model = FrameForecaster(**{k: v for k, v in hparams.items() if k in accepted})
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def read_context(video: str | os.PathLike, video_format: dict, count: int) -> np.ndarray:
+    """The first ``count`` frames of ``video`` as ``(count, H, W, 3)`` uint8, decoded like the
+    frame store the model was trained on (same ``fps`` and size)."""
+    from pipeline.video import Decoder
+
+    size = (int(video_format["width"]), int(video_format["height"]))
+    frames: list[np.ndarray] = []
+    try:
+        with Decoder(video, fps=float(video_format.get("fps", 0.0)), size=size) as decoder:
+            for frame in decoder:
+                frames.append(frame)
+                if len(frames) == count:
+                    break
+    except Exception as err:  # FileNotFoundError, ValueError, av errors: all mean "cannot use this file"
+        text = str(err)
+        raise ForecastError(text if text.startswith(str(video)) else f"{video}: cannot be decoded ({text})") from err
+    if len(frames) < count:
+        rate = video_format.get("fps") or "its native"
+        raise ForecastError(f"{video}: has {len(frames)} frames at {rate} fps, fewer than the {count} context frames asked for")
+    return np.stack(frames)
+
+
+def write_frames(out: Path, frames: np.ndarray, fps: float) -> None:
+    """``(T, H, W, 3)`` uint8 to an MP4 (H.264) or an animated GIF, chosen by the suffix."""
+    if out.suffix.lower() == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(out, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return
+    from pipeline.video import write_video
+
+    if frames.shape[1] % 2 or frames.shape[2] % 2:  # yuv420p needs even sides: repeat the last row / column
+        frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+    write_video(out, frames, fps)
+
+
+def forecast(video: str | os.PathLike, ckpt: str | os.PathLike, out: str | os.PathLike, context: int | None = None,
+             steps: int | None = None) -> dict:
+    """Decode the first ``context`` frames of ``video``, predict ``steps`` more with the frame
+    forecaster in ``ckpt`` and write the context followed by the prediction to ``out`` (.mp4 or .gif).
+
+    ``context`` and ``steps`` default to the model's training window. Returns what was written.
+
+    Raises:
+        ForecastError: a missing or unreadable video or checkpoint, a checkpoint that is not a frame
+            forecaster, a video shorter than ``context``, or an output suffix other than .mp4/.gif.
+    """
+    from pipeline.data import luma
+
+    out = Path(out)
+    if out.suffix.lower() not in (".mp4", ".gif"):
+        raise ForecastError(f"{out}: the output must end in .mp4 or .gif")
+    model = load_frame_forecaster(ckpt)
+    video_format = model.hparams.video_format
+    context = context or model.hparams.context
+    steps = steps or model.hparams.horizon
+    if context < 1 or steps < 1:
+        raise ForecastError(f"--context and --steps must be at least 1, got {context} and {steps}")
+    frames = read_context(video, video_format, context)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255).unsqueeze(0)  # (1, N, 3, H, W)
+    if video_format.get("grayscale", True):
+        x = luma(x)
+    with torch.no_grad():
+        pred = model.rollout(x, steps)
+    shown = np.concatenate([to_uint8(x[0]), to_uint8(pred[0])])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fps = float(video_format.get("rate") or video_format.get("fps") or 10.0)
+    write_frames(out, shown, fps)
+    return {"out": str(out), "context": context, "steps": steps, "fps": fps, "size": list(shown.shape[1:3])}
