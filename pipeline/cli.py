@@ -82,6 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: --window)")
     p.add_argument("--weights", default=None, help="backbone weights file, when the features were computed from one")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p = sub.add_parser("forecast", help="roll out the next frames of a video with a trained frame forecaster",
+                       formatter_class=fmt,
+                       description="Decode the first N frames of VIDEO as the model's frame store was extracted (frame rate, "
+                                   "size, grayscale), predict K more, and write the N context frames followed by the K "
+                                   "predicted ones.")
+    p.add_argument("video", metavar="VIDEO")
+    p.add_argument("--ckpt", required=True, help="frame forecaster checkpoint, e.g. models/nextframe_convlstm/best.ckpt")
+    p.add_argument("--context", type=int, default=None, help="frames read (N); default: the model's training context")
+    p.add_argument("--steps", type=int, default=None, help="frames predicted (K); default: the model's training horizon")
+    p.add_argument("--out", required=True, help="output video: .mp4 (H.264) or .gif")
     return parser
 
 
@@ -148,6 +158,14 @@ def main(argv: list[str] | None = None) -> None:
                     precision=args.precision, seed=args.seed, overwrite=args.overwrite)
         except (BackboneError, StoreError, FeatureCacheError) as err:
             sys.exit(f"vpipe features: {err}")
+    elif args.command == "forecast":
+        from pipeline.forecast import ForecastError, forecast
+
+        try:
+            done = forecast(args.video, args.ckpt, args.out, context=args.context, steps=args.steps)
+        except ForecastError as err:
+            sys.exit(f"vpipe forecast: {err}")
+        print(f"{done['out']}: {done['context']} context + {done['steps']} predicted frames at {done['fps']:g} fps")
     elif args.command == "report":
         from pipeline.report import report
 
