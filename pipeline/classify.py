@@ -67,11 +67,22 @@ def fetch(uri: str, folder: Path) -> Path:
     from pipeline import tracking
 
     uri_tracking = tracking.tracking_uri()
+    name, _, version = uri.removeprefix("models:/").partition("/")
+    name, _, alias = name.partition("@")
+    if not uri.startswith("models:/") or not name or bool(version) == bool(alias):
+        raise ClassifyError(f"{uri}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
     try:
         tracking.ensure_store(uri_tracking)
-        mlflow.set_tracking_uri(uri_tracking)
-        mlflow.set_registry_uri(uri_tracking)  # models:/ URIs are resolved by the registry, not the tracking store
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder), tracking_uri=uri_tracking))
+        client = tracking.registry_client()  # explicit URIs: no global MLflow state
+        if alias:
+            version = client.get_model_version_by_alias(name, alias).version
+        elif version.lower() == "latest":
+            versions = [int(v.version) for v in client.search_model_versions(f"name = '{name}'")]
+            if not versions:
+                raise ClassifyError(f"{uri}: no version of registered model {name!r} in {uri_tracking}")
+            version = str(max(versions))
+        source = client.get_model_version_download_uri(name, version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder), tracking_uri=uri_tracking))
     except (MlflowException, OSError, tracking.TrackingError) as err:
         raise ClassifyError(f"{uri}: cannot be fetched from {uri_tracking} ({getattr(err, 'message', err)})") from err
     found = sorted(local.rglob("*.ckpt")) if local.is_dir() else [local]
@@ -128,7 +139,9 @@ def load(path: str | Path, weights: str | None = None, device: str = "cpu", sour
     if not recipe.get("classes") or not task.endswith("Classifier"):
         raise ClassifyError(f"{source}: a checkpoint of {task}, not of a classifier; `vpipe classify` needs a classifier")
     if not recipe.get("frames_meta"):
-        raise ClassifyError(f"{source}: the checkpoint does not record how frames were extracted (frame store meta.json)")
+        frames = (recipe.get("features_meta") or {}).get("frames", "?")
+        raise ClassifyError(f"{source}: the checkpoint does not record how frames were extracted (the frame store "
+                            f"{frames} was not readable when the model was trained)")
 
     from jsonargparse import ArgumentParser
     from pytorch_lightning import LightningModule

@@ -189,6 +189,15 @@ def lineage_tags(features: str | None = None, frames: str | None = None, configs
     return tags
 
 
+def registry_client():
+    """An MlflowClient on this project's store whose model registry is explicit too: the registry URI
+    is ``$MLFLOW_REGISTRY_URI`` or the tracking URI, never a value left in MLflow's global state."""
+    import mlflow
+
+    uri = tracking_uri()
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+
+
 def register_best(client, name: str, run_id: str, checkpoint: Path, metrics: dict[str, float],
                   tags: dict[str, str] | None = None) -> str:
     """Log ``checkpoint`` as the run's ``model/`` artifact and register it as a new version of the
@@ -201,6 +210,7 @@ def register_best(client, name: str, run_id: str, checkpoint: Path, metrics: dic
 
     client.log_artifact(run_id, str(checkpoint), "model")
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    client = registry_client()
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -224,3 +234,17 @@ def readable_params(flat: dict[str, object]) -> dict[str, object]:
             value = value.replace("Path_fsr(", "").replace("Path_fr(", "").replace(")", "")
         params[key] = value
     return params
+
+
+def data_inputs(datamodule) -> tuple[str | None, str | None]:
+    """``(feature store, frame store)`` a data module reads, told apart by their ``meta.json`` kind
+    (a frame-store data module may keep its folder under any attribute name)."""
+    features = frames = None
+    for attribute in ("features", "frames", "root"):
+        path = getattr(datamodule, attribute, None)
+        kind = _meta(path).get("kind") if isinstance(path, str | os.PathLike) else None
+        if kind == "features":
+            features = features or str(path)
+        elif kind == "frames":
+            frames = frames or str(path)
+    return features, frames

@@ -174,8 +174,7 @@ class InferenceRecipe(Callback):
         init = config.setdefault("init_args", {})
         init.update({k: v for k, v in pl_module.hparams.items()
                      if not k.startswith("_") and isinstance(v, int | float | str | bool) and not isinstance(init.get(k), dict)})
-        features = getattr(dm, "features", None)
-        frames = getattr(dm, "frames", None)
+        features, frames = tracking.data_inputs(dm)
         features_meta = tracking._meta(features) if features else None
         frames = frames or (features_meta or {}).get("frames")
         self.recipe = {
@@ -226,8 +225,8 @@ class VPipeCLI(LightningCLI):
             callbacks += [ConfusionReport(root / "plots" / name), ForecastReport(root / "plots" / name)]
         if config.get("logger") in (None, True):
             configs = [str(c) for c in self._get(self.config, "config", default=None) or []]
-            tags = tracking.run_tags(feature_cache_key=getattr(self.datamodule, "cache_key", ""), **tracking.lineage_tags(
-                getattr(self.datamodule, "features", None), getattr(self.datamodule, "frames", None), configs))
+            tags = tracking.run_tags(feature_cache_key=getattr(self.datamodule, "cache_key", ""),
+                                     **tracking.lineage_tags(*tracking.data_inputs(self.datamodule), configs))
             run_id = self._resumed_run_id(root / "models" / name) if self.subcommand == "fit" else None
             # Under `dvc exp run` the run is named after the DVC experiment, so a sweep's runs tell apart.
             run_name = os.environ.get("DVC_EXP_NAME") if self.subcommand == "fit" else None

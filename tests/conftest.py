@@ -86,9 +86,8 @@ def trained_project(tmp_path_factory) -> Path:
     previous = os.environ.get("VPIPE_ROOT")
     os.environ["VPIPE_ROOT"] = str(root)
     try:
-        cli_main(["fit", "-c", str(ROOT / "configs" / "gesture_gru.yaml"), "--data.init_args.features", str(root / "features"),
-                  "--data.init_args.batch_size", "2", "--data.init_args.num_segments", "4", "--trainer.max_epochs", "2",
-                  "--trainer.accelerator", "cpu", "--model.init_args.head.init_args.hidden_size", "16"])
+        cli_main(["fit", "-c", str(ROOT / "tests" / "configs" / "gru_features.yaml"), "--data.init_args.features",
+                  str(root / "features"), "--data.init_args.batch_size", "2"])
     finally:
         os.environ.pop("VPIPE_ROOT") if previous is None else os.environ.__setitem__("VPIPE_ROOT", previous)
     return root

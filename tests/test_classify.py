@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import moving_square
+from conftest import ROOT, moving_square
 from pipeline.cli import main
 from pipeline.video import write_video
 
@@ -114,3 +114,26 @@ def test_bad_inputs_fail_clearly_and_print_no_result(trained_project, tmp_path, 
     # One bad video among good ones: the good ones are classified, the bad one named, status 1.
     code, out, err = _classify([video, str(corrupt), video, "--ckpt", str(ckpt)], capsys)
     assert code == 1 and len(out.splitlines()) == 2 and "corrupt.mp4" in err
+
+
+def test_end_to_end_model_is_given_the_frames(trained_project, tmp_path, monkeypatch):
+    """A Classifier with its own backbone, trained on a frame store: classify feeds it the decoded frames,
+    which equal the store's (same decoder, same parameters)."""
+    from pipeline.classify import load
+    from pipeline.data import segment_indices
+    from pipeline.stores import FrameStore
+    from pipeline.train import cli_main
+    from pipeline.video import decode
+
+    monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
+    cli_main(["fit", "-c", str(ROOT / "tests" / "configs" / "lrcn_frames.yaml"), "--data.init_args.frames",
+              str(trained_project / "frames")])
+    classifier = load(tmp_path / "models" / "lrcn" / "best.ckpt")
+    assert classifier.encoder is None and classifier.size == (32, 32)  # the model encodes frames itself
+    frames = decode(trained_project / "videos" / "right6.mp4", fps=10, size=(32, 32)).frames
+    stored = np.asarray(FrameStore(trained_project / "frames").rows("right6"))
+    np.testing.assert_array_equal(frames, stored)
+    clip = torch.from_numpy(stored[segment_indices(len(stored), 4, None)])[None]
+    with torch.inference_mode():
+        expected = torch.softmax(classifier.model(clip, torch.ones(1, 4, dtype=torch.bool)), -1)[0].numpy()
+    np.testing.assert_allclose(classifier.probabilities(frames), expected, atol=1e-5)

@@ -128,8 +128,8 @@ def fit_args(tmp_path, monkeypatch) -> list[str]:
 
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
     features = feature_store(tmp_path / "features")
-    return ["fit", "-c", str(ROOT / "configs" / "gesture_gru.yaml"), "--data.init_args.features", str(features),
-            "--data.init_args.batch_size", "4", "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu"]
+    return ["fit", "-c", str(ROOT / "tests" / "configs" / "gru_features.yaml"), "--data.init_args.features", str(features),
+            "--trainer.max_epochs", "3"]
 
 
 @pytest.mark.parametrize("error", ["RuntimeError", "KeyboardInterrupt"])
@@ -201,7 +201,7 @@ def test_sigterm_ends_the_run_failed_with_a_nonzero_status(tmp_path):
 
     features = feature_store(tmp_path / "features")
     last = tmp_path / "models" / "gesture_gru" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "fit", "-c", str(ROOT / "configs" / "gesture_gru.yaml"),
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "fit", "-c", str(ROOT / "tests" / "configs" / "gru_features.yaml"),
                              "--data.init_args.features", str(features), "--data.init_args.batch_size", "2",
                              "--trainer.max_epochs", "500", "--trainer.accelerator", "cpu"], cwd=tmp_path,
                             env={**os.environ, "VPIPE_ROOT": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
