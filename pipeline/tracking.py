@@ -201,7 +201,7 @@ def registry_client():
 def register_best(client, name: str, run_id: str, checkpoint: Path, metrics: dict[str, float],
                   tags: dict[str, str] | None = None) -> str:
     """Log ``checkpoint`` as the run's ``model/`` artifact and register it as a new version of the
-    registered model ``name``, tagged with its test metrics; returns the version.
+    registered model ``name``, tagged with its headline test metrics; returns the version.
 
     The version's source is the artifact folder, so ``models:/NAME/VERSION`` (or ``models:/NAME/latest``)
     downloads the checkpoint, which carries everything ``vpipe classify`` needs.
@@ -216,10 +216,12 @@ def register_best(client, name: str, run_id: str, checkpoint: Path, metrics: dic
     except MlflowException:
         client.create_registered_model(name, description=f"Best checkpoints of the `{name}` training config "
                                                           "(vpipe fit -c configs/{name}.yaml).".replace("{name}", name))
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    # The headline metrics (test/acc, test/mse, ...); per-horizon and baseline ones stay on the run.
+    headline = {k: v for k, v in metrics.items() if k.count("/") == 1}
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in headline.items())
     version = client.create_model_version(
         name, source, run_id=run_id, description=f"Test metrics of the best checkpoint: {summary}",
-        tags={**{k: str(v) for k, v in metrics.items()}, **(tags or {})})
+        tags={**{k: str(v) for k, v in headline.items()}, **(tags or {})})
     return version.version
 
 
