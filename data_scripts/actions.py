@@ -47,7 +47,7 @@ def sample_params(rng: np.random.Generator) -> Params:
     colour = tuple(int((c + 128) % 256) for c in background)  # contrasting figure
     return Params(
         width=width, height=height, fps=fps, frames=int(round(rng.uniform(1.6, 2.4) * fps)),
-        body=float(rng.uniform(0.4, 0.6) * height), facing=int(rng.choice([-1, 1])), x=float(rng.uniform(0.4, 0.6)),
+        body=float(rng.uniform(0.55, 0.75) * height), facing=int(rng.choice([-1, 1])), x=float(rng.uniform(0.4, 0.6)),
         ground=float(rng.uniform(0.8, 0.92)), legs=float(rng.uniform(0.85, 1.15)), arms=float(rng.uniform(0.85, 1.15)),
         tempo=float(rng.uniform(0.9, 1.1)), phase=float(rng.uniform(0, 2 * math.pi)), colour=colour,
         background=background, noise=float(rng.uniform(0, 6)), seed=int(rng.integers(2**31)),
@@ -116,7 +116,7 @@ def render(name: str, p: Params) -> np.ndarray:
     for _ in range(int(rng.integers(1, 4))):  # static props
         x0, h = rng.uniform(0, p.width), rng.uniform(0.1, 0.4) * p.height
         draw.rectangle([x0, p.ground * p.height - h, x0 + rng.uniform(4, 20), p.ground * p.height], fill=shade)
-    width = max(2, int(round(p.body / 22)))
+    width = max(3, int(round(p.body / 10)))  # limbs as thick as a person's, not hairlines
     frames = np.empty((p.frames, p.height, p.width, 3), np.uint8)
     for i in range(p.frames):
         image = background.copy()

@@ -96,6 +96,11 @@ class FrameEncoder(nn.Module):
         self.register_buffer("scale", 1.0 / (255.0 * std))
         self.register_buffer("shift", -torch.tensor(prep.mean).view(1, 3, 1, 1) / std)
 
+    @property
+    def output_dim(self) -> int:
+        """Features per frame, flattened: ``D`` (avg) or ``C * G * G`` (grid)."""
+        return self.model.num_features * (self.grid**2 if self.pool == "grid" else 1)
+
     def normalise(self, frames: torch.Tensor) -> torch.Tensor:
         # (B, H, W, 3) uint8 viewed as (B, 3, H, W) is already channels_last in memory: no copy.
         x = frames.permute(0, 3, 1, 2)

@@ -1,8 +1,9 @@
-"""Datasets over the feature store, TSN-style clip sampling, and the LightningDataModule.
+"""Datasets over the frame and feature stores, TSN-style clip sampling, and the LightningDataModules.
 
 A training item is ``num_segments`` steps of one video: the video's frames are cut into that many
 equal segments and one frame is drawn from each (at random when training, the centre when
-evaluating). Grid features ``(C, G, G)`` are flattened to ``C*G*G`` per step.
+evaluating). Grid features ``(C, G, G)`` are flattened to ``C*G*G`` per step. Frames stay uint8
+``(H, W, 3)`` per step: the end-to-end model normalises them on its own device.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pipeline.stores import FeatureStore, FrameStore, IndexRow, StoreError
 class Batch(TypedDict):
     """What every temporal task receives."""
 
-    x: torch.Tensor  # (B, T, D) float32
+    x: torch.Tensor  # (B, T, D) float32 features, or (B, T, H, W, 3) uint8 frames (end-to-end)
     mask: torch.Tensor  # (B, T) bool, True at real steps
     y: torch.Tensor  # (B,) int64 class index
 
@@ -44,6 +45,8 @@ def segment_indices(length: int | np.ndarray, num_segments: int, rng: np.random.
 class FeatureClips(Dataset):
     """Clips of one split of a feature store, as :class:`Batch` items."""
 
+    store_type: type[FeatureStore] | type[FrameStore] = FeatureStore
+
     def __init__(self, root: str, rows: list[IndexRow], classes: list[str], num_segments: int, train: bool, seed: int = 0,
                  noise: float = 0.0, drop: float = 0.0):
         self.root, self.rows, self.num_segments, self.train, self.seed = root, rows, num_segments, train, seed
@@ -57,7 +60,7 @@ class FeatureClips(Dataset):
 
     def _open(self) -> FeatureStore:
         if self._store is None:
-            self._store = FeatureStore(self.root)
+            self._store = self.store_type(self.root)
             # Seeded per process: torch gives each DataLoader worker its own seed (seed_everything(workers=True)).
             self._rng = np.random.default_rng([self.seed, torch.initial_seed() % 2**32])
         return self._store
@@ -74,19 +77,32 @@ class FeatureClips(Dataset):
         starts = np.array([row.offset for row in rows])[:, None] + segment_indices(
             lengths, self.num_segments, self._rng if self.train else None)
         shards = np.array([row.shard for row in rows])
-        x = np.empty((len(rows), self.num_segments, int(np.prod(store.feature_shape))), np.float32)
+        x = self._empty(store, len(rows))
         for shard in np.unique(shards):
             chosen = shards == shard
             data = store.shard(int(shard))
             if starts[chosen].max() >= len(data):
                 raise StoreError(f"{store.root}/features-{int(shard):05d}.npy: holds {len(data)} rows, index needs more")
-            x[chosen] = data[starts[chosen].ravel()].reshape(int(chosen.sum()), self.num_segments, -1)
+            x[chosen] = data[starts[chosen].ravel()].reshape(int(chosen.sum()), self.num_segments, *x.shape[2:])
         if self.train and (self.noise or self.drop):
             x *= 1 + self.noise * self._rng.standard_normal(x.shape, dtype=np.float32)
             if self.drop:
                 x *= (self._rng.random(x.shape, dtype=np.float32) >= self.drop) / (1 - self.drop)
         return {"x": torch.from_numpy(x), "mask": torch.ones(len(rows), self.num_segments, dtype=torch.bool),
                 "y": torch.tensor([self.class_index[row.label] for row in rows], dtype=torch.int64)}
+
+
+    def _empty(self, store: FeatureStore, n: int) -> np.ndarray:
+        return np.empty((n, self.num_segments, int(np.prod(store.feature_shape))), np.float32)
+
+
+class FrameClips(FeatureClips):
+    """Clips of one split of a frame store: uint8 ``(T, H, W, 3)`` per item, for end-to-end training."""
+
+    store_type = FrameStore
+
+    def _empty(self, store: FrameStore, n: int) -> np.ndarray:
+        return np.empty((n, self.num_segments, *store.shard(0).shape[1:]), np.uint8)
 
 
 def already_batched(batch: Batch) -> Batch:
@@ -108,6 +124,8 @@ class FeatureDataModule(pl.LightningDataModule):
         feature_dropout: training only: zero this fraction of feature values (rescaling the rest).
     """
 
+    clips_type: type[FeatureClips] = FeatureClips
+
     def __init__(self, features: str, num_segments: int = 8, batch_size: int = 32, num_workers: int = 0,
                  pin_memory: bool = False, seed: int = 0, feature_noise: float = 0.0, feature_dropout: float = 0.0):
         super().__init__()
@@ -116,20 +134,24 @@ class FeatureDataModule(pl.LightningDataModule):
         self.feature_noise, self.feature_dropout = feature_noise, feature_dropout
         self.features, self.num_segments, self.batch_size = features, num_segments, batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
-        store = FeatureStore(features)  # reads index and meta only
-        self.cache_key = store.cache_key
+        store = self.clips_type.store_type(features)  # reads index and meta only
+        self.store_meta = store.meta
         self.classes = sorted({r.label for r in store.split("train")})
         if not self.classes:
             raise ValueError(f"{store.root / 'index.csv'}: no training videos")
-        self.input_dim = int(np.prod(store.feature_shape))
+        self.cache_key, self.input_dim = self._describe(store)
         self._splits = {s: [r for r in store.split(s) if r.label in self.classes] for s in ("train", "val", "test")}
+
+    def _describe(self, store: FeatureStore) -> tuple[str, int]:
+        """The store's cache key and the features per step."""
+        return store.cache_key, int(np.prod(store.feature_shape))
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def _loader(self, split: str) -> DataLoader:
-        dataset = FeatureClips(self.features, self._splits[split], self.classes, self.num_segments, split == "train", self.seed,
+        dataset = self.clips_type(self.features, self._splits[split], self.classes, self.num_segments, split == "train", self.seed,
                                self.feature_noise, self.feature_dropout)
         sampler = None
         if split != "train" and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -148,6 +170,35 @@ class FeatureDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+class FrameDataModule(FeatureDataModule):
+    """Frames of one dataset, for end-to-end classification: the Classifier's own trainable
+    backbone (``backbone: NAME``) encodes them, trained jointly with the temporal head (LRCN).
+
+    Args:
+        frames: the frame store folder (output of ``vpipe extract`` with a fixed ``--size``).
+        num_segments: steps per clip (TSN segments).
+        batch_size: clips per batch, per device.
+        num_workers: DataLoader worker processes per device.
+        pin_memory: pin host memory (worth it when training on a GPU).
+        seed: seeds the training jitter.
+    """
+
+    clips_type = FrameClips
+
+    def __init__(self, frames: str, num_segments: int = 8, batch_size: int = 16, num_workers: int = 0,
+                 pin_memory: bool = False, seed: int = 0):
+        super().__init__(frames, num_segments, batch_size, num_workers, pin_memory, seed)
+
+    def _describe(self, store: FrameStore) -> tuple[str, int]:
+        sizes = {(r.width, r.height) for r in store.index}
+        if len(sizes) > 1:
+            raise ValueError(f"{store.root}: frames of {len(sizes)} different sizes; extract with a fixed --size "
+                             "for end-to-end training")
+        # input_dim 0: the model's backbone decides the features per step.
+        return store.meta.get("content_hash", ""), 0
+
 
 # Forecasting: windows of consecutive frames (or their cached features), no labels.
 

@@ -20,15 +20,26 @@ from pipeline.heads import ConvRecurrentForecaster, FeatureRecurrentCore, detach
 class Classifier(pl.LightningModule):
     """Clip classification with a temporal head over per-frame features.
 
+    Two modes, chosen by config. Cached (``backbone: null``, with
+    :class:`~pipeline.data.FeatureDataModule`): the head reads features from the feature store.
+    End to end (``backbone: NAME``, with :class:`~pipeline.data.FrameDataModule`): a trainable timm
+    backbone encodes each uint8 frame and is trained jointly with the head (LRCN).
+
     Args:
         head: builds the head from ``(input_dim, num_classes)``; in a config, a ``class_path`` such as
             ``pipeline.heads.GRUHead`` with its other ``init_args``.
-        input_dim: features per step (linked from the data module).
+        input_dim: features per step (linked from the data module; end to end, the backbone's).
         num_classes: classes (linked from the data module).
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_epochs: linear warm-up before the cosine decay.
         label_smoothing: cross-entropy label smoothing.
+        backbone: end to end: the timm model that encodes frames (random init unless ``backbone_weights``).
+        backbone_weights: a local ``.safetensors``/``.pth`` file to start the backbone from.
+        backbone_input_size: side the frames are resized to before the backbone (default: the model's own).
+        backbone_pool: ``avg`` (one vector per frame) or ``grid`` (``C*G*G`` per frame, for the Row LSTM).
+        backbone_grid: G for ``backbone_pool: grid``.
+        backbone_lr: the backbone's learning rate (default: ``lr``).
     """
 
     def __init__(
@@ -40,22 +51,41 @@ class Classifier(pl.LightningModule):
         weight_decay: float = 0.01,
         warmup_epochs: int = 1,
         label_smoothing: float = 0.0,
+        backbone: str | None = None,
+        backbone_weights: str | None = None,
+        backbone_input_size: int | None = None,
+        backbone_pool: Literal["avg", "grid"] = "avg",
+        backbone_grid: int = 4,
+        backbone_lr: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["head"])
+        self.encoder: nn.Module | None = None
+        if backbone:
+            from pipeline import backbone as timm_backbone  # timm is imported by end-to-end models only
+
+            model, _ = timm_backbone.create(backbone, weights=backbone_weights)
+            prep = timm_backbone.preprocessing(model, backbone_input_size)
+            self.encoder = timm_backbone.FrameEncoder(model.train(), prep, backbone_pool, backbone_grid)
+            input_dim = self.encoder.output_dim
         if input_dim <= 0 or num_classes <= 0:
-            raise ValueError(f"input_dim and num_classes must be positive, got {input_dim} and {num_classes}")
+            raise ValueError(f"input_dim and num_classes must be positive, got {input_dim} and {num_classes}"
+                             + ("" if backbone else "; end-to-end training from a frame store needs `backbone: NAME`"))
         self.head = head(input_dim, num_classes)
         # One metric object per stage, so values never mix between stages (and sync correctly under DDP).
         # (ModuleDict keys may not shadow nn.Module attributes such as `train`, hence the suffix.)
         self.metrics = nn.ModuleDict({
             f"{stage}_metrics": torchmetrics.MetricCollection({
-                "acc": torchmetrics.Accuracy("multiclass", num_classes=num_classes),
-                "f1": torchmetrics.F1Score("multiclass", num_classes=num_classes, average="macro"),
+                # Inputs come from this class, so the per-update argument checks are skipped (they cost a sync).
+                "acc": torchmetrics.Accuracy("multiclass", num_classes=num_classes, validate_args=False),
+                "f1": torchmetrics.F1Score("multiclass", num_classes=num_classes, average="macro", validate_args=False),
                 # top-5 only where it says something, and not per training step (it costs a sort).
-                **({"acc_top5": torchmetrics.Accuracy("multiclass", num_classes=num_classes, top_k=5)}
+                **({"acc_top5": torchmetrics.Accuracy("multiclass", num_classes=num_classes, top_k=5, validate_args=False)}
                    if num_classes > 5 and stage != "train" else {}),
-            }, prefix=f"{stage}/")
+            # Top-1 accuracy and F1 share one state. The groups are explicit: torchmetrics' automatic grouping
+            # merges metrics whose states match after the first batch (top-1 and top-5 do when every top-1
+            # guess in it is right) and would then report one's value as the other's.
+            }, prefix=f"{stage}/", compute_groups=[["acc", "f1"], *([["acc_top5"]] if num_classes > 5 and stage != "train" else [])])
             for stage in ("train", "val", "test")
         })
         # Loss as a sample-weighted mean, synced over ranks like the other metrics.
@@ -64,6 +94,13 @@ class Classifier(pl.LightningModule):
         self.test_confusion: torch.Tensor | None = None  # (true, predicted) counts of the last test, all ranks
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, classes)`` of features ``(B, T, D)``, or of uint8 frames ``(B, T, H, W, 3)`` end to end."""
+        if self.encoder is not None:
+            if x.dtype != torch.uint8 or x.dim() != 5:
+                raise ValueError(f"an end-to-end model takes uint8 frames (B, T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+            x = self.encoder(x.flatten(0, 1)).flatten(1).unflatten(0, x.shape[:2])
+        elif x.dtype == torch.uint8:
+            raise ValueError("this model reads cached features; frames need a model with `backbone: NAME`")
         return self.head(x, mask)
 
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
@@ -109,7 +146,10 @@ class Classifier(pl.LightningModule):
         self.confusion.reset()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        groups = [{"params": [p for n, p in self.named_parameters() if not n.startswith("encoder.")]}]
+        if self.encoder is not None:
+            groups.append({"params": list(self.encoder.parameters()), "lr": self.hparams.backbone_lr or self.hparams.lr})
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(total - 1, self.hparams.warmup_epochs * steps_per_epoch)
@@ -121,6 +161,7 @@ class Classifier(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
 
 # Forecasting: predict the next steps of a sequence (frames or their cached features).
 

@@ -13,7 +13,8 @@ import pytest
 from pipeline.stores import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "debug.yaml")
+# The classification configs (the forecasters' are smoke-tested in test_forecast.py).
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "pipeline.tasks.Classifier" in p.read_text())
 
 
 def feature_store(folder: Path, test_videos: int = 7) -> Path:
@@ -30,17 +31,45 @@ def feature_store(folder: Path, test_videos: int = 7) -> Path:
     return folder
 
 
+def frame_store(folder: Path, test_videos: int = 7, size: int = 32) -> Path:
+    """Random uint8 frames of 3 classes whose brightness encodes the class: learnable, tiny."""
+    rng = np.random.default_rng(0)
+    with StoreWriter(folder, "frames") as writer:
+        for split, n in (("train", 12), ("val", 6), ("test", test_videos)):
+            for i in range(n):
+                label = i % 3
+                frames = rng.integers(0, 100, (int(rng.integers(5, 12)), size, size, 3)) + 60 * label
+                writer.add(frames.astype(np.uint8), video_id=f"{split}{i}", label=f"c{label}", split=split, src_fps=10.0,
+                           fps=10.0, width=size, height=size, duration_sec=1.0)
+        writer.finish({"kind": "frames", "content_hash": "test"})
+    return folder
+
+
 @pytest.fixture(scope="module")
 def features(tmp_path_factory) -> Path:
     return feature_store(tmp_path_factory.mktemp("feat") / "features")
 
 
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory) -> Path:
+    return frame_store(tmp_path_factory.mktemp("frames") / "frames")
+
+
+def store_argument(config: Path, features: Path, frames: Path) -> list[str]:
+    """The command-line override that points a config at the test store its data module reads."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text())["data"]
+    key = next(k for k in ("features", "frames") if k in data["init_args"])
+    return [f"--data.init_args.{key}", str(features if key == "features" else frames)]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_runs(config, features, tmp_path, monkeypatch):
+def test_every_config_runs(config, features, frames, tmp_path, monkeypatch):
     from pipeline.train import cli_main
 
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
-    cli_main(["fit", "-c", str(config), "-c", str(ROOT / "configs/debug.yaml"), "--data.init_args.features", str(features),
+    cli_main(["fit", "-c", str(config), "-c", str(ROOT / "configs/debug.yaml"), *store_argument(config, features, frames),
               "--data.init_args.batch_size", "4"])
     name = config.stem
     assert (tmp_path / "models" / name / "best.ckpt").is_file()
@@ -66,17 +95,17 @@ def _vpipe(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_ddp_test_metrics_equal_single_process(tmp_path):
     """7 test clips over 2 ranks: a padding sampler would count one twice; ours counts each once."""
     features = feature_store(tmp_path / "features", test_videos=7)
-    config = ROOT / "configs" / "gesture_gru.yaml"
+    config = ROOT / "configs" / "gesture_gru_features.yaml"
     common = ["-c", str(config), "--data.init_args.features", str(features), "--data.init_args.batch_size", "2",
               "--trainer.logger", "false", "--trainer.accelerator", "cpu"]
     _vpipe(["fit", *common, "--trainer.max_epochs", "3"], tmp_path)
-    ckpt = tmp_path / "models" / "gesture_gru" / "best.ckpt"
-    single = json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
-    (tmp_path / "metrics" / "gesture_gru.json").unlink()
+    ckpt = tmp_path / "models" / "gesture_gru_features" / "best.ckpt"
+    single = json.loads((tmp_path / "metrics" / "gesture_gru_features.json").read_text())
+    (tmp_path / "metrics" / "gesture_gru_features.json").unlink()
     # With MLflow on (the project's SQLite store under tmp_path): exactly one run for the 2-process job.
     ddp_args = [a for a in common if a not in ("--trainer.logger", "false")]
     _vpipe(["test", *ddp_args, "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--ckpt_path", str(ckpt)], tmp_path)
-    ddp = json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
+    ddp = json.loads((tmp_path / "metrics" / "gesture_gru_features.json").read_text())
     assert ddp.keys() == single.keys()
     for key in single:
         assert ddp[key] == pytest.approx(single[key], abs=1e-5), key
@@ -84,7 +113,7 @@ def test_ddp_test_metrics_equal_single_process(tmp_path):
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("gesture_gru").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("gesture_gru_features").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert run.data.metrics["test/acc"] == pytest.approx(single["test/acc"], abs=1e-5)
 
@@ -99,9 +128,9 @@ def test_killed_fit_resumes_the_same_mlflow_run(tmp_path):
     import torch
 
     features = feature_store(tmp_path / "features")
-    args = ["fit", "-c", str(ROOT / "configs" / "gesture_gru.yaml"), "--data.init_args.features", str(features),
+    args = ["fit", "-c", str(ROOT / "configs" / "gesture_gru_features.yaml"), "--data.init_args.features", str(features),
             "--data.init_args.batch_size", "2", "--trainer.accelerator", "cpu"]
-    last = tmp_path / "models" / "gesture_gru" / "last.ckpt"
+    last = tmp_path / "models" / "gesture_gru_features" / "last.ckpt"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--trainer.max_epochs", "200"], cwd=tmp_path,
                             env={**os.environ, "VPIPE_ROOT": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -111,7 +140,7 @@ def test_killed_fit_resumes_the_same_mlflow_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("gesture_gru").experiment_id
+    experiment = client.get_experiment_by_name("gesture_gru_features").experiment_id
     [killed] = client.search_runs([experiment])
     assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)  # loads with weights_only
@@ -123,9 +152,9 @@ def test_killed_fit_resumes_the_same_mlflow_run(tmp_path):
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
     assert len(steps) >= done_epochs + 2 and steps == sorted(steps)
-    epochs = (tmp_path / "plots" / "gesture_gru" / "epochs.csv").read_text().splitlines()[1:]
+    epochs = (tmp_path / "plots" / "gesture_gru_features" / "epochs.csv").read_text().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in epochs] == list(range(done_epochs + 2))
-    assert "test/acc" in json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
+    assert "test/acc" in json.loads((tmp_path / "metrics" / "gesture_gru_features.json").read_text())
 
 
 def test_clip_sampling_and_augmentation(features):
@@ -148,3 +177,66 @@ def test_clip_sampling_and_augmentation(features):
     assert (x == 0).float().mean() > 0.3  # about half the values dropped
     evaluation = [next(iter(m.test_dataloader()))["x"] for m in (plain, augmented)]
     torch.testing.assert_close(evaluation[0], evaluation[1])  # evaluation is never augmented
+
+
+def test_test_metrics_keep_top1_and_top5_apart():
+    """A first batch with every top-1 guess right makes top-1 and top-5 states equal; F1 must still be top-1's."""
+    import torch
+    from sklearn.metrics import f1_score
+
+    from pipeline.heads import GRUHead
+    from pipeline.tasks import Classifier
+
+    model = Classifier(GRUHead, input_dim=4, num_classes=10)
+    metrics = model.metrics["test_metrics"]
+    y = torch.arange(10)
+    right = torch.nn.functional.one_hot(y, 10).float()
+    wrong = torch.nn.functional.one_hot((y + 1) % 10, 10).float() + 0.5 * torch.nn.functional.one_hot(y, 10)
+    metrics.update(right, y)
+    metrics.update(wrong, y)
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    expected = f1_score(torch.cat([y, y]), torch.cat([right, wrong]).argmax(-1), average="macro")
+    assert values["test/acc"] == pytest.approx(0.5) and values["test/acc_top5"] == pytest.approx(1.0)
+    assert values["test/f1"] == pytest.approx(expected)
+
+
+def test_end_to_end_classifier_trains_its_backbone(frames, features):
+    import torch
+
+    from pipeline.data import FeatureDataModule, FrameDataModule
+    from pipeline.heads import GRUHead
+    from pipeline.tasks import Classifier
+
+    data = FrameDataModule(str(frames), num_segments=4, batch_size=3)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["x"].dtype == torch.uint8 and batch["x"].shape == (3, 4, 32, 32, 3)  # frames stay uint8 until the model
+    assert data.num_classes == 3 and data.input_dim == 0 and data.cache_key == data.store_meta["content_hash"]
+
+    model = Classifier(GRUHead, input_dim=data.input_dim, num_classes=data.num_classes, backbone="test_resnet",
+                       backbone_input_size=32)
+    assert model.hparams.backbone == "test_resnet" and model.encoder.output_dim > 0
+    logits = model(batch["x"], batch["mask"])
+    assert logits.shape == (3, 3)
+    torch.nn.functional.cross_entropy(logits, batch["y"]).backward()
+    grads = [p.grad for p in model.encoder.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)  # trained jointly
+
+    with pytest.raises(ValueError, match="uint8 frames"):
+        model(torch.zeros(3, 4, 16), batch["mask"])
+    cached = Classifier(GRUHead, input_dim=FeatureDataModule(str(features)).input_dim, num_classes=3)
+    with pytest.raises(ValueError, match="backbone"):
+        cached(batch["x"], batch["mask"])
+    with pytest.raises(ValueError, match="backbone: NAME"):
+        Classifier(GRUHead, input_dim=0, num_classes=3)
+
+
+def test_frame_data_module_needs_one_frame_size(tmp_path):
+    with StoreWriter(tmp_path / "frames", "frames") as writer:
+        for i, size in enumerate((16, 24)):
+            writer.add(np.zeros((4, size, size, 3), np.uint8), video_id=f"v{i}", label="a", split="train", src_fps=10.0,
+                       fps=10.0, width=size, height=size, duration_sec=0.4)
+        writer.finish({"kind": "frames"})
+    from pipeline.data import FrameDataModule
+
+    with pytest.raises(ValueError, match="--size"):
+        FrameDataModule(str(tmp_path / "frames"))
