@@ -355,7 +355,7 @@ class ConvRecurrentForecaster(nn.Module):
         self.encoder = stack()
         self.forecaster = self.encoder if share_weights else stack()
         self.out = nn.Conv2d(hidden_channels[-1], folded, 1)
-        nn.init.constant_(self.out.bias, -2.0)  # frames are mostly dark: start near black, not mid-grey
+        nn.init.constant_(self.out.bias, -3.0)  # frames are mostly dark: start near black, not mid-grey
 
     def step(self, frame: torch.Tensor, state: list | None, forecasting: bool):
         """Frame t ``(B, C, H, W)`` → predicted frame t + 1 ``(B, C, H, W)``, and the per-layer states;

@@ -193,6 +193,17 @@ def test_frame_metrics_units():
     assert same["ssim"].allclose(torch.ones(2, 3), atol=1e-3) and same["psnr"].eq(100).all()
 
 
+def test_loss_ssim_equals_torchmetrics():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from pipeline.tasks import gaussian_ssim
+
+    torch.manual_seed(0)
+    pred, target = torch.rand(3, 1, 24, 20), (torch.rand(3, 1, 24, 20) > 0.7).float()
+    for a, b in ((pred, target), (target, target), (0.5 * target, target)):
+        torch.testing.assert_close(gaussian_ssim(a, b), structural_similarity_index_measure(a, b, data_range=1.0))
+
+
 def test_feature_forecaster_beats_copy_last(features, tmp_path, monkeypatch):
     """Constant-velocity features: a trained GRU extrapolates, copy-last cannot."""
     metrics = fit(["-c", str(ROOT / "configs/nextfeature_gru.yaml"), "--data.init_args.features", str(features),
