@@ -328,23 +328,21 @@ def test_help_lists_forecast_without_importing_torch():
 
 
 @pytest.mark.slow
-def test_ddp_forecaster_metrics_equal_single_process(digits, tmp_path):
+def test_ddp_forecaster_metrics_equal_single_process(digits, frame_checkpoint, tmp_path, monkeypatch):
     """3 test windows over 2 ranks: every one counted once, one MLflow run."""
-    env = {**os.environ, "VPIPE_ROOT": str(tmp_path)}
-    common = ["-c", str(ROOT / "configs/nextframe_convlstm.yaml"), "--data.init_args.frames", str(digits["frames"]), *TINY_FRAMES,
-              "--data.init_args.batch_size", "2"]
+    from pipeline.train import cli_main
 
-    def vpipe(*args: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, done.stderr[-4000:]
-
-    vpipe("fit", *common, "--trainer.max_epochs", "1", "--trainer.logger", "false")
-    metrics = tmp_path / "metrics" / "nextframe_convlstm.json"
+    common = ["-c", str(ROOT / "configs/nextframe_convgru.yaml"), "--data.init_args.frames", str(digits["frames"]), *TINY_FRAMES,
+              "--data.init_args.batch_size", "2", "--ckpt_path", str(frame_checkpoint)]
+    monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
+    cli_main(["test", *common, "--trainer.logger", "false"])
+    metrics = tmp_path / "metrics" / "nextframe_convgru.json"
     single = json.loads(metrics.read_text())
     metrics.unlink()
-    vpipe("test", *common, "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--ckpt_path",
-          str(tmp_path / "models" / "nextframe_convlstm" / "best.ckpt"))
+    done = subprocess.run([sys.executable, "-m", "pipeline", "test", *common, "-c", str(ROOT / "configs/trainer/ddp.yaml")],
+                          cwd=tmp_path, env={**os.environ, "VPIPE_ROOT": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
     ddp = json.loads(metrics.read_text())
     assert ddp.keys() == single.keys()
     for key in single:
@@ -353,5 +351,5 @@ def test_ddp_forecaster_metrics_equal_single_process(digits, tmp_path):
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("nextframe_convlstm").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("nextframe_convgru").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
