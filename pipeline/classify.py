@@ -41,14 +41,15 @@ class Classifier:
     size: tuple[int, int] | None  # (width, height) after extraction scaling
     encoder: torch.nn.Module | None  # uint8 frames → features; None when the model takes frames
     source: str
+    modality: str = "rgb"  # what an end-to-end model reads per step: frames or their differences (data.clip_frames)
 
     @torch.inference_mode()
     def probabilities(self, frames: np.ndarray) -> np.ndarray:
         """Class probabilities ``(C,)`` of one clip of uint8 frames ``(T, H, W, 3)``."""
-        from pipeline.data import segment_indices
+        from pipeline.data import clip_frames
 
         device = next(self.model.parameters()).device
-        clip = torch.from_numpy(np.ascontiguousarray(frames[segment_indices(len(frames), self.num_segments, None)])).to(device)
+        clip = torch.from_numpy(np.ascontiguousarray(clip_frames(frames, self.num_segments, self.modality))).to(device)
         if self.encoder is not None:
             # Features are stored as float16: round the same way, so the head sees what it was trained on.
             x = self.encoder(clip).half().float().flatten(1)[None]  # (1, T, D)
@@ -159,7 +160,7 @@ def load(path: str | Path, weights: str | None = None, device: str = "cpu", sour
     params = recipe["frames_meta"].get("params") or {}
     size = params.get("size")
     return Classifier(model.eval().to(device), list(recipe["classes"]), int(recipe["num_segments"]), float(params.get("fps") or 0.0),
-                      tuple(size) if size else None, encoder, source)
+                      tuple(size) if size else None, encoder, source, recipe.get("modality", "rgb"))
 
 
 def windows(path: Path, fps: float, size: tuple[int, int] | None, window: float | None,

@@ -74,16 +74,8 @@ class FeatureClips(Dataset):
         store = self._open()
         rows = [self.rows[i] for i in items]
         lengths = np.array([row.length for row in rows])
-        starts = np.array([row.offset for row in rows])[:, None] + segment_indices(
-            lengths, self.num_segments, self._rng if self.train else None)
-        shards = np.array([row.shard for row in rows])
-        x = self._empty(store, len(rows))
-        for shard in np.unique(shards):
-            chosen = shards == shard
-            data = store.shard(int(shard))
-            if starts[chosen].max() >= len(data):
-                raise StoreError(f"{store.root}/features-{int(shard):05d}.npy: holds {len(data)} rows, index needs more")
-            x[chosen] = data[starts[chosen].ravel()].reshape(int(chosen.sum()), self.num_segments, *x.shape[2:])
+        steps = segment_indices(lengths, self.num_segments, self._rng if self.train else None)
+        x = self._read(store, rows, steps)
         if self.train and (self.noise or self.drop):
             x *= 1 + self.noise * self._rng.standard_normal(x.shape, dtype=np.float32)
             if self.drop:
@@ -91,15 +83,62 @@ class FeatureClips(Dataset):
         return {"x": torch.from_numpy(x), "mask": torch.ones(len(rows), self.num_segments, dtype=torch.bool),
                 "y": torch.tensor([self.class_index[row.label] for row in rows], dtype=torch.int64)}
 
+    def _read(self, store: FeatureStore | FrameStore, rows: list[IndexRow], steps: np.ndarray) -> np.ndarray:
+        """Rows ``steps`` (B, T; counted from each video's first row) of the videos ``rows``."""
+        starts = np.array([row.offset for row in rows])[:, None] + steps
+        shards = np.array([row.shard for row in rows])
+        x = self._empty(store, len(rows))
+        for shard in np.unique(shards):
+            chosen = shards == shard
+            data = store.shard(int(shard))
+            if starts[chosen].max() >= len(data):
+                raise StoreError(f"{store.root}/{store.prefix}-{int(shard):05d}.npy: holds {len(data)} rows, index needs more")
+            x[chosen] = data[starts[chosen].ravel()].reshape(int(chosen.sum()), self.num_segments, *x.shape[2:])
+        return x
 
     def _empty(self, store: FeatureStore, n: int) -> np.ndarray:
         return np.empty((n, self.num_segments, int(np.prod(store.feature_shape))), np.float32)
 
 
+def rgb_difference(current: np.ndarray, following: np.ndarray) -> np.ndarray:
+    """TSN's RGB-difference modality, kept in uint8: ``(following - current) / 2 + 128``.
+
+    What moved between two consecutive frames, with the static background cancelled; grey (128)
+    where nothing changed.
+    """
+    return ((following.astype(np.int16) - current) // 2 + 128).astype(np.uint8)
+
+
+def clip_frames(frames: np.ndarray, num_segments: int, modality: Literal["rgb", "rgb_diff"] = "rgb") -> np.ndarray:
+    """The evaluation clip of one video's uint8 frames ``(N, H, W, 3)``: the segment centres,
+    ``(num_segments, H, W, 3)``, in the given modality (the rule :class:`FrameClips` applies)."""
+    steps = segment_indices(len(frames), num_segments, None)
+    if modality == "rgb_diff":
+        return rgb_difference(frames[steps], frames[np.minimum(steps + 1, len(frames) - 1)])
+    return frames[steps]
+
+
 class FrameClips(FeatureClips):
-    """Clips of one split of a frame store: uint8 ``(T, H, W, 3)`` per item, for end-to-end training."""
+    """Clips of one split of a frame store: uint8 ``(T, H, W, 3)`` per item, for end-to-end training.
+
+    ``modality="rgb_diff"`` gives, for each sampled frame, its difference to the next one
+    (:func:`rgb_difference`; a video's last frame pairs with itself).
+    """
 
     store_type = FrameStore
+
+    def __init__(self, *args, modality: Literal["rgb", "rgb_diff"] = "rgb", **kwargs):
+        super().__init__(*args, **kwargs)
+        if modality not in ("rgb", "rgb_diff"):
+            raise ValueError(f"modality must be 'rgb' or 'rgb_diff', got {modality!r}")
+        self.modality = modality
+
+    def _read(self, store: FrameStore, rows: list[IndexRow], steps: np.ndarray) -> np.ndarray:
+        frames = super()._read(store, rows, steps)
+        if self.modality == "rgb":
+            return frames
+        last = np.array([row.length for row in rows])[:, None] - 1
+        return rgb_difference(frames, super()._read(store, rows, np.minimum(steps + 1, last)))
 
     def _empty(self, store: FrameStore, n: int) -> np.ndarray:
         return np.empty((n, self.num_segments, *store.shard(0).shape[1:]), np.uint8)
@@ -146,13 +185,16 @@ class FeatureDataModule(pl.LightningDataModule):
         """The store's cache key and the features per step."""
         return store.cache_key, int(np.prod(store.feature_shape))
 
+    def _clip_options(self) -> dict:
+        return {}
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def _loader(self, split: str) -> DataLoader:
         dataset = self.clips_type(self.features, self._splits[split], self.classes, self.num_segments, split == "train", self.seed,
-                               self.feature_noise, self.feature_dropout)
+                                  self.feature_noise, self.feature_dropout, **self._clip_options())
         sampler = None
         if split != "train" and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Lightning's default DistributedSampler pads by repeating samples; evaluation must count each once.
@@ -183,13 +225,21 @@ class FrameDataModule(FeatureDataModule):
         num_workers: DataLoader worker processes per device.
         pin_memory: pin host memory (worth it when training on a GPU).
         seed: seeds the training jitter.
+        modality: ``rgb`` (the frames) or ``rgb_diff`` (TSN's RGB difference: each sampled frame's
+            change to the next, the static background cancelled; see :func:`rgb_difference`).
     """
 
     clips_type = FrameClips
 
     def __init__(self, frames: str, num_segments: int = 8, batch_size: int = 16, num_workers: int = 0,
-                 pin_memory: bool = False, seed: int = 0):
+                 pin_memory: bool = False, seed: int = 0, modality: Literal["rgb", "rgb_diff"] = "rgb"):
+        if modality not in ("rgb", "rgb_diff"):
+            raise ValueError(f"modality must be 'rgb' or 'rgb_diff', got {modality!r}")
+        self.modality = modality
         super().__init__(frames, num_segments, batch_size, num_workers, pin_memory, seed)
+
+    def _clip_options(self) -> dict:
+        return {"modality": self.modality}
 
     def _describe(self, store: FrameStore) -> tuple[str, int]:
         sizes = {(r.width, r.height) for r in store.index}

@@ -180,7 +180,8 @@ class InferenceRecipe(Callback):
         self.recipe = {
             "task": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}", "model": config,
             "input": "features" if features else "frames", "classes": list(getattr(dm, "classes", [])),
-            "num_segments": getattr(dm, "num_segments", None), "features_meta": features_meta,
+            "num_segments": getattr(dm, "num_segments", None), "modality": getattr(dm, "modality", "rgb"),
+            "features_meta": features_meta,
             "frames_meta": tracking._meta(frames) if frames else None,
         }
 

@@ -240,3 +240,28 @@ def test_frame_data_module_needs_one_frame_size(tmp_path):
 
     with pytest.raises(ValueError, match="--size"):
         FrameDataModule(str(tmp_path / "frames"))
+
+
+def test_rgb_difference_modality_matches_between_training_and_classify(frames):
+    import torch
+
+    from pipeline.data import FrameDataModule, clip_frames, rgb_difference
+    from pipeline.stores import FrameStore
+
+    a = np.array([[0, 100, 255]], np.uint8)
+    assert rgb_difference(a, a).tolist() == [[128, 128, 128]]  # nothing moved: grey
+    assert rgb_difference(a, a[:, ::-1]).tolist() == [[255, 128, 0]]  # (255 - 0) // 2 + 128, 0, (0 - 255) // 2 + 128
+
+    data = FrameDataModule(str(frames), num_segments=4, batch_size=50, modality="rgb_diff")
+    batch = next(iter(data.test_dataloader()))
+    store = FrameStore(frames)
+    for clip, row in zip(batch["x"], store.split("test"), strict=True):  # evaluation: segment centres, every time
+        video = np.asarray(store.rows(row.video_id))
+        expected = clip_frames(video, 4, "rgb_diff")
+        np.testing.assert_array_equal(clip.numpy(), expected)
+        steps = np.array([len(video) * (2 * k + 1) // 8 for k in range(4)])
+        np.testing.assert_array_equal(expected, rgb_difference(video[steps], video[np.minimum(steps + 1, len(video) - 1)]))
+    rgb = next(iter(FrameDataModule(str(frames), num_segments=4, batch_size=50).test_dataloader()))["x"]
+    assert not torch.equal(rgb, batch["x"])
+    with pytest.raises(ValueError, match="modality"):
+        FrameDataModule(str(frames), modality="flow")
