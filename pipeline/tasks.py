@@ -110,8 +110,9 @@ class Classifier(pl.LightningModule):
         metrics = self.metrics[f"{stage}_metrics"]
         if stage == "train":
             # Logged through Lightning, which reduces them when the epoch ends, before any
-            # on_train_epoch_end hook reads them (the per-epoch CSV does).
-            metrics(logits.detach(), batch["y"])
+            # on_train_epoch_end hook reads them (the per-epoch CSV does). update(), not forward():
+            # only epoch values are logged, so no per-batch value is computed.
+            metrics.update(logits.detach(), batch["y"])
             self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]), sync_dist=True)
             self.log_dict(metrics, on_step=False, on_epoch=True)
             return loss
