@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline.train import cli_main
 
         try:
-            cli_main(argv)
+            # From the console script LightningCLI reads sys.argv itself (given both, it warns on every run).
+            cli_main(None if argv == sys.argv[1:] else argv)
         except TrackingError as err:
             sys.exit(f"vpipe {argv[0]}: {err}")
         except SIGTERMException:
