@@ -82,10 +82,10 @@ class Classifier(pl.LightningModule):
                 # top-5 only where it says something, and not per training step (it costs a sort).
                 **({"acc_top5": torchmetrics.Accuracy("multiclass", num_classes=num_classes, top_k=5, validate_args=False)}
                    if num_classes > 5 and stage != "train" else {}),
-            # Top-1 accuracy and F1 share one state. The groups are explicit: torchmetrics' automatic grouping
-            # merges metrics whose states match after the first batch (top-1 and top-5 do when every top-1
-            # guess in it is right) and would then report one's value as the other's.
-            }, prefix=f"{stage}/", compute_groups=[["acc", "f1"], *([["acc_top5"]] if num_classes > 5 and stage != "train" else [])])
+            # No compute groups: torchmetrics merges metrics whose states match after the first batch
+            # (top-1 and top-5 accuracy do when every top-1 guess in it is right) and then reports one's
+            # value as the other's; micro accuracy and macro F1 cannot share a state either.
+            }, prefix=f"{stage}/", compute_groups=False)
             for stage in ("train", "val", "test")
         })
         # Loss as a sample-weighted mean, synced over ranks like the other metrics.

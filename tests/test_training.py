@@ -180,7 +180,8 @@ def test_clip_sampling_and_augmentation(features):
 
 
 def test_test_metrics_keep_top1_and_top5_apart():
-    """A first batch with every top-1 guess right makes top-1 and top-5 states equal; F1 must still be top-1's."""
+    """A first batch with every top-1 guess right makes top-1 and top-5 states equal; F1 must still be
+    the macro F1 of the top-1 guesses (neither top-5's value nor the micro accuracy)."""
     import torch
     from sklearn.metrics import f1_score
 
@@ -191,13 +192,13 @@ def test_test_metrics_keep_top1_and_top5_apart():
     metrics = model.metrics["test_metrics"]
     y = torch.arange(10)
     right = torch.nn.functional.one_hot(y, 10).float()
-    wrong = torch.nn.functional.one_hot((y + 1) % 10, 10).float() + 0.5 * torch.nn.functional.one_hot(y, 10)
+    wrong = torch.nn.functional.one_hot(torch.zeros_like(y), 10).float() + 0.5 * torch.nn.functional.one_hot(y, 10)
     metrics.update(right, y)
     metrics.update(wrong, y)
     values = {k: float(v) for k, v in metrics.compute().items()}
     expected = f1_score(torch.cat([y, y]), torch.cat([right, wrong]).argmax(-1), average="macro")
-    assert values["test/acc"] == pytest.approx(0.5) and values["test/acc_top5"] == pytest.approx(1.0)
-    assert values["test/f1"] == pytest.approx(expected)
+    assert values["test/acc"] == pytest.approx(11 / 20) and values["test/acc_top5"] == pytest.approx(1.0)
+    assert values["test/f1"] == pytest.approx(expected) and expected == pytest.approx((2 / 11 * 2 / (2 / 11 + 1) + 9 * 2 / 3) / 10)
 
 
 def test_end_to_end_classifier_trains_its_backbone(frames, features):
