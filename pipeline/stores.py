@@ -238,6 +238,10 @@ class Store:
         self._by_id = {r.video_id: r for r in self.index}
         self._shards: dict[int, np.ndarray] = {}
 
+    def __getstate__(self) -> dict:
+        # Pickled (into DataLoader workers) without its memory maps: each process maps the shards itself.
+        return {**self.__dict__, "_shards": {}}
+
     def shard(self, k: int) -> np.ndarray:
         if k not in self._shards:
             path = self.root / f"{self.prefix}-{k:05d}.npy"

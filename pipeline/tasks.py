@@ -17,6 +17,24 @@ from pipeline.data import Batch, SequenceBatch
 from pipeline.heads import ConvRecurrentForecaster, FeatureRecurrentCore, detach_state
 
 
+def adamw_warmup_cosine(module: pl.LightningModule, lr: float, weight_decay: float, warmup_epochs: int,
+                        params: list[dict] | None = None) -> dict:
+    """AdamW with a linear warm-up over ``warmup_epochs`` then a cosine decay to zero, stepped per batch,
+    over ``params`` (parameter groups, each may set its own ``lr``; default: all of ``module``'s)."""
+    optimizer = torch.optim.AdamW(module.parameters() if params is None else params, lr=lr, weight_decay=weight_decay)
+    total = max(1, module.trainer.estimated_stepping_batches)
+    steps_per_epoch = max(1, total // max(1, module.trainer.max_epochs or 1))
+    warmup = min(total - 1, warmup_epochs * steps_per_epoch)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class Classifier(pl.LightningModule):
     """Clip classification with a temporal head over per-frame features.
 
@@ -89,7 +107,7 @@ class Classifier(pl.LightningModule):
             for stage in ("train", "val", "test")
         })
         # Loss as a sample-weighted mean, synced over ranks like the other metrics.
-        self.losses = nn.ModuleDict({f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("val", "test")})
+        self.losses = nn.ModuleDict({f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("train", "val", "test")})
         self.confusion = torchmetrics.ConfusionMatrix("multiclass", num_classes=num_classes)
         self.test_confusion: torch.Tensor | None = None  # (true, predicted) counts of the last test, all ranks
 
@@ -104,21 +122,13 @@ class Classifier(pl.LightningModule):
         return self.head(x, mask)
 
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
-        """Loss and metric updates; evaluation values are logged once per epoch (see :meth:`_log_epoch`)."""
+        """Loss and metric updates; their values are logged once per epoch (see :meth:`on_train_epoch_start`, :meth:`_log_epoch`)."""
         logits = self(batch["x"], batch["mask"])
         loss = F.cross_entropy(logits, batch["y"], label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
-        metrics = self.metrics[f"{stage}_metrics"]
-        if stage == "train":
-            # Logged through Lightning, which reduces them when the epoch ends, before any
-            # on_train_epoch_end hook reads them (the per-epoch CSV does). update(), not forward():
-            # only epoch values are logged, so no per-batch value is computed.
-            metrics.update(logits.detach(), batch["y"])
-            self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]), sync_dist=True)
-            self.log_dict(metrics, on_step=False, on_epoch=True)
-            return loss
-        metrics.update(logits, batch["y"])
-        self.losses[f"{stage}_loss"].update(loss, len(batch["y"]))
-        return logits
+        # update(), not forward(): only epoch values are logged, so no per-batch value is computed.
+        self.metrics[f"{stage}_metrics"].update(logits.detach(), batch["y"])
+        self.losses[f"{stage}_loss"].update(loss.detach(), len(batch["y"]))
+        return loss if stage == "train" else logits
 
     def _log_epoch(self, stage: str) -> None:
         # compute() synchronises over ranks (each sample counted once), hence no sync_dist here.
@@ -127,6 +137,14 @@ class Classifier(pl.LightningModule):
         self.log_dict(values, prog_bar=True, sync_dist=False)
         metrics.reset()
         mean.reset()
+
+    def on_train_epoch_start(self) -> None:
+        # The training metrics are handed to Lightning once per epoch, not per step (each self.log
+        # costs about a millisecond of bookkeeping): it keeps the Metric objects, which
+        # training_step updates, and computes (synced over ranks) and resets them when the epoch
+        # ends, before any on_train_epoch_end hook reads them (the per-epoch CSV does).
+        self.log("train/loss", self.losses["train_loss"], on_step=False, on_epoch=True)
+        self.log_dict(self.metrics["train_metrics"], on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
@@ -150,37 +168,10 @@ class Classifier(pl.LightningModule):
         groups = [{"params": [p for n, p in self.named_parameters() if not n.startswith("encoder.")]}]
         if self.encoder is not None:
             groups.append({"params": list(self.encoder.parameters()), "lr": self.hparams.backbone_lr or self.hparams.lr})
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        warmup = min(total - 1, self.hparams.warmup_epochs * steps_per_epoch)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_epochs, groups)
 
 
 # Forecasting: predict the next steps of a sequence (frames or their cached features).
-
-
-def adamw_warmup_cosine(module: pl.LightningModule, lr: float, weight_decay: float, warmup_epochs: int) -> dict:
-    """AdamW with a linear warm-up over ``warmup_epochs`` then a cosine decay to zero, stepped per batch."""
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
-    total = max(1, module.trainer.estimated_stepping_batches)
-    steps_per_epoch = max(1, total // max(1, module.trainer.max_epochs or 1))
-    warmup = min(total - 1, warmup_epochs * steps_per_epoch)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class HorizonMeans(torchmetrics.Metric):
@@ -232,7 +223,7 @@ class Forecaster(pl.LightningModule):
 
     def _metric_objects(self) -> None:
         horizon, count = self.hparams.horizon, len(self.METRICS)
-        self.losses = nn.ModuleDict({f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("val", "test")})
+        self.losses = nn.ModuleDict({f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("train", "val", "test")})
         self.horizons = nn.ModuleDict({f"{stage}_{who}": HorizonMeans(horizon, count)
                                        for stage in ("val", "test") for who in ("model", "copy_last")})
         self.test_horizons: dict[str, torch.Tensor] | None = None  # per-step test metrics of the last test, all ranks

@@ -179,6 +179,71 @@ def test_clip_sampling_and_augmentation(features):
     torch.testing.assert_close(evaluation[0], evaluation[1])  # evaluation is never augmented
 
 
+def test_worker_processes_read_the_same_clips(features):
+    """Clips are the store's rows at the segment centres, in float32, whether read in this process or
+    in DataLoader workers (which get the store without its memory maps and map the shards themselves)."""
+    import pickle
+
+    import torch
+
+    from pipeline.data import FeatureDataModule, segment_indices
+
+    data = FeatureDataModule(str(features), num_segments=4, batch_size=5)
+    inline = list(data.test_dataloader())
+    assert data.store._shards and not pickle.loads(pickle.dumps(data.store))._shards
+    x = torch.cat([b["x"] for b in inline])
+    assert x.dtype == torch.float32 and x.shape == (7, 4, 16)
+    for clip, row in zip(x, data.store.split("test"), strict=True):
+        expected = np.asarray(data.store.rows(row.video_id))[segment_indices(row.length, 4, None)].reshape(4, -1)
+        torch.testing.assert_close(clip, torch.from_numpy(expected.astype(np.float32)))
+
+    data.num_workers = 2
+    in_workers = list(data.test_dataloader())
+    torch.testing.assert_close(torch.cat([b["x"] for b in in_workers]), x)
+    assert torch.equal(torch.cat([b["y"] for b in in_workers]), torch.cat([b["y"] for b in inline]))
+    train = list(data.train_dataloader())
+    assert sum(len(b["y"]) for b in train) == 12 and all(b["x"].dtype == torch.float32 for b in train)
+
+
+def test_training_epoch_values_cover_every_step(features, tmp_path):
+    """train/loss is the clip-weighted mean of the epoch's step losses (batches of 5, 5 and 2 clips),
+    logged once per epoch, and the per-epoch CSV gets it with the other train/ and val/ values."""
+    import pytorch_lightning as pl
+    import torch
+
+    from pipeline.data import FeatureDataModule
+    from pipeline.heads import GRUHead
+    from pipeline.tasks import Classifier
+    from pipeline.train import EpochCSV
+
+    class StepLosses(pl.Callback):
+        def __init__(self):
+            self.epochs: list[list[tuple[float, int]]] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.epochs.append([])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.epochs[-1].append((float(outputs["loss"]), len(batch["y"])))
+
+    data = FeatureDataModule(str(features), num_segments=4, batch_size=5)
+    steps, csv_path = StepLosses(), tmp_path / "epochs.csv"
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[steps, EpochCSV(csv_path)], accelerator="cpu")
+    trainer.fit(Classifier(GRUHead, input_dim=data.input_dim, num_classes=data.num_classes), data)
+    assert [n for _, n in steps.epochs[0]] == [5, 5, 2]
+    last = steps.epochs[-1]
+    expected = sum(loss * n for loss, n in last) / sum(n for _, n in last)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(expected, rel=1e-5)
+    rows = csv_path.read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"train/loss", "train/acc", "train/f1", "val/loss", "val/acc"} <= set(header) and len(rows) == 3
+    first = dict(zip(header, rows[1].split(","), strict=True))
+    epoch0 = sum(loss * n for loss, n in steps.epochs[0]) / 12
+    assert float(first["train/loss"]) == pytest.approx(epoch0, abs=1e-5) and 0 <= float(first["train/acc"]) <= 1
+    assert not torch.isclose(torch.tensor(epoch0), torch.tensor(expected))  # each epoch its own value (reset between)
+
+
 def test_test_metrics_keep_top1_and_top5_apart():
     """A first batch with every top-1 guess right makes top-1 and top-5 states equal; F1 must still be
     the macro F1 of the top-1 guesses (neither top-5's value nor the micro accuracy)."""
