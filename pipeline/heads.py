@@ -15,6 +15,7 @@ with :class:`ConvLSTMCell` / :class:`ConvGRUCell`) predict the next step instead
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -104,6 +105,16 @@ class GRUHead(RecurrentHead):
         super().__init__(input_dim, num_classes, "gru", hidden_size, num_layers, bidirectional, dropout)
 
 
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """The sine/cosine position codes of Vaswani et al. (2017), ``(length, dim)``, values in [-1, 1]."""
+    angle = torch.arange(length, dtype=torch.float32)[:, None] * torch.exp(
+        torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    codes = torch.zeros(length, dim)
+    codes[:, 0::2] = torch.sin(angle)
+    codes[:, 1::2] = torch.cos(angle[:, : dim // 2])
+    return codes
+
+
 class TransformerHead(nn.Module):
     """A small Transformer encoder with learned positions; masked mean of its outputs → logits.
 
@@ -121,8 +132,9 @@ class TransformerHead(nn.Module):
                  max_len: int = 256, dropout: float = 0.1):
         super().__init__()
         self.proj = nn.Sequential(nn.LayerNorm(input_dim), nn.Linear(input_dim, d_model))
-        self.pos = nn.Parameter(torch.zeros(1, max_len, d_model))
-        nn.init.normal_(self.pos, std=0.02)
+        # Learned positions, starting from the sine/cosine codes: order is visible from the first step
+        # (a near-zero start leaves the encoder order-blind, a mean-pool, until the positions are learned).
+        self.pos = nn.Parameter(sinusoidal_positions(max_len, d_model).unsqueeze(0))
         layer = nn.TransformerEncoderLayer(d_model, nhead, 2 * d_model, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.fc = nn.Sequential(nn.LayerNorm(d_model), nn.Dropout(dropout), nn.Linear(d_model, num_classes))

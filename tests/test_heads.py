@@ -34,6 +34,20 @@ def test_recurrent_heads_see_order(cls):
     assert not torch.allclose(head(x, mask), head(x.flip(1), mask))
 
 
+def test_transformer_sees_order_from_the_start():
+    """Positions start as the sine/cosine codes (distinct, order-revealing), not near zero: an untrained
+    Transformer head already tells a clip from its reverse (a near-zero start changes its logits ~1%)."""
+    codes = heads.sinusoidal_positions(4, 6)
+    torch.testing.assert_close(codes[0], torch.tensor([0.0, 1, 0, 1, 0, 1]))
+    torch.testing.assert_close(codes[:, 0], torch.sin(torch.arange(4.0)))
+    torch.manual_seed(0)
+    head = heads.TransformerHead(64, 10).eval()
+    assert torch.cdist(head.pos[0, :16], head.pos[0, :16]).add(torch.eye(16) * 10).min() > 1.0
+    x, mask = torch.randn(16, 8, 64), torch.ones(16, 8, dtype=torch.bool)
+    forward, reverse = head(x, mask), head(x.flip(1), mask)
+    assert ((forward - reverse).norm(dim=1) / forward.norm(dim=1)).mean() > 0.04
+
+
 def test_mean_pool_ignores_order():
     head = heads.MeanPoolHead(8, 3).eval()
     x, mask = torch.randn(1, 6, 8), torch.ones(1, 6, dtype=torch.bool)
