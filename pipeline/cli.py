@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="metrics", help="folder of metrics JSON files")
     p.add_argument("--out", default="metrics/summary.md", help="Markdown copy of the table ('' for none)")
     p.add_argument("--columns", nargs="+", metavar="PATTERN", default=None, help="only metrics matching these patterns, e.g. 'test/acc*'")
+    p.add_argument("--all", action="store_true", help="also the per-step forecasting metrics (test/h01/mse, ...)")
 
     p = sub.add_parser("ui", help="MLflow UI on this project's store, bound to 127.0.0.1", formatter_class=fmt)
     p.add_argument("--port", type=int, default=5000)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "report":
         from pipeline.report import report
 
-        print(report(args.metrics, args.out or None, args.columns))
+        print(report(args.metrics, args.out or None, args.columns, args.all))
     elif args.command == "ui":
         from pipeline import ui
 

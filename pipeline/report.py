@@ -5,17 +5,23 @@ Each file is the flat JSON of one experiment's test metrics (``metrics/NAME.json
 (``test/acc``, ``test/acc_top5``, ``test/f1``, ``test/loss``), the others in name order; an
 experiment without a metric leaves its cell empty (a forecaster has no accuracy). The best value of
 each column shared by several experiments is in bold: lowest for losses and errors, highest
-otherwise. ``--columns`` keeps only the metrics matching shell patterns (e.g. ``'test/acc*'``).
+otherwise; baselines (``test/copy_last/...``, the same for every model on the same data) are never
+bold. Per-step forecasting metrics (``test/h01/mse``, ...) are left out unless ``--all`` (they are
+also in ``plots/NAME/horizons.csv``). ``--columns`` keeps only the metrics matching shell patterns
+(e.g. ``'test/acc*'``; ``--all --columns 'test/h*/mse'`` for the per-step MSE).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from pathlib import Path
 
 FIRST = ("test/acc", "test/acc_top5", "test/f1", "test/loss")
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "error", "nll", "perplexity")
+PER_STEP = re.compile(r"/h\d+/")  # test/h01/mse, test/copy_last/h10/ssim
+BASELINE = "/copy_last/"
 
 
 def read(metrics_dir: Path) -> dict[str, dict[str, float]]:
@@ -37,19 +43,22 @@ def lower_is_better(metric: str) -> bool:
     return any(word in name for word in LOWER_IS_BETTER)
 
 
-def table(metrics_dir: Path, columns: list[str] | None = None) -> str:
-    """A Markdown table of the flat JSON metrics files in ``metrics_dir``."""
+def table(metrics_dir: Path, columns: list[str] | None = None, every: bool = False) -> str:
+    """A Markdown table of the flat JSON metrics files in ``metrics_dir``: every metric but the
+    per-step ones (those too with ``every``), only those matching ``columns`` if given."""
     results = read(Path(metrics_dir))
     if not results:
         return f"no metrics in {metrics_dir}/*.json yet"
     names = {k for row in results.values() for k in row}
+    if not every:
+        names = {k for k in names if not PER_STEP.search(k)}
     if columns:
         names = {k for k in names if any(fnmatch.fnmatchcase(k, pattern) for pattern in columns)}
     ordered = [c for c in FIRST if c in names] + sorted(names - set(FIRST))
     best = {}
     for c in ordered:
         values = [row[c] for row in results.values() if c in row]
-        if len(values) > 1:
+        if len(values) > 1 and BASELINE not in c:
             best[c] = min(values) if lower_is_better(c) else max(values)
 
     def cell(row: dict, c: str) -> str:
@@ -64,9 +73,10 @@ def table(metrics_dir: Path, columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def report(metrics_dir: str = "metrics", out: str | None = "metrics/summary.md", columns: list[str] | None = None) -> str:
+def report(metrics_dir: str = "metrics", out: str | None = "metrics/summary.md", columns: list[str] | None = None,
+           every: bool = False) -> str:
     """Print-ready table; also written to ``out`` (Markdown) when there are metrics."""
-    text = table(Path(metrics_dir), columns)
+    text = table(Path(metrics_dir), columns, every)
     if out and not text.startswith("no metrics"):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")

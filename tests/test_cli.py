@@ -42,6 +42,14 @@ def test_report_orders_columns_marks_the_best_and_filters(tmp_path, capsys):
     assert rows[1] == "| gru | **0.9000** | **0.8000** | **0.4000** | 3.0000 |  |  |  |"  # loss: lowest is best
     main(["report", "--metrics", str(tmp_path), "--out", "", "--columns", "test/acc", "test/mse*"])
     assert capsys.readouterr().out.splitlines()[0] == "| experiment | test/acc | test/mse | test/mse_t1 |"
+    (tmp_path / "forecast2.json").write_text('{"test/mse": 0.02, "test/h01/mse": 0.001, "test/copy_last/mse": 0.05}')
+    (tmp_path / "forecast.json").write_text('{"test/mse": 0.01, "test/h01/mse": 0.002, "test/copy_last/mse": 0.05}')
+    main(["report", "--metrics", str(tmp_path), "--out", "", "--columns", "test/*mse"])
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    assert header == "| experiment | test/copy_last/mse | test/mse |"  # per-step columns left out by default
+    assert rows[0] == "| forecast | 0.0500 | **0.0100** |"  # a baseline is never the best
+    main(["report", "--metrics", str(tmp_path), "--out", "", "--all"])
+    assert "| test/copy_last/mse | test/h01/mse | test/mse |" in capsys.readouterr().out.splitlines()[0]
     (tmp_path / "broken.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="broken.json: expected a JSON object"):
         main(["report", "--metrics", str(tmp_path), "--out", ""])
