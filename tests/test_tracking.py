@@ -194,6 +194,28 @@ def test_lineage_tags_read_dvc_lock_only_inside_a_stage(tmp_path, monkeypatch):
     assert inside["dvc.lock.frames"] == "aaa.dir (extract@gestures)"
 
 
+def test_git_dirty_ignores_what_dvc_repro_rewrites(tmp_path, monkeypatch):
+    from pipeline.tracking import run_tags
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for name in ("dvc.lock", "metrics/x.json", "configs/x.yaml", "params.yaml"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("a: 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
+    assert run_tags()["git_dirty"] == "False"
+    (tmp_path / "dvc.lock").write_text("a: 2\n")  # what a repro of this commit writes as its stages finish
+    (tmp_path / "metrics/x.json").write_text("a: 2\n")
+    assert run_tags()["git_dirty"] == "False"
+    (tmp_path / "params.yaml").write_text("a: 2\n")  # `dvc exp run -S` in the workspace, or a hand edit
+    assert run_tags()["git_dirty"] == "True"
+
+
 @pytest.mark.slow
 def test_sigterm_ends_the_run_failed_with_a_nonzero_status(tmp_path):
     import mlflow
