@@ -112,12 +112,18 @@ def rgb_difference(current: np.ndarray, following: np.ndarray) -> np.ndarray:
     return ((following.astype(np.int16) - current) // 2 + 128).astype(np.uint8)
 
 
+def following_steps(steps: np.ndarray, lengths: int | np.ndarray) -> np.ndarray:
+    """The frame after each of ``steps`` (``(..., T)`` of videos of ``lengths`` frames) that the
+    RGB difference pairs it with; a video's last frame pairs with itself."""
+    return np.minimum(steps + 1, np.asarray(lengths)[..., None] - 1)
+
+
 def clip_frames(frames: np.ndarray, num_segments: int, modality: Literal["rgb", "rgb_diff"] = "rgb") -> np.ndarray:
     """The evaluation clip of one video's uint8 frames ``(N, H, W, 3)``: the segment centres,
     ``(num_segments, H, W, 3)``, in the given modality (the rule :class:`FrameClips` applies)."""
     steps = segment_indices(len(frames), num_segments, None)
     if modality == "rgb_diff":
-        return rgb_difference(frames[steps], frames[np.minimum(steps + 1, len(frames) - 1)])
+        return rgb_difference(frames[steps], frames[following_steps(steps, len(frames))])
     return frames[steps]
 
 
@@ -141,8 +147,8 @@ class FrameClips(FeatureClips):
     def _clips(self, rows: list[IndexRow], steps: np.ndarray) -> torch.Tensor:
         if self.modality == "rgb":
             return torch.from_numpy(read_rows(self.store, rows, steps))
-        last = np.array([row.length for row in rows])[:, None] - 1
-        both = read_rows(self.store, rows, np.concatenate([steps, np.minimum(steps + 1, last)], 1))  # one read for both
+        following = following_steps(steps, [row.length for row in rows])
+        both = read_rows(self.store, rows, np.concatenate([steps, following], 1))  # one read for both
         return torch.from_numpy(rgb_difference(both[:, : self.num_segments], both[:, self.num_segments :]))
 
 
@@ -187,7 +193,6 @@ class FeatureDataModule(pl.LightningDataModule):
         self.features, self.num_segments, self.batch_size = features, num_segments, batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.store = store = self.store_type(features)  # reads index and meta; shards are mapped on first use
-        self.store_meta = store.meta
         self.classes = sorted({r.label for r in store.split("train")})
         if not self.classes:
             raise ValueError(f"{store.root / 'index.csv'}: no training videos")
@@ -201,6 +206,10 @@ class FeatureDataModule(pl.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def store_meta(self) -> dict:
+        return self.store.meta
 
     def _dataset(self, split: str) -> FeatureClips:
         return FeatureClips(self.store, self._splits[split], self.classes, self.num_segments, split == "train", self.seed,
@@ -378,11 +387,10 @@ class SequenceDataModule(pl.LightningDataModule):
             raise ValueError("give either frames (a frame store) or features (a feature store)")
         if context < 1 or horizon < 1:
             raise ValueError(f"context and horizon must be at least 1, got {context} and {horizon}")
-        self.kind: Literal["frames", "features"] = "frames" if frames else "features"
-        self.frames, self.features, self.root = frames, features, frames or features
+        self.frames, self.features = frames, features
         self.context, self.horizon, self.grayscale, self.augment, self.pool = context, horizon, grayscale, augment, pool
         self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
-        self.store = store = FrameStore(self.root) if frames else FeatureStore(self.root)  # index and meta; shards on first use
+        self.store = store = FrameStore(frames) if frames else FeatureStore(features)  # index and meta; shards on first use
         self.cache_key = getattr(store, "cache_key", "") if features else ""
         window = context + horizon
         self._splits = {s: [r for r in store.split(s) if r.length >= window] for s in ("train", "val", "test")}

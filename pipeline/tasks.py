@@ -281,8 +281,11 @@ class Forecaster(pl.LightningModule):
             optimizer.step()
             losses.append(loss.detach())
         scheduler.step()
-        self.log("train/loss", torch.stack(losses).mean(), on_step=False, on_epoch=True, batch_size=len(batch["x"]),
-                 sync_dist=True)
+        self.losses["train_loss"].update(torch.stack(losses).mean(), len(batch["x"]))
+
+    def on_train_epoch_start(self) -> None:
+        # Handed to Lightning once per epoch, as the Classifier does (see Classifier.on_train_epoch_start).
+        self.log("train/loss", self.losses["train_loss"], on_step=False, on_epoch=True)
 
     def _evaluate(self, batch: SequenceBatch, stage: str) -> None:
         x, context, horizon = batch["x"], self.hparams.context, self.hparams.horizon

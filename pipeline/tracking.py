@@ -60,9 +60,6 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-DVC_WRITES = ("dvc.lock", "metrics")  # git-tracked files that `dvc repro` rewrites as it goes
-
-
 def run_tags(**extra: str) -> dict[str, str]:
     """Lineage tags for a training run: git commit and dirty flag, DVC stage, host, plus ``extra``
     (the world size is tagged once the trainer knows it)."""
@@ -70,10 +67,11 @@ def run_tags(**extra: str) -> dict[str, str]:
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["git_commit"] = commit
-        # Dirty: a tracked file differs from the commit, other than what `dvc repro` itself rewrites
-        # (dvc.lock, and the metrics/ files of the stages already run), so a plain repro of a clean
-        # commit is not dirty while a `dvc exp run -S` in the workspace (which edits params) is.
-        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in DVC_WRITES))
+        # Dirty: a tracked file differs from the commit, other than what `dvc repro` itself rewrites as
+        # stages finish (dvc.lock and the stage outputs it records, such as metrics/NAME.json), so a
+        # plain repro of a clean commit is not dirty while a `dvc exp run -S` (which edits params) is.
+        rewritten = ["dvc.lock", *dvc_lock_outs(project_root())]
+        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in rewritten))
         tags["git_dirty"] = str(bool(changed))
     for env, tag in (("DVC_STAGE", "dvc_stage"), ("DVC_EXP_NAME", "dvc_exp_name")):
         if os.environ.get(env):

@@ -201,15 +201,17 @@ def test_git_dirty_ignores_what_dvc_repro_rewrites(tmp_path, monkeypatch):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)
 
-    for name in ("dvc.lock", "metrics/x.json", "configs/x.yaml", "params.yaml"):
+    for name in ("metrics/x.json", "configs/x.yaml", "params.yaml"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("a: 1\n")
+    lock = "schema: '2.0'\nstages:\n  train@x:\n    outs:\n    - path: metrics/x.json\n      hash: md5\n      md5: {}\n"
+    (tmp_path / "dvc.lock").write_text(lock.format("a" * 32))
     git("init", "-q")
     git("add", ".")
     git("commit", "-q", "-m", "start")
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
     assert run_tags()["git_dirty"] == "False"
-    (tmp_path / "dvc.lock").write_text("a: 2\n")  # what a repro of this commit writes as its stages finish
+    (tmp_path / "dvc.lock").write_text(lock.format("b" * 32))  # what a repro of this commit writes as its stages finish
     (tmp_path / "metrics/x.json").write_text("a: 2\n")
     assert run_tags()["git_dirty"] == "False"
     (tmp_path / "params.yaml").write_text("a: 2\n")  # `dvc exp run -S` in the workspace, or a hand edit
