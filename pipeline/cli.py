@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a feature store whose cache key differs")
 
     for name in TRAINING:
-        sub.add_parser(name, add_help=False, help=f"LightningCLI {name}: vpipe {name} -c configs/NAME.yaml (see vpipe {name} --help)")
+        what = {"fit": "train, test the best checkpoint, write metrics/NAME.json",
+                "validate": "evaluate models/NAME/best.ckpt (or --ckpt_path) on the val split",
+                "test": "evaluate models/NAME/best.ckpt (or --ckpt_path) on the test split, write metrics/NAME.json",
+                "predict": "write predictions/NAME-SPLIT.csv (--predict_split, default test) with models/NAME/best.ckpt"}[name]
+        sub.add_parser(name, add_help=False, help=f"{what}: vpipe {name} -c configs/NAME.yaml (see vpipe {name} --help)")
 
     p = sub.add_parser("report", help="table of every metrics/*.json, also written to metrics/summary.md", formatter_class=fmt)
     p.add_argument("--metrics", default="metrics", help="folder of metrics JSON files")
@@ -102,12 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         from pipeline.tracking import TrackingError
-        from pipeline.train import cli_main
+        from pipeline.train import CommandError, cli_main
 
         try:
             # From the console script LightningCLI reads sys.argv itself (given both, it warns on every run).
             cli_main(None if argv == sys.argv[1:] else argv)
-        except TrackingError as err:
+        except (TrackingError, CommandError) as err:
             sys.exit(f"vpipe {argv[0]}: {err}")
         except SIGTERMException:
             # Lightning stops at the end of the epoch with a bare SystemExit (status 0): DVC and schedulers

@@ -27,6 +27,12 @@ class Batch(TypedDict):
     y: torch.Tensor  # (B,) int64 class index
 
 
+class PredictBatch(Batch):
+    """What ``predict_step`` receives: a :class:`Batch` that also names its videos."""
+
+    video_id: list[str]  # (B,) the store's video ids
+
+
 def segment_indices(length: int | np.ndarray, num_segments: int, rng: np.random.Generator | None) -> np.ndarray:
     """TSN sampling: one index in each of ``num_segments`` equal segments of ``range(length)``.
 
@@ -152,6 +158,23 @@ class FrameClips(FeatureClips):
         return torch.from_numpy(rgb_difference(both[:, : self.num_segments], both[:, self.num_segments :]))
 
 
+class NamedClips(Dataset):
+    """The evaluation clips of ``clips`` as :class:`PredictBatch` items: each batch also carries the
+    ``video_id`` of its clips, so predictions name their videos whatever rank or order computed them."""
+
+    def __init__(self, clips: FeatureClips):
+        self.clips = clips
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.clips[i], "video_id": self.clips.rows[i].video_id}
+
+    def __getitems__(self, items: list[int]) -> PredictBatch:
+        return {**self.clips.__getitems__(items), "video_id": [self.clips.rows[i].video_id for i in items]}
+
+
 def already_batched(batch: Batch) -> Batch:
     """The DataLoader's collate_fn: the datasets' ``__getitems__`` return whole batches."""
     return batch
@@ -226,6 +249,19 @@ class FeatureDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+    # The split `vpipe predict --predict_split` reads: train, val, test or all (the three, in that order).
+    predict_split: Literal["train", "val", "test", "all"] = "test"
+
+    def predict_dataloader(self) -> DataLoader:
+        """Evaluation clips (segment centres, no augmentation) of ``predict_split``, with their video ids."""
+        split = self.predict_split
+        if split not in ("train", "val", "test", "all"):
+            raise ValueError(f"predict_split must be train, val, test or all, got {split!r}")
+        rows = [r for s in ("train", "val", "test") if split in (s, "all") for r in self._splits[s]]
+        clips = self._dataset("test")  # evaluation clips (train=False), then the rows of the chosen split
+        clips.rows = rows
+        return batch_loader(NamedClips(clips), False, self.batch_size, self.num_workers, self.pin_memory)
 
 
 class FrameDataModule(FeatureDataModule):

@@ -13,22 +13,40 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.data import Batch, SequenceBatch
+from pipeline.data import Batch, PredictBatch, SequenceBatch
 from pipeline.heads import ConvRecurrentForecaster, FeatureRecurrentCore, detach_state
 
 
 def adamw_warmup_cosine(module: pl.LightningModule, lr: float, weight_decay: float, warmup_epochs: int,
                         params: list[dict] | None = None) -> dict:
     """AdamW with a linear warm-up over ``warmup_epochs`` then a cosine decay to zero, stepped per batch,
-    over ``params`` (parameter groups, each may set its own ``lr``; default: all of ``module``'s)."""
+    over ``params`` (parameter groups, each may set its own ``lr``; default: all of ``module``'s).
+
+    An epoch is the optimiser steps of one pass over the training loader (its batches, after
+    ``limit_train_batches``, over ``accumulate_grad_batches``). The decay ends at the run's last step:
+    ``max_steps`` when set, else ``max_epochs`` epochs, whichever comes first. A run of unbounded length
+    (``max_epochs: -1`` without ``max_steps``, e.g. stopped by ``max_time`` or early stopping) has no
+    last step to decay towards: after the warm-up the learning rate stays constant at its peak.
+    """
     optimizer = torch.optim.AdamW(module.parameters() if params is None else params, lr=lr, weight_decay=weight_decay)
-    total = max(1, module.trainer.estimated_stepping_batches)
-    steps_per_epoch = max(1, total // max(1, module.trainer.max_epochs or 1))
-    warmup = min(total - 1, warmup_epochs * steps_per_epoch)
+    trainer = module.trainer
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()  # what estimated_stepping_batches does; needed for the epoch length
+    if trainer.num_training_batches == float("inf"):
+        raise ValueError("warmup_epochs needs a training loader with a length (an iterable dataset has none); "
+                         "set warmup_epochs: 0")
+    steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+    total = trainer.estimated_stepping_batches  # max_steps, or epochs × steps_per_epoch; inf when unbounded
+    warmup = warmup_epochs * steps_per_epoch
+    if total != float("inf"):
+        total = max(1, int(total))
+        warmup = min(total - 1, warmup)
 
     def schedule(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
+        if total == float("inf"):
+            return 1.0
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -82,7 +100,7 @@ class Classifier(pl.LightningModule):
         if backbone:
             from pipeline import backbone as timm_backbone  # timm is imported by end-to-end models only
 
-            model, _ = timm_backbone.create(backbone, weights=backbone_weights)
+            model, _ = timm_backbone.create(backbone, weights=backbone_weights, seed=None)  # global RNG
             prep = timm_backbone.preprocessing(model, backbone_input_size)
             self.encoder = timm_backbone.FrameEncoder(model.train(), prep, backbone_pool, backbone_grid)
             input_dim = self.encoder.output_dim
@@ -163,6 +181,12 @@ class Classifier(pl.LightningModule):
         self._log_epoch("test")
         self.test_confusion = self.confusion.compute().cpu()
         self.confusion.reset()
+
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> dict:
+        """Per clip: ``predicted`` class index ``(B,)`` and its softmax probability ``score`` ``(B,)``,
+        beside the batch's ``video_id`` and true ``y`` (``vpipe predict`` writes them to a CSV)."""
+        score, predicted = self(batch["x"], batch["mask"]).float().softmax(-1).max(-1)
+        return {"video_id": batch["video_id"], "y": batch["y"], "predicted": predicted, "score": score}
 
     def configure_optimizers(self):
         groups = [{"params": [p for n, p in self.named_parameters() if not n.startswith("encoder.")]}]
@@ -388,23 +412,37 @@ class FeatureForecaster(Forecaster):
         return torch.stack([mse, F.cosine_similarity(pred, target, dim=-1)], -1)
 
 
-def gaussian_ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Mean SSIM of ``(N, C, H, W)`` images as torchmetrics computes it (Gaussian window 11, σ 1.5,
-    reflected borders), with two 1-D convolutions instead of one 2-D: several times cheaper to
-    backpropagate through, for the loss (the reported metric is torchmetrics' own)."""
-    x = torch.arange(11, dtype=pred.dtype, device=pred.device) - 5
+def _gaussian_blur_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n, n)`` matrix ``M`` with ``M @ v`` = ``v`` reflect-padded by 5 then convolved with the SSIM
+    Gaussian (window 11, σ 1.5): the blur along one axis as a matrix product."""
+    x = torch.arange(11, dtype=dtype, device=device) - 5
     g = torch.exp(-x**2 / (2 * 1.5**2))
     g = g / g.sum()
+    rows = torch.arange(n, device=device).view(-1, 1).expand(-1, 11)
+    cols = (rows + torch.arange(11, device=device) - 5).abs()  # reflected at 0 ...
+    cols = torch.where(cols > n - 1, 2 * (n - 1) - cols, cols)  # ... and at n - 1 (needs n > 5, as F.pad's reflect)
+    return torch.zeros(n, n, dtype=dtype, device=device).index_put_((rows, cols), g.expand(n, -1), accumulate=True)
+
+
+def gaussian_ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0,
+                  reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
+    """SSIM of ``(N, C, H, W)`` images as torchmetrics computes it (Gaussian window 11, σ 1.5,
+    reflected borders, variances clamped at zero), averaged over everything (``mean``) or per image
+    (``none``: ``(N,)``). The separable blur is two matrix products (``M_h @ X @ M_w^T``): on a CPU
+    several times cheaper, forward and backward, than torchmetrics' 2-D (or two 1-D depthwise)
+    convolutions."""
+    if min(pred.shape[-2:]) <= 5:
+        raise ValueError(f"SSIM needs images larger than 5 pixels per side, got {tuple(pred.shape[-2:])}")
     c = pred.shape[1]
     maps = torch.cat([pred, target, pred * pred, target * target, pred * target], 1)  # (N, 5C, H, W)
-    k = maps.shape[1]
-    maps = F.pad(maps, (5, 5, 5, 5), mode="reflect")
-    maps = F.conv2d(F.conv2d(maps, g.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k), g.view(1, 1, -1, 1).expand(k, 1, -1, 1),
-                    groups=k)
+    blur_h = _gaussian_blur_matrix(maps.shape[-2], maps.dtype, maps.device)
+    blur_w = _gaussian_blur_matrix(maps.shape[-1], maps.dtype, maps.device)
+    maps = blur_h @ maps @ blur_w.T
     mp, mt, pp, tt, pt = maps.split(c, 1)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim = (2 * mp * mt + c1) * (2 * (pt - mp * mt) + c2) / ((mp * mp + mt * mt + c1) * (pp - mp * mp + tt - mt * mt + c2))
-    return ssim.mean()
+    var_p, var_t = (pp - mp * mp).clamp(min=0), (tt - mt * mt).clamp(min=0)
+    ssim = (2 * mp * mt + c1) * (2 * (pt - mp * mt) + c2) / ((mp * mp + mt * mt + c1) * (var_p + var_t + c2))
+    return ssim.flatten(1).mean(1) if reduction == "none" else ssim.mean()
 
 
 class FrameForecaster(Forecaster):
@@ -417,8 +455,8 @@ class FrameForecaster(Forecaster):
     other two terms favour black where nothing is likely. Metrics per predicted frame (``hKK``) and averaged: ``mse`` and ``mae`` per
     pixel; ``mse_frame`` and ``mae_frame`` summed over one frame's pixels (the Moving MNIST
     convention of published tables such as OpenSTL's: values in [0, 1], summed over H × W, averaged
-    over frames); ``ssim`` and ``psnr`` (torchmetrics, data range 1; PSNR capped at 100 dB where a
-    frame is reproduced exactly).
+    over frames); ``ssim`` and ``psnr`` (as torchmetrics computes them, data range 1; SSIM by
+    :func:`gaussian_ssim`, PSNR capped at 100 dB where a frame is reproduced exactly).
 
     Args:
         input_dim: channels per frame, 1 for grayscale (linked from the data module).
@@ -471,12 +509,12 @@ class FrameForecaster(Forecaster):
         return loss
 
     def sample_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+        from torchmetrics.functional.image import peak_signal_noise_ratio
 
         b, k = pred.shape[:2]
         err = (pred - target).flatten(2)  # (B, K, C*H*W)
         frames_p, frames_t = pred.flatten(0, 1).float(), target.flatten(0, 1).float()  # (B*K, C, H, W)
-        ssim = structural_similarity_index_measure(frames_p, frames_t, data_range=1.0, reduction="none")
+        ssim = gaussian_ssim(frames_p, frames_t, reduction="none")  # torchmetrics' SSIM, ~10x cheaper on a CPU
         psnr = peak_signal_noise_ratio(frames_p, frames_t, data_range=1.0, reduction="none", dim=(1, 2, 3)).clamp(max=100.0)
         return torch.stack([err.pow(2).mean(-1), err.pow(2).sum(-1), err.abs().mean(-1), err.abs().sum(-1),
                             ssim.view(b, k), psnr.view(b, k)], -1)

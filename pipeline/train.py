@@ -3,6 +3,11 @@
 ``vpipe fit -c configs/NAME.yaml`` trains, then tests the best checkpoint, then writes
 ``metrics/NAME.json``; checkpoints go to ``models/NAME/{best,last}.ckpt``, per-epoch curves to
 ``plots/NAME/epochs.csv``, and everything into one MLflow run of experiment NAME.
+
+``vpipe validate|test|predict -c configs/NAME.yaml`` evaluate ``models/NAME/best.ckpt`` unless
+``--ckpt_path`` names another checkpoint (``last`` means ``models/NAME/last.ckpt``), and refuse to run
+when it does not exist: untrained weights would overwrite ``metrics/NAME.json`` with chance values.
+``vpipe predict`` writes ``predictions/NAME-SPLIT.csv`` (see :class:`PredictionCSV`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,14 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from pipeline import tracking
 from pipeline.forecast import ForecastReport
+
+
+class CommandError(ValueError):
+    """A training command cannot run as given; the message says why and what to run instead."""
 
 
 class LogConfigToMLflow(SaveConfigCallback):
@@ -133,6 +143,47 @@ class ConfusionReport(Callback):
         plt.close(fig)
 
 
+class PredictionCSV(Callback):
+    """After ``vpipe predict``: ``path`` holds one ``video_id,label,predicted,score`` row per video
+    (``label`` the store's, ``score`` the softmax probability of the predicted class), sorted by video id,
+    gathered from every rank and written atomically by rank zero; also an MLflow artifact."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: list[tuple[str, str, str, float]] = []
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = []
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int,
+                             dataloader_idx: int = 0) -> None:
+        classes = list(trainer.datamodule.classes)
+        self.rows += [(video, classes[y], classes[p], score) for video, y, p, score in
+                      zip(outputs["video_id"], outputs["y"].tolist(), outputs["predicted"].tolist(), outputs["score"].tolist(),
+                          strict=True)]
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows = self.rows
+        if trainer.world_size > 1:  # each rank predicted its own videos (an unrepeated sampler): join them
+            import torch
+
+            parts: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [row for part in parts for row in part]
+        if not trainer.is_global_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["video_id", "label", "predicted", "score"])
+            writer.writerows((video, label, predicted, f"{score:.6f}") for video, label, predicted, score in sorted(rows))
+        os.replace(tmp, self.path)
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_artifact(logger.run_id, str(self.path), "predict")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it into place: a job killed while
     saving leaves the previous ``last.ckpt`` intact instead of a truncated one."""
@@ -197,6 +248,8 @@ class VPipeCLI(LightningCLI):
         parser.add_argument("--name", required=True, help="experiment name: models/NAME, metrics/NAME.json, MLflow experiment")
         parser.add_argument("--monitor", default="val/acc", help="metric that selects the best checkpoint")
         parser.add_argument("--monitor_mode", default="max", choices=["min", "max"])
+        parser.add_argument("--predict_split", default="test", choices=["train", "val", "test", "all"],
+                            help="vpipe predict: the split whose videos are predicted (predictions/NAME-SPLIT.csv)")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_dim", "model.init_args.input_dim", apply_on="instantiate")
         # Forecasting data modules (pipeline.data.SequenceDataModule) also give the window and the
@@ -208,9 +261,35 @@ class VPipeCLI(LightningCLI):
     def experiment(self) -> str:
         return self._get(self.config, "name")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand in ("validate", "test", "predict"):
+            # Before LightningCLI reads the checkpoint's hyperparameters, which it does for a given path only.
+            self.config[subcommand].ckpt_path = self._evaluated_checkpoint(subcommand, self.config[subcommand])
+
+    @staticmethod
+    def _evaluated_checkpoint(subcommand: str, config) -> str | None:
+        """The checkpoint validate, test and predict evaluate: ``--ckpt_path`` (``best`` and ``last`` name
+        ``models/NAME/{best,last}.ckpt``), by default ``models/NAME/best.ckpt``; it must exist."""
+        ckpt = config.get("ckpt_path")
+        if ckpt == "hpc" or "://" in str(ckpt):  # Lightning's SLURM auto-requeue checkpoint; remote storage
+            return ckpt
+        models = tracking.workspace() / "models" / config.get("name")
+        path = models / f"{ckpt or 'best'}.ckpt" if ckpt in (None, "best", "last") else Path(ckpt)
+        if not path.is_file():
+            configs = " ".join(f"-c {c}" for c in config.get("config") or []) or "-c configs/NAME.yaml"
+            raise CommandError(f"no checkpoint at {path}: vpipe {subcommand} evaluates trained weights, not a random "
+                               f"initialisation; train first with `vpipe fit {configs}`, or give --ckpt_path PATH")
+        return str(path)
+
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         root = tracking.workspace()
         name = self.experiment
+        if self.subcommand == "predict" and not is_overridden("predict_step", self.model):
+            raise CommandError(f"{type(self.model).__qualname__} has no predict step: vpipe predict writes the class "
+                               "predictions of a pipeline.tasks.Classifier; roll out a forecaster with "
+                               "`vpipe forecast VIDEO --ckpt CKPT --out OUT.mp4`")
         config = self._get(self.config_init, "trainer", default={})
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         if self.subcommand == "fit":
@@ -224,6 +303,10 @@ class VPipeCLI(LightningCLI):
             ]
         if self.subcommand in ("fit", "test"):
             callbacks += [ConfusionReport(root / "plots" / name), ForecastReport(root / "plots" / name)]
+        if self.subcommand == "predict":
+            split = self._get(self.config, "predict_split")
+            self.datamodule.predict_split = split
+            callbacks.append(PredictionCSV(root / "predictions" / f"{name}-{split}.csv"))
         if config.get("logger") in (None, True):
             configs = [str(c) for c in self._get(self.config, "config", default=None) or []]
             tags = tracking.run_tags(feature_cache_key=getattr(self.datamodule, "cache_key", ""),
