@@ -3,7 +3,7 @@
     python bench/train.py [--videos N] [--repeat R]      # defaults: 4000 clips, best of 5
 
 On a feature store of N clips (random float16 grid features, 8 segments per clip, 2048 values per
-step, 10 classes), with configs/gesture_gru_features.yaml's head and batch size:
+step, 10 classes), with configs/gesture_gru.yaml's head and batch size:
 
 - ours: `vpipe fit` (LightningCLI, the Classifier with its metrics, AdamW + cosine schedule, gradient
   clipping, TSN sampling from the memory-mapped store), the steps of its training epoch timed by a
@@ -38,7 +38,7 @@ from pipeline.heads import GRUHead  # noqa: E402
 from pipeline.stores import StoreWriter  # noqa: E402
 from pipeline.train import VPipeCLI  # noqa: E402
 
-CONFIG = HERE.parent / "configs" / "gesture_gru_features.yaml"
+CONFIG = HERE.parent / "configs" / "gesture_gru.yaml"
 
 
 def feature_store(folder: Path, videos: int) -> Path:
@@ -123,7 +123,7 @@ def main() -> None:
             limit = max(limit, bare(store))
             stage = max(stage, ours(store, Path(tmp)))
     ratio = stage / limit
-    print(f"\none training epoch, {args.videos} clips ({int(args.videos * 0.8)} train), configs/gesture_gru_features.yaml, "
+    print(f"\none training epoch, {args.videos} clips ({int(args.videos * 0.8)} train), configs/gesture_gru.yaml, "
           f"best of {args.repeat}, {torch.get_num_threads()} torch threads")
     print(f"{'':24}{'steps/s':>10}")
     print(f"{'bare PyTorch loop':24}{limit:10.1f}")

@@ -171,6 +171,46 @@ def _load_strict(model: nn.Module, state: dict, path: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def card_path(weights: str | Path) -> Path:
+    """The card beside a weights file: ``backbone.safetensors`` → ``backbone.json``."""
+    return Path(weights).with_suffix(".json")
+
+
+def save(model: nn.Module, path: str | Path, card: dict) -> dict:
+    """Write ``model.state_dict()`` (a ``num_classes=0`` timm model) as ``.safetensors`` and its card
+    beside it, each through a temporary file and a rename; returns the card with the file's sha256.
+
+    The card records what a features run must repeat (backbone name, input size, modality) and how
+    the weights were made (frame store hash, objective, val metrics).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    card = {**card, "weights_file": path.name, "weights_sha256": file_sha256(path)}
+    tmp = card_path(path).with_name(f".{card_path(path).name}.tmp")
+    tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    tmp.replace(card_path(path))
+    return card
+
+
+def read_card(weights: str | Path) -> dict | None:
+    """The card beside ``weights`` (None when there is none); refuses a card of other weights."""
+    path = card_path(weights)
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BackboneError(f"{path}: not a JSON backbone card ({err})") from err
+    if card.get("weights_sha256") and card["weights_sha256"] != file_sha256(weights):
+        raise BackboneError(f"{path}: describes other weights than {weights} (sha256 differs); re-run the backbone stage")
+    return card
+
+
 def preprocessing(model: nn.Module, input_size: int | None = None) -> Preprocessing:
     """The model's own preprocessing from timm's data config; ``input_size`` overrides its side."""
     cfg = timm.data.resolve_model_data_config(model)

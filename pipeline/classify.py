@@ -98,6 +98,8 @@ def _backbone(meta: dict, weights: str | None, source: str) -> torch.nn.Module:
     from pipeline.stores import file_sha256
 
     identity = meta.get("weights") or {}
+    if not weights and meta.get("weights_path") and Path(meta["weights_path"]).is_file():
+        weights = meta["weights_path"]  # where the features stage read them (checked by hash below)
     try:
         if "weights_sha256" in identity:
             if not weights:
@@ -154,13 +156,14 @@ def load(path: str | Path, weights: str | None = None, device: str = "cpu", sour
         model.load_state_dict(checkpoint["state_dict"])
     except Exception as err:  # noqa: BLE001 - config and state-dict errors come in many types
         raise ClassifyError(f"{source}: the model cannot be rebuilt from its recipe ({type(err).__name__}: {err})") from err
-    encoder = None
+    encoder, modality = None, recipe.get("modality", "rgb")
     if recipe.get("input") == "features":
         encoder = _backbone(recipe["features_meta"], weights, source).to(device)
+        modality = recipe["features_meta"].get("modality", "rgb")  # what the cached features were computed from
     params = recipe["frames_meta"].get("params") or {}
     size = params.get("size")
     return Classifier(model.eval().to(device), list(recipe["classes"]), int(recipe["num_segments"]), float(params.get("fps") or 0.0),
-                      tuple(size) if size else None, encoder, source, recipe.get("modality", "rgb"))
+                      tuple(size) if size else None, encoder, source, modality)
 
 
 def windows(path: Path, fps: float, size: tuple[int, int] | None, window: float | None,

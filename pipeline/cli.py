@@ -39,14 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="cache CNN features of a frame store (Lightning predict job)", formatter_class=fmt)
     p.add_argument("--frames", required=True, help="frame store folder")
     p.add_argument("--out", required=True, help="feature store folder (replaced atomically)")
-    p.add_argument("--backbone", required=True, help="timm model name, e.g. resnet18")
+    p.add_argument("--backbone", default=None,
+                   help="timm model name, e.g. resnet18 (default: the one named by the card beside --weights)")
     w = p.add_mutually_exclusive_group()
-    w.add_argument("--weights", default=None, help="local .safetensors or .pth weights")
-    w.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the model hub)")
+    w.add_argument("--weights", default=None,
+                   help="local .safetensors or .pth weights, e.g. the backbone stage's models/backbone_NAME/backbone.safetensors")
+    w.add_argument("--pretrained", action="store_true",
+                   help="timm's pretrained weights (offline for tf_efficientnet_lite0; other models need the model hub)")
     p.add_argument("--seed", type=int, default=0, help="random-initialisation seed when no weights are given")
     p.add_argument("--pool", choices=["avg", "grid"], default="avg", help="avg: (N, D); grid: (N, C, G, G)")
     p.add_argument("--grid", type=int, default=4, help="G for --pool grid")
-    p.add_argument("--input-size", type=int, default=None, help="side fed to the model; default: the model's own")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="side fed to the model; default: the weights' card (backbone.json beside them), else the model's own")
+    p.add_argument("--modality", choices=["rgb", "rgb_diff"], default=None,
+                   help="rgb: the frames; rgb_diff: each frame's difference to the next (TSN). Default: the weights' card, else rgb")
     p.add_argument("--batch-size", type=int, default=64, help="frames per batch, per device")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, up to 4 on GPU)")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto, ...")
@@ -66,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="table of every metrics/*.json, also written to metrics/summary.md", formatter_class=fmt)
     p.add_argument("--metrics", default="metrics", help="folder of metrics JSON files")
     p.add_argument("--out", default="metrics/summary.md", help="Markdown copy of the table ('' for none)")
+    p.add_argument("--no-timings", action="store_true", help="leave out the run durations read from MLflow")
     p.add_argument("--columns", nargs="+", metavar="PATTERN", default=None, help="only metrics matching these patterns, e.g. 'test/acc*'")
     p.add_argument("--all", action="store_true", help="also the per-step forecasting metrics (test/h01/mse, ...)")
 
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         devices = int(args.devices) if args.devices.isdigit() else args.devices
         try:
             compute(args.frames, args.out, name=args.backbone, weights=args.weights, pretrained=args.pretrained, pool=args.pool,
-                    grid=args.grid, input_size=args.input_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                    grid=args.grid, input_size=args.input_size, modality=args.modality, batch_size=args.batch_size, num_workers=args.num_workers,
                     accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
                     precision=args.precision, seed=args.seed, overwrite=args.overwrite)
         except (BackboneError, StoreError, FeatureCacheError) as err:
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "report":
         from pipeline.report import report
 
-        print(report(args.metrics, args.out or None, args.columns, args.all))
+        print(report(args.metrics, args.out or None, args.columns, args.all, timings=not args.no_timings))
     elif args.command == "ui":
         from pipeline import ui
 

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -27,6 +28,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import backbone
+from pipeline.data import check_modality, rgb_difference
 from pipeline.stores import FeatureStore, FrameStore, NpyAppender, StoreError, clean_stale, finalize
 
 
@@ -35,17 +37,29 @@ class FeatureCacheError(RuntimeError):
 
 
 class FrameSlices(Dataset):
-    """Item ``i``: ``(shard, start, frames[start:stop])``, the ``i``-th slice of at most ``batch`` rows."""
+    """Item ``i``: ``(shard, start, frames[start:stop])``, the ``i``-th slice of at most ``batch`` rows.
 
-    def __init__(self, store: FrameStore, batch: int):
-        self.root = store.root
+    ``modality="rgb_diff"`` gives each frame's RGB difference to the next frame of its video
+    (:func:`pipeline.data.rgb_difference`; a video's last frame pairs with itself), the input that
+    end-to-end ``rgb_diff`` models and :func:`pipeline.data.clip_frames` use.
+    """
+
+    def __init__(self, store: FrameStore, batch: int, modality: Literal["rgb", "rgb_diff"] = "rgb"):
+        check_modality(modality)
+        self.root, self.modality = store.root, modality
         self.slices = []
+        self.following: dict[int, np.ndarray] = {}  # per shard: the row each row is differenced with
         for shard in sorted({r.shard for r in store.index}):
             rows = len(store.shard(shard))
             expected = max(r.offset + r.length for r in store.index if r.shard == shard)
             if rows < expected:
                 raise StoreError(f"{store.root}/frames-{shard:05d}.npy: holds {rows} frames, index.csv needs {expected}")
             self.slices += [(shard, s, min(s + batch, rows)) for s in range(0, rows, batch)]
+            following = np.arange(1, rows + 1)
+            for r in store.index:
+                if r.shard == shard and r.length:
+                    following[r.offset + r.length - 1] = r.offset + r.length - 1
+            self.following[shard] = np.minimum(following, rows - 1)
         self._store: FrameStore | None = None  # opened lazily: one memory map per worker process
 
     def __len__(self) -> int:
@@ -55,7 +69,11 @@ class FrameSlices(Dataset):
         if self._store is None:
             self._store = FrameStore(self.root)
         shard, start, stop = self.slices[i]
-        return shard, start, torch.from_numpy(np.array(self._store.shard(shard)[start:stop]))  # a copy: memmaps are read-only
+        if self.modality == "rgb":
+            return shard, start, torch.from_numpy(np.array(self._store.shard(shard)[start:stop]))  # a copy: memmaps are read-only
+        following = self.following[shard][start:stop]
+        frames = np.asarray(self._store.shard(shard)[start : int(following.max()) + 1])  # the slice and one row more
+        return shard, start, torch.from_numpy(rgb_difference(frames[: stop - start], frames[following - start]))
 
 
 class Encoder(pl.LightningModule):
@@ -137,12 +155,13 @@ def compute(
     frames: str,
     out: str,
     *,
-    name: str,
+    name: str | None = None,
     weights: str | None = None,
     pretrained: bool = False,
     pool: str = "avg",
     grid: int = 4,
     input_size: int | None = None,
+    modality: Literal["rgb", "rgb_diff"] | None = None,
     batch_size: int = 64,
     num_workers: int | None = None,
     accelerator: str = "auto",
@@ -155,6 +174,10 @@ def compute(
 ) -> dict | None:
     """Compute features of every frame of the store ``frames`` into the feature store ``out``.
 
+    Weights from the backbone stage come with a card beside them (``backbone.json``): its input size
+    and modality are the defaults here, and a name, size or modality that contradicts it is refused.
+    Without a card the defaults are the model's own input size and ``rgb``.
+
     Returns the store's meta on global rank 0 (None on other ranks).
 
     Raises:
@@ -164,9 +187,25 @@ def compute(
     """
     frames_root, out = Path(frames), Path(out)
     store = FrameStore(frames_root)
+    card = backbone.read_card(weights) if weights and Path(weights).is_file() else None
+    if card:
+        for option, given, trained in (("--backbone", name, card.get("backbone")), ("--input-size", input_size, card.get("input_size")),
+                                       ("--modality", modality, card.get("modality"))):
+            if given is not None and trained is not None and given != trained:
+                raise FeatureCacheError(f"{weights}: trained as {option} {trained} ({backbone.card_path(weights)}), "
+                                        f"this run asks for {given}")
+        name = name or card.get("backbone")
+        input_size = input_size or card.get("input_size")
+        modality = modality or card.get("modality")
+    if not name:
+        raise FeatureCacheError("which backbone? give --backbone NAME, or --weights FILE with its card (backbone.json) beside it")
+    modality = modality or "rgb"
+    check_modality(modality)
     model, identity = backbone.create(name, weights=weights, pretrained=pretrained, seed=seed)
     prep = backbone.preprocessing(model, input_size)
-    key, key_parts = backbone.cache_key(name, identity, prep, pool, grid, store.meta["content_hash"])
+    trainer_precision = precision or default_precision(accelerator)
+    key, key_parts = backbone.cache_key(name, identity, prep, pool, grid, store.meta["content_hash"], modality=modality,
+                                        precision=trainer_precision)
     if (out / "meta.json").is_file():
         previous = FeatureStore(out).meta.get("cache_key")
         if previous == key and not overwrite:
@@ -183,7 +222,7 @@ def compute(
     writer = PartWriter(tmp)
     tty = sys.stderr.isatty()
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                         precision=precision or default_precision(accelerator), logger=False,
+                         precision=trainer_precision, logger=False,
                          callbacks=[writer, *([FramesPerSecondBar()] if tty else [])], enable_progress_bar=tty,
                          enable_model_summary=False)
     on_gpu = trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
@@ -193,7 +232,7 @@ def compute(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     workers = num_workers if num_workers is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
-    loader = DataLoader(FrameSlices(store, batch_size), batch_size=None, num_workers=workers, pin_memory=on_gpu,
+    loader = DataLoader(FrameSlices(store, batch_size, modality), batch_size=None, num_workers=workers, pin_memory=on_gpu,
                         persistent_workers=False)
     started = time.perf_counter()
     trainer.predict(Encoder(encoder), loader, return_predictions=False)
@@ -204,7 +243,8 @@ def compute(
         assemble(tmp, store, shape)
         seconds = time.perf_counter() - started
         meta = {"kind": "features", "cache_key": key, **key_parts, "feature_shape": list(shape), "dtype": "float16",
-                "frames": str(frames_root), "world_size": trainer.world_size}
+                "frames": str(frames_root), "world_size": trainer.world_size,
+                **({"weights_path": str(weights), "backbone_card": card} if weights else {})}
         finalize(tmp, out, store.index, store.errors, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -73,10 +73,40 @@ def table(metrics_dir: Path, columns: list[str] | None = None, every: bool = Fal
     return "\n".join(lines)
 
 
+def durations(names: list[str]) -> str:
+    """A Markdown table of how long the newest MLflow run of each experiment in ``names`` took
+    (``vpipe fit``: from the logger's start to the end of the test, process start-up not included);
+    empty when the store has none of them."""
+    from pipeline import tracking
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return ""  # no store yet: nothing to read, and nothing to create
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    rows = []
+    for name in names:
+        experiment = client.get_experiment_by_name(name)
+        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1) \
+            if experiment else []
+        if runs and runs[0].info.end_time:
+            info = runs[0].info
+            rows.append(f"| {name} | {info.run_name} | {info.status} | {(info.end_time - info.start_time) / 1000:.1f} |")
+    if not rows:
+        return ""
+    return "\n".join(["| experiment | newest run | status | seconds |", "|---|---|---|---:|", *rows])
+
+
 def report(metrics_dir: str = "metrics", out: str | None = "metrics/summary.md", columns: list[str] | None = None,
-           every: bool = False) -> str:
-    """Print-ready table; also written to ``out`` (Markdown) when there are metrics."""
+           every: bool = False, timings: bool = True) -> str:
+    """Print-ready table, then (``timings``) each experiment's newest run duration from MLflow; also
+    written to ``out`` (Markdown) when there are metrics."""
     text = table(Path(metrics_dir), columns, every)
+    if timings and not text.startswith("no metrics"):
+        took = durations(sorted(read(Path(metrics_dir))))
+        if took:
+            text += "\n\nRun durations (MLflow):\n\n" + took
     if out and not text.startswith("no metrics"):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")

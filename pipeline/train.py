@@ -248,6 +248,9 @@ class VPipeCLI(LightningCLI):
         parser.add_argument("--name", required=True, help="experiment name: models/NAME, metrics/NAME.json, MLflow experiment")
         parser.add_argument("--monitor", default="val/acc", help="metric that selects the best checkpoint")
         parser.add_argument("--monitor_mode", default="max", choices=["min", "max"])
+        parser.add_argument("--export_backbone", type=bool, default=False,
+                            help="the backbone stage: after fit, validate the best checkpoint (the test split is never "
+                                 "read) and write its CNN to models/NAME/backbone.safetensors + backbone.json")
         parser.add_argument("--predict_split", default="test", choices=["train", "val", "test", "all"],
                             help="vpipe predict: the split whose videos are predicted (predictions/NAME-SPLIT.csv)")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -333,7 +336,11 @@ class VPipeCLI(LightningCLI):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(RunIdInCheckpoint.KEY)
 
     def after_fit(self) -> None:
-        """Test the best checkpoint, write ``metrics/NAME.json``, register the best checkpoint in MLflow."""
+        """Test the best checkpoint, write ``metrics/NAME.json``, register the best checkpoint in MLflow
+        (with ``export_backbone``: :meth:`export_backbone` instead)."""
+        if self._get(self.config, "export_backbone"):
+            self.export_backbone()
+            return
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
         metrics = self.after_test()
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
@@ -343,6 +350,47 @@ class VPipeCLI(LightningCLI):
                         if k in ("git_commit", "git_dirty", "dvc_stage", "dvc_exp_name", "data.features.cache_key")}
                 version = tracking.register_best(logger.experiment, self.experiment, logger.run_id, Path(best), metrics, tags)
                 logger.experiment.set_tag(logger.run_id, "registered_model", f"models:/{self.experiment}/{version}")
+
+    def export_backbone(self) -> None:
+        """The backbone stage's ending: validate the best checkpoint, then write its CNN (no classifier) to
+        ``models/NAME/backbone.safetensors`` with a card ``backbone.json`` (name, input size, modality,
+        frame store hash, objective, val metrics) and the val metrics to ``metrics/NAME.json``. The test
+        split stays unseen: the temporal heads trained on these features report on it."""
+        from pipeline import backbone
+
+        model, dm = self.model, self.datamodule
+        if getattr(model, "encoder", None) is None:
+            raise ValueError(f"{self.experiment}: export_backbone needs a model with `backbone: NAME` (trained end to end)")
+        self.trainer.validate(model, datamodule=dm, ckpt_path="best")  # loads the best weights into model
+        metrics = {k: round(float(v), 6) for k, v in sorted(self.trainer.callback_metrics.items()) if k.startswith("val/")}
+        if not self.trainer.is_global_zero:
+            return
+        root = tracking.workspace()
+        store = dm.store_meta
+        card = {"backbone": model.hparams.backbone, "input_size": int(model.encoder.prep.input_size[0]),
+                "modality": getattr(dm, "modality", "rgb"), "frames": str(dm.store.root),
+                "frames_content_hash": store.get("content_hash"), "num_segments": dm.num_segments,
+                "objective": f"clip classification, {type(model.head).__name__} over {dm.num_segments} segments",
+                "classes": list(dm.classes), "best_epoch": self._best_epoch(), "val": metrics}
+        path = root / "models" / self.experiment / "backbone.safetensors"
+        card = backbone.save(model.encoder.model, path, card)
+        out = root / "metrics" / f"{self.experiment}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2) + "\n")
+        for logger in self.trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.log_metrics(metrics, step=self.trainer.global_step)
+                for file in (path, backbone.card_path(path)):
+                    logger.experiment.log_artifact(logger.run_id, str(file), "backbone")
+                logger.experiment.set_tag(logger.run_id, "backbone.weights_sha256", card["weights_sha256"])
+
+    def _best_epoch(self) -> int | None:
+        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        if not best:
+            return None
+        import torch
+
+        return int(torch.load(best, map_location="cpu", weights_only=True, mmap=True).get("epoch", -1))
 
     def after_test(self) -> dict[str, float]:
         """Write the test metrics (synced over all ranks) to ``metrics/NAME.json`` on rank zero; returns them."""

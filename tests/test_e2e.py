@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED = ["gesture_gru", "gesture_lstm", "gesture_rnn", "gesture_transformer", "gesture_meanpool", "action_lstm", "action_gru"]
+TRAINED = ["gesture_gru", "gesture_lstm", "gesture_rnn", "gesture_transformer", "gesture_meanpool", "gesture_rowlstm",
+           "action_lstm", "action_gru", "gesture_gru_e2e"]
+BACKBONES = ["backbone_gestures", "backbone_actions"]
 
 
 def copy_repository(dest: Path) -> None:
@@ -32,9 +34,8 @@ def shrink(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for item in params["synthetic"].values():
         item["count"] = 3
-    params["features"]["input_size"] = 64
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    for name in TRAINED:
+    for name in TRAINED + BACKBONES:
         path = repo / "configs" / f"{name}.yaml"
         config = yaml.safe_load(path.read_text())
         config["trainer"]["max_epochs"] = 2
@@ -61,7 +62,7 @@ def test_dvc_repro_runs_every_stage(tmp_path):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], repo, env)
 
     log = run(["dvc", "repro"], repo, env)
-    for stage in ("synth@gestures", "extract@digits", "features@actions", "train@gesture_gru", "report"):
+    for stage in ("synth@gestures", "extract@digits", "backbone@actions", "features@actions", "train@gesture_gru", "report"):
         assert f"Running stage '{stage}'" in log
 
     for dataset in ("gestures", "actions", "digits"):
@@ -72,13 +73,20 @@ def test_dvc_repro_runs_every_stage(tmp_path):
     for dataset in ("gestures", "actions"):
         for name in ("features-00000.npy", "index.csv", "errors.csv", "meta.json"):
             assert (repo / "data/features" / dataset / name).is_file()
+        # The features come from the backbone stage's weights, in the modality it was trained on.
+        card = json.loads((repo / "models" / f"backbone_{dataset}" / "backbone.json").read_text())
+        meta = json.loads((repo / "data/features" / dataset / "meta.json").read_text())
+        assert meta["weights"]["weights_sha256"] == card["weights_sha256"] and meta["modality"] == card["modality"]
+        assert card["frames_content_hash"] == meta["frames_hash"]
+        assert not any(k.startswith("test/") for k in json.loads((repo / "metrics" / f"backbone_{dataset}.json").read_text()))
     for name in TRAINED:
         assert (repo / "models" / name / "best.ckpt").is_file() and (repo / "models" / name / "last.ckpt").is_file()
         metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
         assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
         epochs = (repo / "plots" / name / "epochs.csv").read_text().splitlines()
         assert epochs[0].startswith("epoch,") and len(epochs) == 3  # header + 2 epochs
-    assert "| gesture_gru |" in (repo / "metrics" / "summary.md").read_text()
+    summary = (repo / "metrics" / "summary.md").read_text()
+    assert "| gesture_gru |" in summary and "Run durations (MLflow)" in summary
     plots = run(["dvc", "plots", "show", "--json"], repo, env)
     assert "plots/gesture_gru/predictions.csv" in plots and "val_accuracy" in plots
 
@@ -100,6 +108,11 @@ def test_dvc_repro_runs_every_stage(tmp_path):
         assert experiment.artifact_location.startswith((repo / "mlartifacts").as_uri())
         assert "config.yaml" in [a.path for a in client.list_artifacts(run_.info.run_id)]
         assert "test/confusion.png" in [a.path for a in client.list_artifacts(run_.info.run_id, "test")]
+    for name in BACKBONES:  # one run each, in its own experiment, with the exported weights and card
+        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "val/acc" in runs[0].data.metrics
+        artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "backbone")}
+        assert artifacts == {"backbone/backbone.safetensors", "backbone/backbone.json"}
     assert not (repo / "mlruns").exists()
 
     again = run(["dvc", "repro"], repo, env)

@@ -14,7 +14,9 @@ from pipeline.stores import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 # The classification configs (the forecasters' are smoke-tested in test_forecast.py).
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "pipeline.tasks.Classifier" in p.read_text())
+# Backbone-stage configs (export_backbone: no test) are tested in test_backbone_stage.py.
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
+                 if "pipeline.tasks.Classifier" in p.read_text() and "export_backbone: true" not in p.read_text())
 
 
 def feature_store(folder: Path, test_videos: int = 7) -> Path:
@@ -95,17 +97,17 @@ def _vpipe(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_ddp_test_metrics_equal_single_process(tmp_path):
     """7 test clips over 2 ranks: a padding sampler would count one twice; ours counts each once."""
     features = feature_store(tmp_path / "features", test_videos=7)
-    config = ROOT / "configs" / "gesture_gru_features.yaml"
+    config = ROOT / "configs" / "gesture_gru.yaml"
     common = ["-c", str(config), "--data.init_args.features", str(features), "--data.init_args.batch_size", "2",
               "--trainer.logger", "false", "--trainer.accelerator", "cpu"]
     _vpipe(["fit", *common, "--trainer.max_epochs", "3"], tmp_path)
-    ckpt = tmp_path / "models" / "gesture_gru_features" / "best.ckpt"
-    single = json.loads((tmp_path / "metrics" / "gesture_gru_features.json").read_text())
-    (tmp_path / "metrics" / "gesture_gru_features.json").unlink()
+    ckpt = tmp_path / "models" / "gesture_gru" / "best.ckpt"
+    single = json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
+    (tmp_path / "metrics" / "gesture_gru.json").unlink()
     # With MLflow on (the project's SQLite store under tmp_path): exactly one run for the 2-process job.
     ddp_args = [a for a in common if a not in ("--trainer.logger", "false")]
     _vpipe(["test", *ddp_args, "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--ckpt_path", str(ckpt)], tmp_path)
-    ddp = json.loads((tmp_path / "metrics" / "gesture_gru_features.json").read_text())
+    ddp = json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
     assert ddp.keys() == single.keys()
     for key in single:
         assert ddp[key] == pytest.approx(single[key], abs=1e-5), key
@@ -113,7 +115,7 @@ def test_ddp_test_metrics_equal_single_process(tmp_path):
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("gesture_gru_features").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("gesture_gru").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert run.data.metrics["test/acc"] == pytest.approx(single["test/acc"], abs=1e-5)
 
@@ -128,9 +130,9 @@ def test_killed_fit_resumes_the_same_mlflow_run(tmp_path):
     import torch
 
     features = feature_store(tmp_path / "features")
-    args = ["fit", "-c", str(ROOT / "configs" / "gesture_gru_features.yaml"), "--data.init_args.features", str(features),
+    args = ["fit", "-c", str(ROOT / "configs" / "gesture_gru.yaml"), "--data.init_args.features", str(features),
             "--data.init_args.batch_size", "2", "--trainer.accelerator", "cpu"]
-    last = tmp_path / "models" / "gesture_gru_features" / "last.ckpt"
+    last = tmp_path / "models" / "gesture_gru" / "last.ckpt"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--trainer.max_epochs", "200"], cwd=tmp_path,
                             env={**os.environ, "VPIPE_ROOT": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -140,7 +142,7 @@ def test_killed_fit_resumes_the_same_mlflow_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("gesture_gru_features").experiment_id
+    experiment = client.get_experiment_by_name("gesture_gru").experiment_id
     [killed] = client.search_runs([experiment])
     assert killed.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)  # loads with weights_only
@@ -152,9 +154,9 @@ def test_killed_fit_resumes_the_same_mlflow_run(tmp_path):
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
     assert len(steps) >= done_epochs + 2 and steps == sorted(steps)
-    epochs = (tmp_path / "plots" / "gesture_gru_features" / "epochs.csv").read_text().splitlines()[1:]
+    epochs = (tmp_path / "plots" / "gesture_gru" / "epochs.csv").read_text().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in epochs] == list(range(done_epochs + 2))
-    assert "test/acc" in json.loads((tmp_path / "metrics" / "gesture_gru_features.json").read_text())
+    assert "test/acc" in json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
 
 
 def test_clip_sampling_and_augmentation(features):
