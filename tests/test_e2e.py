@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINED = ["gesture_gru", "gesture_lstm", "gesture_rnn", "gesture_transformer", "gesture_meanpool", "gesture_rowlstm",
            "action_lstm", "action_gru", "gesture_gru_e2e"]
 BACKBONES = ["backbone_gestures", "backbone_actions"]
+FORECASTERS = ["nextframe_convlstm", "nextframe_convgru", "nextfeature_gru"]
 
 
 def copy_repository(dest: Path) -> None:
@@ -35,7 +36,7 @@ def shrink(repo: Path) -> None:
     for item in params["synthetic"].values():
         item["count"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    for name in TRAINED + BACKBONES:
+    for name in TRAINED + BACKBONES + FORECASTERS:
         path = repo / "configs" / f"{name}.yaml"
         config = yaml.safe_load(path.read_text())
         config["trainer"]["max_epochs"] = 2
