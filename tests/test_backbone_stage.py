@@ -111,3 +111,21 @@ def test_report_lists_run_durations(trained_project, monkeypatch):
     row = next(line for line in durations.splitlines() if line.startswith("| gesture_gru |"))
     assert "FINISHED" in row and float(row.split("|")[-2]) > 0
     assert "Run durations" not in report(str(trained_project / "metrics"), out=None, timings=False)
+
+
+def test_classify_finds_the_stage_weights_where_features_read_them(stage, tmp_path):
+    from pipeline.classify import ClassifyError, _backbone
+
+    weights = stage / "models" / "backbone_gestures" / "backbone.safetensors"
+    meta = compute(str(stage / "frames"), str(tmp_path / "f"), weights=str(weights), pool="grid", grid=2, num_workers=0,
+                   accelerator="cpu")
+    encoder = _backbone(meta, None, "model.ckpt")  # no --weights: the path recorded in meta.json, hash checked
+    store, feats = FrameStore(stage / "frames"), FeatureStore(tmp_path / "f")
+    with torch.inference_mode():
+        direct = encoder(torch.from_numpy(np.array(store.rows("test0")))).numpy()
+    np.testing.assert_allclose(feats.rows("test0").astype(np.float32), direct.reshape(len(direct), 96, 2, 2), rtol=2e-3,
+                               atol=2e-3)
+    other, _ = backbone.create("test_resnet", seed=5)
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ClassifyError, match="not the weights the features were computed with"):
+        _backbone(meta, str(tmp_path / "other.pth"), "model.ckpt")
