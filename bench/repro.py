@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         limit = CACHED_HEAD_LIMIT_S if stage in heads else None
         rows.append({"stage": stage, "seconds": round(end - start, 1), "limit_s": limit,
                      "within": None if limit is None else end - start <= limit})
-    print(f"\n| stage | seconds | limit | within |\n|---|---:|---:|---|")
+    print("\n| stage | seconds | limit | within |\n|---|---:|---:|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['seconds']:.1f} | {r['limit_s'] or ''} | {'' if r['within'] is None else r['within']} |")
     print(f"| **dvc repro** | **{total:.1f}** | {TOTAL_LIMIT_S} | {total <= TOTAL_LIMIT_S} |")
