@@ -233,7 +233,7 @@ def write_video(
 
     ``rotation`` writes display-matrix metadata (degrees counter-clockwise); ``pts`` with
     ``time_base`` gives each frame its own timestamp (variable frame rate, late starts).
-    With one encoder thread the output bytes depend only on the input.
+    With one encoder thread and no macroblock tree the output bytes depend only on the input.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -243,7 +243,9 @@ def write_video(
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
-        opts = {"crf": str(crf), "preset": preset} if codec == "libx264" else {}
+        # mbtree off: with it, libx264 (as bundled with PyAV 18.1) did not repeat its bytes for the same
+        # frames, even twice in one process; the embedded datasets must be byte-identical per seed.
+        opts = {"crf": str(crf), "preset": preset, "x264-params": "mbtree=0"} if codec == "libx264" else {}
         stream.options = {**opts, **(options or {})}
         stream.thread_count = 1
         if time_base is not None:
