@@ -130,3 +130,41 @@ def render(name: str, p: Params) -> np.ndarray:
             frame += rng.normal(0.0, p.noise, frame.shape).astype(np.float32)
         frames[i] = np.clip(frame, 0, 255).astype(np.uint8)
     return frames
+
+
+# Captions: the action, the way the figure faces (and walks), and its tempo, in varied words.
+ACTION_PHRASES = {
+    "walking": ["walks", "is walking", "strolls"], "jogging": ["jogs", "is jogging", "jogs along"],
+    "running": ["runs", "is running", "sprints"], "boxing": ["boxes", "throws punches", "is boxing"],
+    "handwaving": ["waves both arms", "waves overhead", "is waving"], "handclapping": ["claps", "claps hands", "is clapping"],
+}
+MOTION_WORDS = {
+    "walking": ["walks", "walking", "strolls"], "jogging": ["jogs", "jogging"], "running": ["runs", "running", "sprints"],
+    "boxing": ["boxes", "boxing", "punches"], "handwaving": ["waves", "waving"], "handclapping": ["claps", "clapping"],
+}
+SUBJECTS = ["person", "figure", "stick figure", "someone"]
+
+
+def captions(name: str, p: Params, rng: np.random.Generator, count: int = 12) -> list[str]:
+    """``count`` different descriptions of the clip ``render(name, p)`` draws: who, the action, the
+    direction the figure faces or moves, and its tempo."""
+    from data_scripts.gestures import article
+
+    side = "right" if p.facing > 0 else "left"
+    tempo = "slowly" if p.tempo < 0.95 else "briskly" if p.tempo > 1.05 else ""
+    out: list[str] = []
+    for _ in range(20 * count):
+        subject = SUBJECTS[rng.integers(len(SUBJECTS))]
+        action = ACTION_PHRASES[name][rng.integers(len(ACTION_PHRASES[name]))]
+        if name in GAITS:
+            where = [f"to the {side}", f"towards the {side}", f"{side}wards"][rng.integers(3)]
+        else:
+            where = [f"facing {side}", f"facing to the {side}", ""][rng.integers(3)]
+        words = [action, where, tempo if rng.random() < 0.7 else ""]
+        caption = " ".join(w for w in words if w)
+        caption = f"someone {caption}" if subject == "someone" else article(f"{subject} {caption}", rng.random() >= 0.7)
+        if caption not in out:
+            out.append(caption)
+        if len(out) == count:
+            break
+    return out

@@ -156,3 +156,72 @@ def render(name: str, p: Params) -> np.ndarray:
             frame += rng.normal(0.0, p.noise, frame.shape).astype(np.float32)
         frames[i] = np.clip(frame, 0, 255).astype(np.uint8)
     return frames
+
+
+# Captions: what the renderer knows it drew, in varied words. Every phrase of a class names its
+# motion and direction with one of the class's MOTION_WORDS and no other class's.
+MOTIONS = {
+    "swipe_left": ["moves to the left", "slides left", "swipes to the left", "travels left", "glides to the left"],
+    "swipe_right": ["moves to the right", "slides right", "swipes to the right", "travels right", "glides to the right"],
+    "swipe_up": ["moves up", "rises upwards", "swipes up", "slides up", "travels upwards"],
+    "swipe_down": ["moves down", "drops downwards", "swipes down", "slides down", "travels downwards"],
+    "zoom_in": ["grows larger", "grows toward the camera", "zooms in and grows", "grows bigger", "approaches and grows"],
+    "zoom_out": ["shrinks", "shrinks away from the camera", "zooms out and shrinks", "shrinks smaller", "recedes and shrinks"],
+    "rotate_clockwise": ["circles clockwise", "turns clockwise", "orbits clockwise", "goes round clockwise"],
+    "rotate_counterclockwise": ["circles counterclockwise", "turns anticlockwise", "orbits counterclockwise",
+                                "goes round anticlockwise"],
+    "shake": ["shakes from side to side", "shakes back and forth", "wobbles from side to side", "shakes to and fro"],
+    "no_gesture": ["stays still", "remains still", "sits motionless", "stays motionless", "does not move"],
+}
+MOTION_WORDS = {
+    "swipe_left": ["left"], "swipe_right": ["right"], "swipe_up": ["up", "upwards"], "swipe_down": ["down", "downwards"],
+    "zoom_in": ["grows"], "zoom_out": ["shrinks"], "rotate_clockwise": ["clockwise"],
+    "rotate_counterclockwise": ["counterclockwise", "anticlockwise"], "shake": ["shakes", "wobbles"],
+    "no_gesture": ["still", "motionless", "does not move"],
+}
+SHAPE_WORDS = {"circle": ["circle", "disc"], "square": ["square", "box"], "triangle": ["triangle"], "diamond": ["diamond"],
+               "cross": ["cross", "plus sign"]}
+TEXTURE_WORDS = {"solid": ["plain", ""], "stripes": ["striped"], "checker": ["checkered"]}
+
+
+def colour_name(rgb: tuple[int, int, int]) -> str:
+    """The everyday name of a colour, by hue (grey or white when unsaturated)."""
+    import colorsys
+
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    if s < 0.25:
+        return "white" if v > 0.85 else "grey"
+    hue = h * 360
+    for limit, name in ((15, "red"), (45, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"), (260, "blue"),
+                        (300, "purple"), (345, "pink")):
+        if hue < limit:
+            return name
+    return "red"
+
+
+def article(phrase: str, definite: bool) -> str:
+    """``phrase`` after "the", or after "a"/"an" as its first sound needs."""
+    return f"{'the' if definite else 'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
+
+def captions(name: str, p: Params, rng: np.random.Generator, count: int = 12) -> list[str]:
+    """``count`` different descriptions of the clip ``render(name, p)`` draws: the object's size, colour,
+    texture and shape, its motion and direction, and how fast it moves."""
+    size = "small" if p.radius < 0.11 * p.height else "large" if p.radius > 0.14 * p.height else ""
+    seconds = (p.motion_to - p.motion_from) * p.frames / p.fps
+    speed = "" if name in ("no_gesture", "shake") else "quickly" if seconds < 1.3 else "slowly" if seconds > 2.0 else ""
+    colour = colour_name(p.colour)
+    out: list[str] = []
+    for _ in range(20 * count):
+        keep = rng.random(4) < [0.5, 0.8, 0.5, 0.8]  # size, colour, texture, speed
+        shape = SHAPE_WORDS[p.shape][rng.integers(len(SHAPE_WORDS[p.shape]))]
+        texture = TEXTURE_WORDS[p.texture][rng.integers(len(TEXTURE_WORDS[p.texture]))]
+        motion = MOTIONS[name][rng.integers(len(MOTIONS[name]))]
+        words = [size if keep[0] else "", colour if keep[1] else "", texture if keep[2] else "", shape, motion,
+                 speed if keep[3] else ""]
+        caption = article(" ".join(w for w in words if w), definite=rng.random() >= 0.7)
+        if caption not in out:
+            out.append(caption)
+        if len(out) == count:
+            break
+    return out

@@ -4,6 +4,10 @@
 
 ``--count`` is videos per class (sequences in all for ``digits``). Everything is determined by the
 seed: the same arguments give byte-identical files. Splits are 60/20/20 train/val/test per class.
+
+``gestures`` and ``actions`` also get reference captions (``captions.csv``: ``video_id,caption``, twelve
+per clip, from what was rendered) and ``caption_keywords.json`` (the words that name each class's
+motion and direction: the captioning order metric reads them); see :mod:`pipeline.captions`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from types import ModuleType
 import numpy as np
 
 from data_scripts import actions, digits, gestures
+from pipeline.captions import write_captions
 from pipeline.manifest import write_manifest
 
 DATASETS: dict[str, ModuleType] = {"gestures": gestures, "actions": actions, "digits": digits}
@@ -63,6 +68,17 @@ def _write(item: dict, name: str, folder: Path) -> dict:
     return {"video_id": item["video_id"], "path": path, "label": item["label"], "split": item["split"]}
 
 
+def reference_captions(name: str, items: list[dict], seed: int) -> list[tuple[str, str]]:
+    """``(video_id, caption)`` rows for the planned ``items``: a pure function of its arguments."""
+    module = DATASETS[name]
+    rows = []
+    for item in items:
+        c, i = module.CLASSES.index(item["label"]), int(item["video_id"].rsplit("_", 1)[1])
+        rng = np.random.default_rng([seed, c, i, 2])
+        rows += [(item["video_id"], text) for text in module.captions(item["label"], item["params"], rng)]
+    return rows
+
+
 def generate(name: str, out: str | os.PathLike, count: int, seed: int = 0, workers: int | None = None) -> Path:
     """Render every clip of dataset ``name`` into ``out`` (replaced atomically) and write its manifest."""
     if name not in DATASETS:
@@ -78,6 +94,8 @@ def generate(name: str, out: str | os.PathLike, count: int, seed: int = 0, worke
         with ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=mp.get_context("spawn")) as pool:
             rows = list(pool.map(partial(_write, name=name, folder=tmp), items, chunksize=4))
         write_manifest(tmp / "manifest.csv", rows)
+        if hasattr(DATASETS[name], "captions"):
+            write_captions(tmp, reference_captions(name, items, seed), DATASETS[name].MOTION_WORDS)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)

@@ -44,8 +44,9 @@ class Classifier:
     modality: str = "rgb"  # what an end-to-end model reads per step: frames or their differences (data.clip_frames)
 
     @torch.inference_mode()
-    def probabilities(self, frames: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(C,)`` of one clip of uint8 frames ``(T, H, W, 3)``."""
+    def inputs(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the model reads of one clip of uint8 frames ``(T, H, W, 3)``: ``(x (1, T', ...), mask (1, T'))``,
+        features computed as the feature store's were, or the sampled frames themselves."""
         from pipeline.data import clip_frames
 
         device = next(self.model.parameters()).device
@@ -55,8 +56,12 @@ class Classifier:
             x = self.encoder(clip).half().float().flatten(1)[None]  # (1, T, D)
         else:
             x = clip[None]  # (1, T, H, W, 3) uint8: the model encodes frames itself
-        mask = torch.ones(1, len(clip), dtype=torch.bool, device=device)
-        return torch.softmax(self.model(x, mask).float(), -1)[0].cpu().numpy()
+        return x, torch.ones(1, len(clip), dtype=torch.bool, device=device)
+
+    @torch.inference_mode()
+    def probabilities(self, frames: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(C,)`` of one clip of uint8 frames ``(T, H, W, 3)``."""
+        return torch.softmax(self.model(*self.inputs(frames)).float(), -1)[0].cpu().numpy()
 
 
 def fetch(uri: str, folder: Path) -> Path:
@@ -120,11 +125,13 @@ def _backbone(meta: dict, weights: str | None, source: str) -> torch.nn.Module:
     return backbone.FrameEncoder(model, prep, meta.get("pool", "avg"), int(meta.get("grid") or 4))
 
 
-def load(path: str | Path, weights: str | None = None, device: str = "cpu", source: str | None = None) -> Classifier:
-    """A classifier from a ``vpipe fit`` checkpoint.
+def load(path: str | Path, weights: str | None = None, device: str = "cpu", source: str | None = None,
+         task: str = "Classifier", command: str = "vpipe classify") -> Classifier:
+    """A model of ``task`` (the LightningModule's class name) from a ``vpipe fit`` checkpoint, with its
+    decoding and feature recipe.
 
     Raises:
-        ClassifyError: not a checkpoint, no inference recipe, not a classifier, or its backbone
+        ClassifyError: not a checkpoint, no inference recipe, a model of another task, or its backbone
             cannot be rebuilt; the message names ``source`` (default: the path).
     """
     path = Path(path)
@@ -138,9 +145,9 @@ def load(path: str | Path, weights: str | None = None, device: str = "cpu", sour
     recipe = checkpoint.get("vpipe") if isinstance(checkpoint, dict) else None
     if not recipe:
         raise ClassifyError(f"{source}: no inference recipe in the checkpoint (write it with `vpipe fit`)")
-    task = recipe.get("task", "?")
-    if not recipe.get("classes") or not task.endswith("Classifier"):
-        raise ClassifyError(f"{source}: a checkpoint of {task}, not of a classifier; `vpipe classify` needs a classifier")
+    found = recipe.get("task", "?")
+    if not recipe.get("classes") or found.rpartition(".")[2] != task:
+        raise ClassifyError(f"{source}: a checkpoint of {found}, not of a {task}; `{command}` needs a {task}")
     if not recipe.get("frames_meta"):
         frames = (recipe.get("features_meta") or {}).get("frames", "?")
         raise ClassifyError(f"{source}: the checkpoint does not record how frames were extracted (the frame store "

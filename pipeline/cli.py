@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="dataset root that every path must stay inside (default: the manifest's folder)")
     p.add_argument("--min-per-class", type=int, default=2, help="warn about classes with fewer training examples")
     p.add_argument("--show", type=int, default=5, help="offenders named per problem")
+    p.add_argument("--captions", default=None,
+                   help="reference captions (video_id,caption) to check against the manifest (default: captions.csv beside it, if any)")
 
     p = sub.add_parser("features", help="cache CNN features of a frame store (Lightning predict job)", formatter_class=fmt)
     p.add_argument("--frames", required=True, help="frame store folder")
@@ -94,6 +96,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: --window)")
     p.add_argument("--weights", default=None, help="backbone weights file, when the features were computed from one")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p = sub.add_parser("caption", help="a caption for each video or still image with a trained captioner", formatter_class=fmt,
+                       description="Decode each file as the model's frame store was extracted (a PNG/JPEG image is a "
+                                   "one-frame video), compute features as its feature store was, and print one caption.")
+    p.add_argument("videos", nargs="+", metavar="VIDEO_OR_IMAGE")
+    m = p.add_mutually_exclusive_group(required=True)
+    m.add_argument("--ckpt", help="checkpoint written by vpipe fit, e.g. models/caption_gru/best.ckpt")
+    m.add_argument("--model", help="registered model: models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+    p.add_argument("--beam", type=int, default=None, help="beam width (1: greedy; default: the model's beam_size)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    p.add_argument("--weights", default=None, help="backbone weights file, when the features were computed from one")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p = sub.add_parser("forecast", help="roll out the next frames of a video with a trained frame forecaster",
                        formatter_class=fmt,
                        description="Decode the first N frames of VIDEO as the model's frame store was extracted (frame rate, "
@@ -144,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         except (ExtractError, ManifestError, StoreError) as err:
             sys.exit(f"vpipe extract: {err}")
     elif args.command == "check":
+        from pathlib import Path
+
+        from pipeline.captions import CAPTIONS, check_captions
         from pipeline.manifest import ManifestError, read_manifest, validate
 
         try:
@@ -156,7 +172,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{len({e.label for e in entries})} classes")
         for line in report.lines():
             print(f"  {line}")
-        if not report.ok:
+        ok = report.ok
+        captions = Path(args.captions) if args.captions else Path(args.manifest).with_name(CAPTIONS)
+        if args.captions or captions.is_file():
+            errors, warnings = check_captions(captions, {e.video_id: e.label for e in entries}, show=args.show)
+            print(f"{captions}: {f'{len(errors)} problem(s)' if errors else 'ok'}")
+            for line in [*(f"error: {e}" for e in errors), *(f"warning: {w}" for w in warnings)]:
+                print(f"  {line}")
+            ok = ok and not errors
+        if not ok:
             sys.exit(1)
     elif args.command == "features":
         from pipeline.backbone import BackboneError
@@ -187,6 +211,16 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline import ui
 
         ui.serve(args.host, args.port, args.workers)
+    elif args.command == "caption":
+        from pipeline.captioning import run as caption
+        from pipeline.classify import ClassifyError
+
+        try:
+            status = caption(args.videos, ckpt=args.ckpt, model_uri=args.model, beam=args.beam, as_json=args.json,
+                             weights=args.weights, device=args.device)
+        except ClassifyError as err:
+            sys.exit(f"vpipe caption: {err}")
+        sys.exit(status)
     elif args.command == "classify":
         from pipeline.classify import ClassifyError, run
 

@@ -5,8 +5,8 @@ Each file is the flat JSON of one experiment's test metrics (``metrics/NAME.json
 (``test/acc``, ``test/acc_top5``, ``test/f1``, ``test/loss``), the others in name order; an
 experiment without a metric leaves its cell empty (a forecaster has no accuracy). The best value of
 each column shared by several experiments is in bold: lowest for losses and errors, highest
-otherwise; baselines (``test/copy_last/...``, the same for every model on the same data) are never
-bold. Per-step forecasting metrics (``test/h01/mse``, ...) are left out unless ``--all`` (they are
+otherwise; baselines (``test/copy_last/...``, captioning's ``test/nn_mean/...`` and ``test/nn_seq/...``,
+the same for every model on the same data) are never bold. Per-step forecasting metrics (``test/h01/mse``, ...) are left out unless ``--all`` (they are
 also in ``plots/NAME/horizons.csv``). ``--columns`` keeps only the metrics matching shell patterns
 (e.g. ``'test/acc*'``; ``--all --columns 'test/h*/mse'`` for the per-step MSE).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 FIRST = ("test/acc", "test/acc_top5", "test/f1", "test/loss")
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "error", "nll", "perplexity")
 PER_STEP = re.compile(r"/h\d+/")  # test/h01/mse, test/copy_last/h10/ssim
-BASELINE = "/copy_last/"
+BASELINES = ("/copy_last/", "/nn_mean/", "/nn_seq/")  # the same for every model on the same data
 
 
 def read(metrics_dir: Path) -> dict[str, dict[str, float]]:
@@ -58,7 +58,7 @@ def table(metrics_dir: Path, columns: list[str] | None = None, every: bool = Fal
     best = {}
     for c in ordered:
         values = [row[c] for row in results.values() if c in row]
-        if len(values) > 1 and BASELINE not in c:
+        if len(values) > 1 and not any(b in c for b in BASELINES):
             best[c] = min(values) if lower_is_better(c) else max(values)
 
     def cell(row: dict, c: str) -> str:

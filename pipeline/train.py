@@ -13,6 +13,7 @@ when it does not exist: untrained weights would overwrite ``metrics/NAME.json`` 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import os
 from pathlib import Path
@@ -222,9 +223,12 @@ class InferenceRecipe(Callback):
         dm = trainer.datamodule
         config = json.loads(json.dumps(self.model_config, default=str))
         # Values linked from the data module (input_dim, num_classes, ...) are known only now.
-        init = config.setdefault("init_args", {})
-        init.update({k: v for k, v in pl_module.hparams.items()
-                     if not k.startswith("_") and isinstance(v, int | float | str | bool) and not isinstance(init.get(k), dict)})
+        # Only the model's own arguments: a link whose target it lacks (num_classes for a captioner) is left out.
+        accepted = inspect.signature(type(pl_module).__init__).parameters
+        init = {k: v for k, v in config.get("init_args", {}).items() if k in accepted}
+        init.update({k: v for k, v in pl_module.hparams.items() if k in accepted and isinstance(v, int | float | str | bool | list)
+                     and not isinstance(init.get(k), dict)})
+        config["init_args"] = init
         features, frames = tracking.data_inputs(dm)
         features_meta = tracking._meta(features) if features else None
         frames = frames or (features_meta or {}).get("frames")
@@ -257,7 +261,8 @@ class VPipeCLI(LightningCLI):
         parser.link_arguments("data.input_dim", "model.init_args.input_dim", apply_on="instantiate")
         # Forecasting data modules (pipeline.data.SequenceDataModule) also give the window and the
         # video format; a link whose source or target a class lacks is skipped.
-        for key in ("context", "horizon", "video_format"):
+        # pipeline.captioning.CaptionDataModule gives the vocabulary.
+        for key in ("context", "horizon", "video_format", "vocabulary"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
     @property
@@ -306,6 +311,10 @@ class VPipeCLI(LightningCLI):
             ]
         if self.subcommand in ("fit", "test"):
             callbacks += [ConfusionReport(root / "plots" / name), ForecastReport(root / "plots" / name)]
+            if type(self.model).__module__ == "pipeline.captioning":  # imported for captioners only (DVC deps)
+                from pipeline.captioning import CaptionReport
+
+                callbacks.append(CaptionReport(root / "plots" / name))
         if self.subcommand == "predict":
             split = self._get(self.config, "predict_split")
             self.datamodule.predict_split = split

@@ -109,7 +109,7 @@ def test_bad_inputs_fail_clearly_and_print_no_result(trained_project, tmp_path, 
     checkpoint["vpipe"] = {**checkpoint["vpipe"], "task": "pipeline.tasks.FeatureForecaster", "classes": []}
     torch.save(checkpoint, tmp_path / "forecaster.ckpt")
     code, out, err = _classify([video, "--ckpt", str(tmp_path / "forecaster.ckpt")], capsys)
-    assert code == 1 and out == "" and "forecaster.ckpt: a checkpoint of pipeline.tasks.FeatureForecaster, not of a classifier" in err
+    assert code == 1 and out == "" and "forecaster.ckpt: a checkpoint of pipeline.tasks.FeatureForecaster, not of a Classifier" in err
 
     # One bad video among good ones: the good ones are classified, the bad one named, status 1.
     code, out, err = _classify([video, str(corrupt), video, "--ckpt", str(ckpt)], capsys)

@@ -84,3 +84,29 @@ def test_digits_are_real_handwriting_in_64x64():
     frames = digits.render("digits", digits.sample_params(np.random.default_rng(0), "test"))
     assert frames.shape == (20, 64, 64, 3) and frames.max() > 200
     assert len(digits.digit_images()) == 1797
+
+
+def test_captions_describe_what_was_rendered(generated):
+    """Twelve different references per clip; each names its own class's motion and no other (the order metric's
+    premise), and the gesture captions name the object's shape and, when given, its colour."""
+    from pipeline.captions import named_motion, read_captions, read_keywords
+
+    name, out, plan = generated
+    if name == "digits":
+        assert not (out / "captions.csv").exists()
+        return
+    captions, keywords = read_captions(out / "captions.csv"), read_keywords(out / "caption_keywords.json")
+    assert list(captions) == [item["video_id"] for item in plan]
+    for item in plan:
+        refs = captions[item["video_id"]]
+        assert len(refs) == len(set(refs)) == 12
+        assert all(named_motion(text, keywords) == item["label"] for text in refs), (item["label"], refs)
+        if name == "gestures":
+            p = item["params"]
+            shapes = {"circle": "circle disc", "square": "square box", "triangle": "triangle", "diamond": "diamond",
+                      "cross": "cross plus"}[p.shape].split()
+            assert all(any(s in text.split() for s in shapes) for text in refs)
+            colours = {gestures.colour_name(p.colour)}
+            assert all(colours & set(text.split()) or not set(text.split()) & {"red", "green", "blue", "grey", "white"}
+                       for text in refs)
+    assert synth.reference_captions(name, plan, 7) == [(v, c) for v, refs in captions.items() for c in refs]  # deterministic

@@ -1,0 +1,225 @@
+"""Captioning: the captions contract, the vocabulary, decoding, training through `vpipe fit`, and `vpipe caption`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.captioning import CaptionModel
+from pipeline.captions import (
+    CaptionError,
+    Vocabulary,
+    check_captions,
+    named_motion,
+    nearest_captions,
+    order_accuracy,
+    read_captions,
+    read_keywords,
+    scores,
+    tokenize,
+    write_captions,
+)
+from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYWORDS = {"right": ["to the right", "rightwards"], "left": ["to the left", "leftwards"]}
+
+
+def test_vocabulary_round_trip_from_training_captions_only():
+    vocab = Vocabulary.build(["A red disc moves LEFT.", "the red disc, moving left", "a disc"])
+    assert vocab.words[:4] == Vocabulary.SPECIALS and vocab.words[4:7] == ["disc", "a", "left"]  # most frequent first
+    ids = vocab.encode("The red disc moves left!", max_length=20)
+    assert ids[0] == Vocabulary.BOS and ids[-1] == Vocabulary.EOS
+    assert vocab.decode(ids) == "the red disc moves left" == " ".join(tokenize("The red disc moves left!"))
+    assert vocab.decode(vocab.encode("a blue disc", 20)) == "a <unk> disc"  # unseen word
+    assert vocab.decode(vocab.encode("a red disc moves left", 3)) == "a red disc"  # max_length words
+    assert vocab.decode([Vocabulary.BOS, 5, Vocabulary.EOS, 6, 7]) == vocab.words[5]  # stops at EOS
+    assert Vocabulary(vocab.words).index == vocab.index  # rebuilt from the checkpoint's list
+    with pytest.raises(ValueError, match="starts with"):
+        Vocabulary(["a", "b"])
+
+
+def test_captions_file_contract(tmp_path):
+    write_captions(tmp_path, [("v1", "a square moves to the right"), ("v1", "a box goes rightwards"), ("v2", "a square moves to the left")],
+                   KEYWORDS)
+    assert read_captions(tmp_path / "captions.csv") == {"v1": ["a square moves to the right", "a box goes rightwards"],
+                                                        "v2": ["a square moves to the left"]}
+    assert read_keywords(tmp_path / "caption_keywords.json")["right"] == [("to", "the", "right"), ("rightwards",)]
+    errors, warnings = check_captions(tmp_path / "captions.csv", {"v1": "right", "v2": "left", "v3": "left"})
+    assert errors == [] and warnings == [f"{tmp_path / 'captions.csv'}: 1 video(s) without captions: v3"]
+    errors, _ = check_captions(tmp_path / "captions.csv", {"v1": "right"})
+    assert errors == [f"{tmp_path / 'captions.csv'}: 1 video id(s) not in the manifest: v2",
+                      f"{tmp_path / 'caption_keywords.json'}: label(s) not in the manifest: left"]
+    (tmp_path / "captions.csv").write_text("video_id,caption\nv1,a square\nv2,  \n")
+    with pytest.raises(CaptionError, match=r"captions.csv: 1 row\(s\) with an empty id or caption, line\(s\) 3"):
+        read_captions(tmp_path / "captions.csv")
+    (tmp_path / "captions.csv").write_text("video,text\nv1,a\n")
+    with pytest.raises(CaptionError, match="missing column"):
+        read_captions(tmp_path / "captions.csv")
+    with pytest.raises(CaptionError, match="not found"):
+        read_captions(tmp_path / "nope.csv")
+
+
+def test_vpipe_check_reads_the_captions_beside_the_manifest(tiny_dataset, capsys):
+    manifest, folder = tiny_dataset, tiny_dataset.parent
+    ids = [line.split(",")[0] for line in manifest.read_text().splitlines()[1:]]
+    write_captions(folder, [(v, "a square moves") for v in ids] + [("ghost", "a ghost")])
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "--manifest", str(manifest)])
+    assert exit_.value.code == 1
+    assert "1 video id(s) not in the manifest: ghost" in capsys.readouterr().out
+    write_captions(folder, [(v, "a square moves") for v in ids])
+    main(["check", "--manifest", str(manifest)])
+    assert f"{folder / 'captions.csv'}: ok" in capsys.readouterr().out
+
+
+def test_scores_order_metric_and_nearest_neighbour():
+    refs = {"a": ["a red square moves to the right", "the red square goes rightwards"],
+            "b": ["a blue circle moves to the left", "the blue circle goes leftwards"],
+            "c": ["a green cross moves to the left", "a green cross goes leftwards"]}
+    right = scores(refs, {"a": "a red square moves to the right", "b": "a blue circle moves to the left", "c": "a green cross goes leftwards"})
+    wrong = scores(refs, {"a": "a blue circle moves to the left", "b": "a red square moves to the right", "c": "a red square"})
+    assert set(right) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"}
+    assert all(right[k] > wrong[k] for k in right) and right["bleu1"] == pytest.approx(1.0)
+    keywords = {k: [tuple(tokenize(p)) for p in v] for k, v in KEYWORDS.items()}
+    keywords["clockwise"], keywords["counterclockwise"] = [("clockwise",)], [("counterclockwise",)]
+    assert named_motion("It turns counterclockwise", keywords) == "counterclockwise"  # whole words, not substrings
+    assert named_motion("a square moves to the right then to the left", keywords) is None  # two motions named
+    labels = {"a": "right", "b": "left", "c": "left"}
+    assert order_accuracy({"a": "goes rightwards", "b": "moves to the left", "c": "moves to the right"}, labels, keywords) == pytest.approx(2 / 3)
+    # Ordered steps tell a clip from its time-reverse; their mean cannot.
+    forward = np.arange(12, dtype=np.float32).reshape(1, 4, 3) + 1
+    train = np.concatenate([forward, forward[:, ::-1]])
+    refs = {"fwd": ["forward"], "rev": ["reversed"]}
+    query = forward[:, ::-1] + 0.01
+    assert nearest_captions(train, ["fwd", "rev"], refs, query, ["q"]) == {"q": "reversed"}
+
+
+@pytest.mark.parametrize("decoder", ["gru", "lstm"])
+def test_beam_search_of_width_one_is_greedy(decoder):
+    torch.manual_seed(0)
+    model = CaptionModel(input_dim=6, vocab_size=12, decoder=decoder, hidden_size=16, embed_dim=8).eval()
+    x, mask = torch.randn(5, 4, 6), torch.ones(5, 4, dtype=torch.bool)
+    greedy = model.greedy(x, mask, max_length=7)
+    assert model.beam_search(x, mask, beam_size=1, max_length=7) == greedy
+    assert any(len(words) == 7 for words in greedy) or all(Vocabulary.EOS not in w for w in greedy)
+    wide = model.beam_search(x, mask, beam_size=4, max_length=7)
+    assert len(wide) == 5 and all(all(Vocabulary.BOS < w for w in words) or words == [] for words in wide)
+
+
+@pytest.mark.parametrize("encoder", ["gru", "meanpool"])
+def test_a_tiny_captioner_learns_a_handful_of_clips_exactly(encoder):
+    """Six clips, six different captions: teacher forcing alone must bring greedy and beam decoding to them exactly.
+    The last two clips are the time-reverses of the first two: only an encoder that reads the order can tell."""
+    torch.manual_seed(0)
+    captions = ["a red square moves to the right", "a blue circle shrinks", "the cross stays still",
+                "a big green disc turns clockwise", "a red square moves to the left", "a blue circle grows"]
+    vocab = Vocabulary.build(captions)
+    x = torch.randn(4, 5, 10)
+    x = torch.cat([x, x[:2].flip(1)])  # (6, 5, 10)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(vocab.encode(c, 20)) for c in captions], batch_first=True)
+    model = CaptionModel(10, len(vocab), encoder=encoder, hidden_size=64, embed_dim=32, dropout=0.0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):
+        logits = model(x, mask, tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=Vocabulary.PAD)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    greedy = [vocab.decode(ids) for ids in model.greedy(x, mask, 20)]
+    beam = [vocab.decode(ids) for ids in model.beam_search(x, mask, 3, 20)]
+    if encoder == "gru":
+        assert greedy == captions and beam == captions
+    else:  # the mean of a clip equals the mean of its reverse: one caption for both of each pair
+        assert greedy[2:4] == captions[2:4] and greedy[0] == greedy[4] and greedy[1] == greedy[5]
+
+
+@pytest.fixture(scope="module")
+def captioner(trained_project, tmp_path_factory):
+    """``caption_gru`` fitted for a few epochs on the session's tiny project (squares moving right or left),
+    in its own root with MLflow on: a checkpoint, metrics, a samples table and a registered version."""
+    from pipeline.train import cli_main
+
+    root = tmp_path_factory.mktemp("captioner")
+    ids = [line.split(",")[0] for line in (trained_project / "videos" / "manifest.csv").read_text().splitlines()[1:]]
+    rows = []
+    for v in ids:
+        side = "right" if v.startswith("right") else "left"
+        rows += [(v, f"a white square moves to the {side}"), (v, f"the square slides {side}wards")]
+    write_captions(root, rows, {"right": ["right", "rightwards"], "left": ["left", "leftwards"]})
+    previous = os.environ.get("VPIPE_ROOT")
+    os.environ["VPIPE_ROOT"] = str(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri of an earlier fit in this process sets it
+    try:
+        cli_main(["fit", "-c", str(ROOT / "configs/caption_gru.yaml"), "--data.init_args.features", str(trained_project / "features"),
+                  "--data.init_args.captions", str(root / "captions.csv"), "--data.init_args.batch_size", "4",
+                  "--trainer.max_epochs", "3", "--model.init_args.hidden_size", "32"])
+    finally:
+        os.environ.pop("VPIPE_ROOT") if previous is None else os.environ.__setitem__("VPIPE_ROOT", previous)
+    return root
+
+
+@pytest.mark.slow
+def test_fit_writes_metrics_samples_and_registers(captioner):
+    import mlflow
+
+    metrics = json.loads((captioner / "metrics" / "caption_gru.json").read_text())
+    for prefix in ("test", "test/nn_mean", "test/nn_seq"):
+        assert {f"{prefix}/{k}" for k in ("bleu1", "bleu4", "rouge_l", "cider", "order")} <= set(metrics)
+    assert 0 <= metrics["test/order"] <= 1 and metrics["test/nn_seq/bleu1"] > 0
+    samples = (captioner / "plots" / "caption_gru" / "captions.csv").read_text().splitlines()
+    assert samples[0] == "video_id,label,generated,nn_mean,nn_seq,references" and len(samples) == 1 + 4  # 4 test clips
+    client = mlflow.MlflowClient(f"sqlite:///{captioner / 'mlflow.db'}")
+    version = client.get_model_version("caption_gru", "1")
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["test/cider"] == pytest.approx(metrics["test/cider"])
+    assert "captions.json" in [a.path for a in client.list_artifacts(version.run_id)]
+    checkpoint = torch.load(captioner / "models" / "caption_gru" / "best.ckpt", map_location="cpu", weights_only=True)
+    words = checkpoint["hyper_parameters"]["vocabulary"]
+    assert words[:4] == Vocabulary.SPECIALS and "rightwards" in words  # built from the training captions
+    assert "num_classes" not in checkpoint["vpipe"]["model"]["init_args"]  # only the model's own arguments
+
+
+@pytest.mark.slow
+def test_vpipe_caption_on_a_clip_and_a_still_image(captioner, trained_project, tmp_path, capsys, monkeypatch):
+    ckpt = str(captioner / "models" / "caption_gru" / "best.ckpt")
+    video = trained_project / "videos" / "right5.mp4"
+    image = tmp_path / "still.png"
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(image)
+    with pytest.raises(SystemExit) as exit_:
+        main(["caption", str(video), str(image), "--ckpt", ckpt, "--json", "--beam", "1"])
+    assert exit_.value.code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["video"] for r in lines] == [str(video), str(image)]
+    vocabulary = set(torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["vocabulary"])
+    assert all(r["caption"] and set(r["caption"].split()) <= vocabulary for r in lines)
+    # The registered version captions the same file the same way.
+    monkeypatch.setenv("VPIPE_ROOT", str(captioner))
+    with pytest.raises(SystemExit):
+        main(["caption", str(video), "--model", "models:/caption_gru/latest", "--json", "--beam", "1"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == lines[0]
+
+
+@pytest.mark.slow
+def test_vpipe_caption_names_bad_inputs(captioner, trained_project, tmp_path, capsys):
+    ckpt = str(captioner / "models" / "caption_gru" / "best.ckpt")
+    with pytest.raises(SystemExit, match=r"vpipe caption: .*missing.mp4: no such file"):
+        main(["caption", str(tmp_path / "missing.mp4"), "--ckpt", ckpt])
+    with pytest.raises(SystemExit, match=r"gesture_gru/best.ckpt: a checkpoint of pipeline.tasks.Classifier, not of a Captioner"):
+        main(["caption", str(trained_project / "videos" / "right5.mp4"), "--ckpt",
+              str(trained_project / "models" / "gesture_gru" / "best.ckpt")])
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 500)
+    with pytest.raises(SystemExit) as exit_:
+        main(["caption", str(broken), str(trained_project / "videos" / "left5.mp4"), "--ckpt", ckpt])
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    assert f"vpipe caption: {broken}: not a decodable video" in err and out.startswith(str(trained_project / "videos" / "left5.mp4"))
