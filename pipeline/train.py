@@ -74,7 +74,10 @@ class EpochCSV(Callback):
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        # With check_val_every_n_epoch > 1, val/ values of an epoch without validation would be the last ones again.
+        every = trainer.check_val_every_n_epoch
+        stages = ("train/", "val/") if not every or (trainer.current_epoch + 1) % every == 0 else ("train/",)
+        metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith(stages)}
         self.rows.append({"epoch": trainer.current_epoch, **metrics})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         header = ["epoch"] + sorted({k for r in self.rows for k in r} - {"epoch"})
