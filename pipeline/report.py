@@ -1,4 +1,5 @@
-"""``vpipe report``: one table of every ``metrics/*.json`` (rows: experiments; columns: metrics).
+"""``vpipe report``: tables of every ``metrics/*.json`` (rows: experiments; columns: metrics), one per kind
+of experiment (classification, captioning, forecasting, backbones), each with its own metrics.
 
 Each file is the flat JSON of one experiment's test metrics (``metrics/NAME.json``, written by
 ``vpipe fit``). Columns are the union of the metric names: classification metrics first
@@ -43,17 +44,41 @@ def lower_is_better(metric: str) -> bool:
     return any(word in name for word in LOWER_IS_BETTER)
 
 
+# An experiment's table: the first of these metrics it has names its kind (one table per kind).
+KINDS = (("test/acc", "Classification"), ("test/cider", "Captioning"), ("test/mse", "Forecasting"),
+         ("val/acc", "Backbones (val)"))
+
+
+def kind(row: dict[str, float]) -> str:
+    return next((title for marker, title in KINDS if marker in row), "Other")
+
+
 def table(metrics_dir: Path, columns: list[str] | None = None, every: bool = False) -> str:
-    """A Markdown table of the flat JSON metrics files in ``metrics_dir``: every metric but the
-    per-step ones (those too with ``every``), only those matching ``columns`` if given."""
+    """Markdown tables of the flat JSON metrics files in ``metrics_dir``, one per kind of experiment
+    (:data:`KINDS`), each with the metrics its experiments have: every metric but the per-step ones
+    (those too with ``every``), only those matching ``columns`` if given."""
     results = read(Path(metrics_dir))
     if not results:
         return f"no metrics in {metrics_dir}/*.json yet"
+    groups: dict[str, dict[str, dict[str, float]]] = {}
+    for name, row in results.items():
+        groups.setdefault(kind(row), {})[name] = row
+    order = [title for _, title in KINDS] + ["Other"]
+    tables = [_table(groups[title], columns, every) for title in order if title in groups]
+    titled = [(title, t) for title, t in zip([t for t in order if t in groups], tables, strict=True) if t]
+    if len(titled) == 1:
+        return titled[0][1]
+    return "\n\n".join(f"{title}:\n\n{t}" for title, t in titled)
+
+
+def _table(results: dict[str, dict[str, float]], columns: list[str] | None, every: bool) -> str:
     names = {k for row in results.values() for k in row}
     if not every:
         names = {k for k in names if not PER_STEP.search(k)}
     if columns:
         names = {k for k in names if any(fnmatch.fnmatchcase(k, pattern) for pattern in columns)}
+    if not names:
+        return ""
     ordered = [c for c in FIRST if c in names] + sorted(names - set(FIRST))
     best = {}
     for c in ordered:

@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from pipeline import tracking
@@ -308,7 +308,8 @@ class VPipeCLI(LightningCLI):
                 ModelCheckpoint(dirpath=root / "models" / name, filename="best", monitor=self._get(self.config, "monitor"),
                                 mode=self._get(self.config, "monitor_mode"), save_last=False, enable_version_counter=False),
                 # last.ckpt after every epoch, improved or not (save_last only copies when a best is saved): resume from it.
-                ModelCheckpoint(dirpath=root / "models" / name, filename="last", save_top_k=1, enable_version_counter=False),
+                ModelCheckpoint(dirpath=root / "models" / name, filename="last", save_top_k=1, enable_version_counter=False,
+                                save_on_train_epoch_end=True),
                 EpochCSV(root / "plots" / name / "epochs.csv"),
                 InferenceRecipe(self._get(self.config, "model").as_dict()),
             ]
@@ -353,9 +354,12 @@ class VPipeCLI(LightningCLI):
         if self._get(self.config, "export_backbone"):
             self.export_backbone()
             return
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
-        metrics = self.after_test()
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        if not best:  # no validation ran (e.g. max_epochs below check_val_every_n_epoch): the last weights
+            best = str(tracking.workspace() / "models" / self.experiment / "last.ckpt")
+            rank_zero_warn(f"{self.experiment}: no validation ran, so no best checkpoint; testing and registering {best}")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+        metrics = self.after_test()
         for logger in self.trainer.loggers:
             if isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero and best:
                 tags = {k: v for k, v in logger.experiment.get_run(logger.run_id).data.tags.items()

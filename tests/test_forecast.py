@@ -353,3 +353,13 @@ def test_ddp_forecaster_metrics_equal_single_process(digits, frame_checkpoint, t
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("nextframe_convgru").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+
+
+def test_a_fit_that_never_validates_tests_its_last_weights(digits, tmp_path, monkeypatch):
+    """max_epochs below check_val_every_n_epoch: no best checkpoint, so the last one is tested (not a crash)."""
+    with pytest.warns(UserWarning, match="no validation ran"):
+        metrics = fit(["-c", str(ROOT / "configs/nextframe_convgru.yaml"), "-c", DEBUG, "--data.init_args.frames",
+                       str(digits["frames"]), *TINY_FRAMES, "--trainer.check_val_every_n_epoch", "2"], tmp_path, monkeypatch)
+    assert "test/mse" in metrics
+    assert (tmp_path / "models" / "nextframe_convgru" / "last.ckpt").is_file()
+    assert not (tmp_path / "models" / "nextframe_convgru" / "best.ckpt").exists()
