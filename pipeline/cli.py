@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 TRAINING = ("fit", "validate", "test", "predict")
 
@@ -63,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="auto", help="e.g. ddp; auto picks DDP for several devices")
     p.add_argument("--precision", default=None, help="default: bf16-mixed on CUDA GPUs with bf16, else 32-true")
     p.add_argument("--overwrite", action="store_true", help="replace a feature store whose cache key differs")
+    p.add_argument("--system-metrics", action=argparse.BooleanOptionalAction, default=True,
+                   help="log MLflow's system metrics (CPU, memory; GPU when present) into the job's run (experiment `features`)")
 
     for name in TRAINING:
         what = {"fit": "train, test the best checkpoint, write metrics/NAME.json",
@@ -121,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # The project runs offline and sends nothing anywhere by default: MLflow's usage telemetry stays off
+    # (in this process and those it starts) unless the environment says otherwise.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TRAINING:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -183,17 +189,28 @@ def main(argv: list[str] | None = None) -> None:
         if not ok:
             sys.exit(1)
     elif args.command == "features":
+        from pipeline import tracking
         from pipeline.backbone import BackboneError
         from pipeline.features import FeatureCacheError, compute
         from pipeline.stores import StoreError
 
         devices = int(args.devices) if args.devices.isdigit() else args.devices
+        params = {k: v for k, v in vars(args).items() if k not in ("command", "system_metrics") and v is not None}
         try:
-            compute(args.frames, args.out, name=args.backbone, weights=args.weights, pretrained=args.pretrained, pool=args.pool,
-                    grid=args.grid, input_size=args.input_size, modality=args.modality, batch_size=args.batch_size, num_workers=args.num_workers,
-                    accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
-                    precision=args.precision, seed=args.seed, overwrite=args.overwrite)
-        except (BackboneError, StoreError, FeatureCacheError) as err:
+            with tracking.job_run("features", f"features-{os.path.basename(os.path.normpath(args.out))}", params,
+                                  [args.frames], "features", args.system_metrics) as run:
+                started = time.perf_counter()
+                meta = compute(args.frames, args.out, name=args.backbone, weights=args.weights, pretrained=args.pretrained,
+                               pool=args.pool, grid=args.grid, input_size=args.input_size, modality=args.modality,
+                               batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator,
+                               devices=devices, num_nodes=args.num_nodes, strategy=args.strategy, precision=args.precision,
+                               seed=args.seed, overwrite=args.overwrite)
+                if run is not None and meta:
+                    client, run_id = run
+                    client.log_metric(run_id, "seconds", time.perf_counter() - started)
+                    client.set_tag(run_id, "data.features.cache_key", meta.get("cache_key", ""))
+                    tracking.log_datasets(client, run_id, [args.out], "output", with_sources=False)
+        except (BackboneError, StoreError, FeatureCacheError, tracking.TrackingError) as err:
             sys.exit(f"vpipe features: {err}")
     elif args.command == "forecast":
         from pipeline.forecast import ForecastError, forecast

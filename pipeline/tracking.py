@@ -21,6 +21,7 @@ Training configs are tracked by DVC as params (values, not hashes): their MD5 is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -205,16 +206,23 @@ def registry_client():
 
 def register_best(client, name: str, run_id: str, checkpoint: Path, metrics: dict[str, float],
                   tags: dict[str, str] | None = None) -> str:
-    """Log ``checkpoint`` as the run's ``model/`` artifact and register it as a new version of the
-    registered model ``name``, tagged with its headline test metrics; returns the version.
+    """Log ``checkpoint`` as the run's pyfunc model ``model`` (:mod:`pipeline.serving`: MLflow can load and
+    serve it; a forecaster's checkpoint as the artifact folder ``model/``) and register it as a new version of the registered model ``name``, tagged with its headline
+    test metrics; returns the version.
 
-    The version's source is the artifact folder, so ``models:/NAME/VERSION`` (or ``models:/NAME/latest``)
-    downloads the checkpoint, which carries everything ``vpipe classify`` needs.
+    ``models:/NAME/VERSION`` (or ``models:/NAME/latest``) downloads the model folder, whose checkpoint
+    carries everything ``vpipe classify`` and ``vpipe caption`` need.
     """
     from mlflow.exceptions import MlflowException
 
-    client.log_artifact(run_id, str(checkpoint), "model")
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    from pipeline import serving
+
+    if serving.servable(checkpoint):
+        info = serving.log_model(checkpoint, run_id)
+        source, model_id = info.model_uri, info.model_id
+    else:  # forecasters: the checkpoint as is (`vpipe forecast` is its loader)
+        client.log_artifact(run_id, str(checkpoint), "model")
+        source, model_id = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model", None
     client = registry_client()
     try:
         client.get_registered_model(name)
@@ -225,7 +233,7 @@ def register_best(client, name: str, run_id: str, checkpoint: Path, metrics: dic
     headline = {k: v for k, v in metrics.items() if k.count("/") == 1}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in headline.items())
     version = client.create_model_version(
-        name, source, run_id=run_id, description=f"Test metrics of the best checkpoint: {summary}",
+        name, source, run_id=run_id, model_id=model_id, description=f"Test metrics of the best checkpoint: {summary}",
         tags={**{k: str(v) for k, v in headline.items()}, **(tags or {})})
     return version.version
 
@@ -255,3 +263,130 @@ def data_inputs(datamodule) -> tuple[str | None, str | None]:
         elif kind == "frames":
             frames = frames or str(path)
     return features, frames
+
+
+def store_dataset(path: str | os.PathLike):
+    """An MLflow dataset entity for a frame or feature store: its folder name (``frames/gestures``), the
+    content hash as the digest, the absolute path as the source, and a profile of its videos per split,
+    frames and classes; the schema is the per-frame shape and dtype. None when ``path`` is not a store."""
+    import csv
+    import json
+
+    from mlflow.entities import Dataset
+
+    path = Path(path).resolve()
+    meta = _meta(path)
+    if meta.get("kind") not in ("frames", "features"):
+        return None
+    splits: dict[str, int] = {}
+    classes: set[str] = set()
+    frames = 0
+    try:
+        with open(path / "index.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                splits[row["split"]] = splits.get(row["split"], 0) + 1
+                classes.add(row["label"])
+                frames += int(row.get("length") or 0)
+    except OSError:
+        pass
+    profile = {"videos": sum(splits.values()), **{f"{s}_videos": n for s, n in sorted(splits.items())}, "frames": frames,
+               "classes": sorted(classes)}
+    schema = {"kind": meta["kind"], "dtype": meta.get("dtype", "uint8"),
+              "shape_per_frame": meta.get("feature_shape") or meta.get("params", {}).get("size")}
+    for key in ("backbone", "pool", "modality", "cache_key"):
+        if meta.get(key) is not None:
+            schema[key] = meta[key]
+    # The digest column holds 36 characters: the first 32 of the SHA-256 content hash.
+    return Dataset(name=f"{meta['kind']}/{path.name}", digest=str(meta.get("content_hash") or "")[:32] or "unknown",
+                   source_type="local", source=json.dumps({"uri": path.as_uri()}), schema=json.dumps(schema),
+                   profile=json.dumps(profile))
+
+
+def log_datasets(client, run_id: str, stores: list[str | os.PathLike], context: str = "training",
+                 with_sources: bool = True) -> list[str]:
+    """Log each store as an input of the run (``mlflow.log_input``'s entity, context tag ``context``); a
+    feature store brings the frame store it was computed from (unless not ``with_sources``). Returns the
+    dataset names logged."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    paths, inputs = [], []
+    for store in stores:
+        if store and store not in paths:
+            paths.append(str(store))
+            source = _meta(store).get("frames") if with_sources and _meta(store).get("kind") == "features" else None
+            if source and Path(source).is_dir() and source not in paths:
+                paths.append(source)
+    for path in paths:
+        dataset = store_dataset(path)
+        if dataset is not None:
+            inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+    return [i.dataset.name for i in inputs]
+
+
+def global_rank() -> int:
+    """This process's rank, from the launcher's environment (torchrun, SLURM, Lightning's own DDP launch)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return int(os.environ.get("NODE_RANK", 0) or 0) * int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1) + int(os.environ.get("LOCAL_RANK", 0) or 0)
+
+
+class SystemMetrics:
+    """MLflow's system metrics (CPU and memory, disk, network; GPU utilisation and memory when NVML is
+    there) sampled every ``interval`` seconds into run ``run_id`` as ``system/...`` while the context
+    is open; nothing when ``enabled`` is False or on a rank other than 0."""
+
+    def __init__(self, run_id: str | None, enabled: bool = True, interval: float = 2.0, resume: bool = False):
+        self.monitor = None
+        if run_id and enabled and global_rank() == 0:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
+                                                resume_logging=resume, tracking_uri=tracking_uri())
+
+    def __enter__(self) -> SystemMetrics:
+        if self.monitor is not None:
+            self.monitor.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            # The monitor drops the samples taken since its last publication when stopped: a job shorter
+            # than one interval would show none. Publish them.
+            last = self.monitor.aggregate_metrics()
+            if last:
+                self.monitor.publish_metrics(last)
+                self.monitor.mlflow_logger.flush()
+
+
+@contextlib.contextmanager
+def job_run(experiment: str, run_name: str, params: dict[str, object], stores: list[str], context: str,
+            system_metrics: bool = True):
+    """An MLflow run around a job that is not a Lightning fit (``vpipe features``), on rank zero only:
+    its parameters, its input stores as datasets (context ``context``), system metrics while it runs;
+    FINISHED or FAILED at the end. Yields ``(client, run_id)``, or None on the other ranks."""
+    if global_rank() != 0:
+        yield None
+        return
+    from mlflow.entities import Param
+
+    uri = tracking_uri()
+    ensure_store(uri)
+    client = registry_client()
+    found = client.get_experiment_by_name(experiment)
+    location = None if uri.startswith(("http://", "https://")) else (artifact_root() / experiment).as_uri()
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location=location)
+    run = client.create_run(experiment_id, run_name=run_name, tags=run_tags(**lineage_tags(frames=stores[0] if stores else None)))
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    log_datasets(client, run.info.run_id, stores, context)
+    status = "FAILED"
+    try:
+        with SystemMetrics(run.info.run_id, system_metrics):
+            yield client, run.info.run_id
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run.info.run_id, status)

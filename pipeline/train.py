@@ -210,6 +210,36 @@ class RunIdInCheckpoint(Callback):
                 checkpoint[self.KEY] = logger.run_id
 
 
+class RunInputs(Callback):
+    """On rank zero of a tracked run: the stores the data module reads as the run's datasets (a feature
+    store with the frame store it came from; context ``training`` for fit, ``evaluation`` otherwise), and
+    MLflow's system metrics while each stage runs (``system_metrics: false`` turns them off)."""
+
+    def __init__(self, system_metrics: bool = True):
+        self.system_metrics = system_metrics
+        self.monitor: tracking.SystemMetrics | None = None
+        self.logged = False
+
+    @staticmethod
+    def _logger(trainer: pl.Trainer) -> MLFlowLogger | None:
+        return next((logger for logger in trainer.loggers if isinstance(logger, MLFlowLogger)), None)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        logger = self._logger(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        if not self.logged:
+            stores = [s for s in tracking.data_inputs(trainer.datamodule) if s]
+            tracking.log_datasets(logger.experiment, logger.run_id, stores, "training" if stage == "fit" else "evaluation")
+            self.logged = True
+        self.monitor = tracking.SystemMetrics(logger.run_id, self.system_metrics, resume=stage != "fit").__enter__()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.monitor is not None:
+            self.monitor.__exit__(None, None, None)
+            self.monitor = None
+
+
 class InferenceRecipe(Callback):
     """Stores in every checkpoint (``checkpoint["vpipe"]``) what inference on a new video needs:
     the model's config with its linked values, the class names, the clip length, and the ``meta.json``
@@ -258,6 +288,8 @@ class VPipeCLI(LightningCLI):
         parser.add_argument("--export_backbone", type=bool, default=False,
                             help="the backbone stage: after fit, validate the best checkpoint (the test split is never "
                                  "read) and write its CNN to models/NAME/backbone.safetensors + backbone.json")
+        parser.add_argument("--system_metrics", type=bool, default=True,
+                            help="log MLflow's system metrics (CPU, memory; GPU when present) during the run, on rank zero")
         parser.add_argument("--predict_split", default="test", choices=["train", "val", "test", "all"],
                             help="vpipe predict: the split whose videos are predicted (predictions/NAME-SPLIT.csv)")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -332,7 +364,7 @@ class VPipeCLI(LightningCLI):
             run_name = os.environ.get("DVC_EXP_NAME") if self.subcommand == "fit" else None
             kwargs["logger"] = tracking.mlflow_logger(name, run_name=run_name or f"{name}-{self.subcommand}", tags=tags,
                                                       run_id=run_id)
-            callbacks.append(RunIdInCheckpoint())
+            callbacks += [RunIdInCheckpoint(), RunInputs(self._get(self.config, "system_metrics"))]
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return self._instantiate_trainer({**config, **kwargs}, callbacks)

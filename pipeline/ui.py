@@ -4,7 +4,10 @@ The server reads runs and registered models from the project's SQLite store and 
 those of runs trained here (experiments keep absolute ``file://…/mlartifacts/NAME`` locations, read
 from disk) and those uploaded through it by clients that train against it over HTTP
 (``--serve-artifacts``, stored under ``mlartifacts/``). The UI has no authentication: keep it local
-(an SSH tunnel reaches it from elsewhere: ``ssh -L 5000:127.0.0.1:5000 HOST``).
+(an SSH tunnel reaches it from elsewhere: ``ssh -L 5000:127.0.0.1:5000 HOST``). It prints the URLs of the
+runs tables (``?workflowType=machine_learning``: MLflow 3 opens on its GenAI views otherwise).
+MLflow's usage telemetry is off for the processes ``vpipe`` starts (``MLFLOW_DISABLE_TELEMETRY=true``
+unless the environment sets it: ``MLFLOW_DISABLE_TELEMETRY=false`` opts in).
 """
 
 from __future__ import annotations
@@ -21,6 +24,21 @@ def command(host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list
             "--host", host, "--port", str(port), "--workers", str(workers)]
 
 
+def urls(base: str) -> list[tuple[str, str]]:
+    """``(name, URL)`` of the experiment list and of each experiment of this project's store, opening the
+    runs table (MLflow 3's UI shows GenAI views unless ``workflowType=machine_learning`` is asked for)."""
+    from mlflow.exceptions import MlflowException
+
+    view = "workflowType=machine_learning"
+    found = [("experiments", f"{base}/#/experiments?{view}")]
+    try:
+        experiments = tracking.registry_client().search_experiments(order_by=["name ASC"])
+    except MlflowException:
+        experiments = []
+    found += [(e.name, f"{base}/#/experiments/{e.experiment_id}?{view}") for e in experiments if e.name != "Default"]
+    return found
+
+
 def serve(host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> None:
     """Replace this process with the MLflow server (Ctrl-C stops it)."""
     import os
@@ -31,6 +49,10 @@ def serve(host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> None:
                          "in a browser (or unset MLFLOW_TRACKING_URI for the project's store)")
     tracking.ensure_store(uri)
     tracking.artifact_root().mkdir(parents=True, exist_ok=True)
-    print(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C stops it", file=sys.stderr, flush=True)
+    base = f"http://{host}:{port}"
+    print(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it. The runs tables:", file=sys.stderr)
+    for name, url in urls(base):
+        print(f"  {name:24s} {url}", file=sys.stderr)
+    sys.stderr.flush()
     cmd = command(host, port, workers)
     os.execv(cmd[0], cmd)

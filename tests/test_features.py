@@ -101,11 +101,13 @@ def test_two_ddp_processes_equal_one(frames, tmp_path):
 
     args = ["--frames", str(frames), "--backbone", "test_resnet", "--input-size", "32", "--batch-size", "3",
             "--pool", "grid", "--grid", "2", "--accelerator", "cpu"]
+    env = {**__import__("os").environ, "VPIPE_ROOT": str(tmp_path)}  # each job's MLflow run goes to tmp_path/mlflow.db
+    env.pop("MLFLOW_TRACKING_URI", None)
     one = subprocess.run([sys.executable, "-m", "pipeline", "features", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "pipeline", "features", *args, "--out", str(tmp_path / "two"), "--devices", "2",
-                          "--strategy", "ddp"], capture_output=True, text=True, timeout=300)
+                          "--strategy", "ddp", "--no-system-metrics"], capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "on 2 process(es)" in two.stderr
     a, b = FeatureStore(tmp_path / "one"), FeatureStore(tmp_path / "two")
@@ -113,6 +115,17 @@ def test_two_ddp_processes_equal_one(frames, tmp_path):
     for shard in {r.shard for r in a.index}:
         np.testing.assert_allclose(a.shard(shard).astype(np.float32), b.shard(shard).astype(np.float32), rtol=1e-2, atol=1e-3)
     assert not list(tmp_path.glob(".two.*"))
+    # One MLflow run per job (rank zero only): the frame store in, the feature store out, system metrics unless off.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("features").experiment_id])}
+    assert sorted(runs) == ["features-one", "features-two"] and all(r.info.status == "FINISHED" for r in runs.values())
+    contexts = {(i.dataset.name, i.tags[0].value) for i in runs["features-two"].inputs.dataset_inputs}
+    assert contexts == {(f"frames/{frames.name}", "features"), ("features/two", "output")}
+    assert runs["features-two"].data.params["devices"] == "2" and runs["features-two"].data.tags["data.features.cache_key"] == b.cache_key
+    assert any(k.startswith("system/") for k in runs["features-one"].data.metrics)
+    assert not any(k.startswith("system/") for k in runs["features-two"].data.metrics)
 
 
 def test_safetensors_weights_and_pretrained_offline(frames, tmp_path):
