@@ -7,8 +7,9 @@ Starts ``vpipe ui`` (the project's ``.venv``) on a free port over PROJECT_ROOT's
 repository), opens the UI in the "Model training" view with the assistant panel closed and the
 runs table showing test metrics, the swept parameter and the DVC experiment tag, and writes
 ``docs/mlflow-ui.png`` (runs of one experiment), ``docs/mlflow-charts.png`` (their curves),
-``docs/mlflow-run.png`` (the best run's page) and ``docs/mlflow-models.png`` (the registered
-versions). The server is stopped whatever happens. Not part of ``make test`` (needs Chromium).
+``docs/mlflow-run.png`` (the best run's page, with its datasets and logged model),
+``docs/mlflow-models.png`` (the registered versions), ``docs/mlflow-system-metrics.png`` (the run's
+system metrics) and ``docs/mlflow-logged-model.png`` (its pyfunc model). The server is stopped whatever happens. Not part of ``make test`` (needs Chromium).
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ def main() -> None:
         shoot("mlflow-charts.png", f"experiments/{experiment}/runs?compareRunsMode=CHART", expect="val/acc", charts="val/")
         shoot("mlflow-run.png", f"experiments/{experiment}/runs/{best['run_id']}", expect="dvc_stage")
         shoot("mlflow-models.png", f"models/{args.experiment}", expect="Version 1")
+        shoot("mlflow-system-metrics.png", f"experiments/{experiment}/runs/{best['run_id']}/system-metrics",
+              expect="cpu_utilization")
+        version = api(url, f"model-versions/get?name={args.experiment}&version=1")["model_version"]
+        model_id = version["source"].removeprefix("models:/")  # the run's logged pyfunc model
+        shoot("mlflow-logged-model.png", f"experiments/{experiment}/models/{model_id}", expect=model_id[:8])
     finally:
         if browser is not None:
             browser.quit()

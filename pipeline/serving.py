@@ -106,8 +106,10 @@ def _recipe(checkpoint: Path) -> dict:
 
 
 def servable(checkpoint: Path) -> bool:
-    """Whether the checkpoint is of a task the pyfunc model serves (a classifier or a captioner)."""
-    return str(_recipe(checkpoint).get("task", "")).rpartition(".")[2] in SERVED_TASKS
+    """Whether the pyfunc model can serve the checkpoint: a classifier or a captioner that records how its
+    frames were extracted (a model trained on a store without a frame store's recipe cannot decode videos)."""
+    recipe = _recipe(checkpoint)
+    return str(recipe.get("task", "")).rpartition(".")[2] in SERVED_TASKS and bool(recipe.get("frames_meta"))
 
 
 def log_model(checkpoint: Path, run_id: str) -> mlflow.models.model.ModelInfo:

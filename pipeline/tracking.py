@@ -102,15 +102,21 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
 
 
 def ensure_store(uri: str) -> None:
-    """Check an HTTP server answers, or create a SQLite store's schema now, once, before any training
-    process opens it."""
+    """Check an HTTP server answers, or create a SQLite store's schema now, once (under a file lock beside
+    the database), before the training process opens it."""
     if uri.startswith(("http://", "https://")):
         check_server(uri)
     if uri.startswith("sqlite:///"):
         import mlflow
+        from filelock import FileLock
 
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # One process at a time: the ranks of a torchrun/SLURM job (or jobs started together) on a new
+        # store would all create its schema at once and collide (duplicate column, table exists). The
+        # first creates it; the others find it made.
+        with FileLock(f"{db}.lock"):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
 def mlflow_logger(experiment: str, run_name: str | None = None, tags: dict[str, str] | None = None,
@@ -120,7 +126,7 @@ def mlflow_logger(experiment: str, run_name: str | None = None, tags: dict[str, 
     from pytorch_lightning.loggers import MLFlowLogger
 
     uri = tracking_uri()
-    ensure_store(uri)
+    ensure_store(uri)  # before the logger: its client opens the store (on every rank) as it is made
     return MLFlowLogger(
         experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=None if run_id else tags,
         # A server stores artifacts where it is configured to (``--serve-artifacts``), not on this machine.
@@ -235,6 +241,14 @@ def register_best(client, name: str, run_id: str, checkpoint: Path, metrics: dic
     version = client.create_model_version(
         name, source, run_id=run_id, model_id=model_id, description=f"Test metrics of the best checkpoint: {summary}",
         tags={**{k: str(v) for k, v in headline.items()}, **(tags or {})})
+    if model_id:  # the logged model lists its versions (the tag mlflow.register_model sets)
+        import json
+
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [*linked, {"name": version.name, "version": version.version}])})
     return version.version
 
 

@@ -54,6 +54,10 @@ def test_training_run_shows_its_datasets_and_system_metrics(project_store, train
 
 
 def test_registered_version_is_a_pyfunc_model_with_the_numbers_of_vpipe_classify(project_store, trained_project):
+    version = project_store.get_model_version("gesture_gru", "1")
+    logged = project_store.get_logged_model(version.source.removeprefix("models:/"))
+    assert [(v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])] == [("gesture_gru", "1")]  # linked both ways
+    assert logged.source_run_id == version.run_id
     model = mlflow.pyfunc.load_model("models:/gesture_gru/1")
     assert {c.name for c in model.metadata.get_input_schema().inputs} == {"video", "video_b64", "filename"}
     video = trained_project / "videos" / "right5.mp4"
