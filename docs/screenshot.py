@@ -100,7 +100,9 @@ def main() -> None:
         shoot("mlflow-models.png", f"models/{args.experiment}", expect="Version 1")
         shoot("mlflow-system-metrics.png", f"experiments/{experiment}/runs/{best['run_id']}/system-metrics",
               expect="cpu_utilization")
-        version = api(url, f"model-versions/get?name={args.experiment}&version=1")["model_version"]
+        run = api(url, f"runs/get?run_id={best['run_id']}")["run"]
+        registered = {t["key"]: t["value"] for t in run["data"]["tags"]}["registered_model"]  # models:/NAME/VERSION
+        version = api(url, f"model-versions/get?name={args.experiment}&version={registered.rsplit('/', 1)[1]}")["model_version"]
         model_id = version["source"].removeprefix("models:/")  # the run's logged pyfunc model
         shoot("mlflow-logged-model.png", f"experiments/{experiment}/models/{model_id}", expect=model_id[:8])
     finally:
