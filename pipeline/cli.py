@@ -10,6 +10,16 @@ import time
 TRAINING = ("fit", "validate", "test", "predict")
 
 
+def _model_options(p: argparse.ArgumentParser, example: str) -> None:
+    """The options every command that runs a trained model on files shares: which model, output, device."""
+    m = p.add_mutually_exclusive_group(required=True)
+    m.add_argument("--ckpt", help=f"checkpoint written by vpipe fit, e.g. {example}")
+    m.add_argument("--model", help="registered model: models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    p.add_argument("--weights", default=None, help="backbone weights file, when the features were computed from one")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="vpipe", description="Video understanding pipeline: extract → features → train → report.")
@@ -90,26 +100,16 @@ def _parser() -> argparse.ArgumentParser:
                        description="Decode each video as the model's frame store was extracted, compute features as its "
                                    "feature store was, and print the top-k classes with probabilities.")
     p.add_argument("videos", nargs="+", metavar="VIDEO")
-    m = p.add_mutually_exclusive_group(required=True)
-    m.add_argument("--ckpt", help="checkpoint written by vpipe fit, e.g. models/gesture_gru/best.ckpt")
-    m.add_argument("--model", help="registered model: models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+    _model_options(p, "models/gesture_gru/best.ckpt")
     p.add_argument("--topk", type=int, default=5, help="classes printed per video or window")
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     p.add_argument("--window", type=float, default=None, help="classify windows of W seconds (streaming) instead of whole videos")
     p.add_argument("--stride", type=float, default=None, help="seconds between window starts (default: --window)")
-    p.add_argument("--weights", default=None, help="backbone weights file, when the features were computed from one")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p = sub.add_parser("caption", help="a caption for each video or still image with a trained captioner", formatter_class=fmt,
                        description="Decode each file as the model's frame store was extracted (a PNG/JPEG image is a "
                                    "one-frame video), compute features as its feature store was, and print one caption.")
     p.add_argument("videos", nargs="+", metavar="VIDEO_OR_IMAGE")
-    m = p.add_mutually_exclusive_group(required=True)
-    m.add_argument("--ckpt", help="checkpoint written by vpipe fit, e.g. models/caption_gru/best.ckpt")
-    m.add_argument("--model", help="registered model: models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+    _model_options(p, "models/caption_gru/best.ckpt")
     p.add_argument("--beam", type=int, default=None, help="beam width (1: greedy; default: the model's beam_size)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
-    p.add_argument("--weights", default=None, help="backbone weights file, when the features were computed from one")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p = sub.add_parser("forecast", help="roll out the next frames of a video with a trained frame forecaster",
                        formatter_class=fmt,
                        description="Decode the first N frames of VIDEO as the model's frame store was extracted (frame rate, "
