@@ -11,8 +11,10 @@ Official splits are kept: UCF101 and HMDB51 have train/test lists (``--split 1|2
 Something-Something publish train and validation labels (their test labels are private), so their
 validation set becomes ``test``. Where a dataset has no validation split, ``val`` is carved from
 train with a seed (``--val-fraction``), by UCF101 group so one actor's clips never straddle splits.
-Paths are written relative to the manifest's folder when they lie inside it. The manifest is then
-checked (:func:`pipeline.manifest.validate`) and the report printed.
+Paths are written relative to the manifest's folder when they lie inside it. A video's id is its
+path without the extension; files that would share an id (``a.mp4`` and ``a.avi``) keep their
+extension instead. The manifest is then checked (:func:`pipeline.manifest.validate`) and the report
+printed. Any problem is one line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.manifest import read_manifest, validate, write_manifest
+from pipeline.manifest import ManifestError, read_manifest, validate, write_manifest
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".mpg", ".mpeg", ".m4v", ".flv", ".wmv")
 
@@ -63,6 +65,14 @@ def _carve_val(rows: list[dict], fraction: float, seed: int, group=lambda r: r["
             r["split"] = "val"
 
 
+def unique_names(paths: list[Path]) -> dict[Path, str]:
+    """Each path's name without its extension, or with it where two paths would share a name."""
+    stems: dict[str, int] = defaultdict(int)
+    for path in paths:
+        stems[path.stem] += 1
+    return {path: path.stem if stems[path.stem] == 1 else path.name for path in paths}
+
+
 def from_tree(root: Path, out: Path, ratios=(0.7, 0.15, 0.15), seed: int = 0) -> list[dict]:
     """``ROOT/<class>/<video>``: a seeded split, stratified by class (at least one train video per class)."""
     if abs(sum(ratios) - 1) > 1e-6 or len(ratios) != 3:
@@ -71,6 +81,7 @@ def from_tree(root: Path, out: Path, ratios=(0.7, 0.15, 0.15), seed: int = 0) ->
     rng = np.random.default_rng(seed)
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         videos = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        names = unique_names(videos)
         order = rng.permutation(len(videos))
         n_val, n_test = int(round(ratios[1] * len(videos))), int(round(ratios[2] * len(videos)))
         if len(videos) - n_val - n_test < 1:
@@ -78,7 +89,7 @@ def from_tree(root: Path, out: Path, ratios=(0.7, 0.15, 0.15), seed: int = 0) ->
         for rank, i in enumerate(order):
             split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
             video = videos[i]
-            rows.append(_row(f"{class_dir.name}/{video.stem}", video, class_dir.name, split, out))
+            rows.append(_row(f"{class_dir.name}/{names[video]}", video, class_dir.name, split, out))
     return sorted(rows, key=lambda r: r["video_id"])
 
 
@@ -138,10 +149,10 @@ def kinetics(root: Path, csvs: list[Path], out: Path) -> list[dict]:
     clip; a file named ``<youtube_id>.<ext>`` is the whole video, cut by ``start_sec``/``end_sec``.
     Rows without a local file or a label are left out and counted.
     """
-    files = {}
-    for path in root.rglob("*"):
+    files: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
         if path.suffix.lower() in VIDEO_SUFFIXES:
-            files[path.stem] = path
+            files.setdefault(path.stem, path)  # the first in sorted order where stems repeat
     rows, missing, unlabelled = [], 0, 0
     splits = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
     for table in csvs:
@@ -164,7 +175,23 @@ def kinetics(root: Path, csvs: list[Path], out: Path) -> list[dict]:
     return rows
 
 
+def check_unique(rows: list[dict]) -> None:
+    """Stop with one line naming both files when two rows share a video id."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        if r["video_id"] in seen:
+            raise SystemExit(f"error: video id {r['video_id']!r} names two files: {seen[r['video_id']]} and {r['path']}")
+        seen[r["video_id"]] = r["path"]
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except (OSError, ValueError, KeyError, csv.Error, ManifestError) as err:
+        raise SystemExit(f"error: {type(err).__name__}: {' '.join(str(err).split())}") from None
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data_scripts.importers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="layout", required=True)
@@ -205,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = kinetics(args.root, args.csv, out)
     if not rows:
         raise SystemExit(f"{args.root}: no videos found for layout {args.layout!r}")
+    check_unique(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(out, rows)
     report = validate(read_manifest(out), out)

@@ -8,6 +8,13 @@ frame, a decoder that hangs past ``timeout`` or crashes) lands in ``errors.csv``
 reason and the others are extracted (``on_error="skip"``), or the run stops with an error naming
 the file (``on_error="fail"``).
 
+A worker that dies (a crash, an out-of-memory kill, any signal) costs only its video: the row in
+``errors.csv`` names the signal, a fresh worker takes the next video.
+
+Re-running with the same parameters onto an existing store is incremental: a video whose path,
+clip bounds and file fingerprint (:func:`fingerprint`) match a row of that store is copied from it,
+not decoded, and the result is byte for byte what a run from scratch writes.
+
 Several machines split one manifest with ``num_shards``/``shard_index`` (defaults: torchrun's
 ``WORLD_SIZE``/``RANK``): each writes a part store, and :func:`merge` joins the parts by hard-linking
 their shard files (frame data is not copied).
@@ -15,14 +22,17 @@ their shard files (frame data is not copied).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -31,12 +41,25 @@ from typing import Literal
 import numpy as np
 
 from pipeline.manifest import Entry, read_manifest, validate
-from pipeline.stores import FrameStore, NpyAppender, StoreError, StoreWriter, file_sha256, finalize
+from pipeline.stores import (
+    FrameStore,
+    NpyAppender,
+    StoreError,
+    StoreWriter,
+    fault,
+    file_sha256,
+    finalize,
+    write_csv,
+)
 
 # Completed videos may wait for an earlier, slower one: at most this many per worker.
 REORDER_WINDOW = 4
 # A worker writes its frames to the spill file in blocks of about this size.
 SPILL_BLOCK_BYTES = 8 << 20
+# A file's fingerprint reads this many bytes at its start, middle and end.
+FINGERPRINT_SAMPLE = 64 << 10
+# Frame stores also list where each video came from: the key of incremental re-runs.
+SOURCE_FIELDS = ["video_id", "path", "start_sec", "end_sec", "fps", "fingerprint"]
 
 
 class ExtractError(RuntimeError):
@@ -60,7 +83,9 @@ def _decode_to_spill(job: Job, fps: float, size, image_fps: float) -> dict:
         with Decoder(job.entry.path, fps=fps, size=size, start_sec=job.entry.start_sec, end_sec=job.entry.end_sec,
                      threads=job.threads, image_fps=job.entry.fps or image_fps) as decoder:
             block: list[np.ndarray] = []
-            for frame in decoder:
+            for n, frame in enumerate(decoder):
+                if n == 5:
+                    fault(f"decode-{job.entry.video_id}")  # crash tests: die mid-video
                 block.append(frame)
                 if len(block) * frame.nbytes >= SPILL_BLOCK_BYTES:
                     writer = writer or NpyAppender(job.spill, np.uint8, block[0].shape)
@@ -75,8 +100,8 @@ def _decode_to_spill(job: Job, fps: float, size, image_fps: float) -> dict:
     if writer is None:
         raise ValueError(f"{job.entry.path}: no frame between start_sec={job.entry.start_sec} and end_sec={job.entry.end_sec}")
     height, width = writer.row_shape[:2]
-    return {"src_fps": round(decoder.src_fps, 4), "fps": round(fps or decoder.src_fps, 4), "width": width, "height": height,
-            "duration_sec": decoder.duration_sec}
+    return {"src_fps": round(float(decoder.src_fps), 4), "fps": round(float(fps or decoder.src_fps), 4), "width": width,
+            "height": height, "duration_sec": float(decoder.duration_sec)}
 
 
 def _one_line(err: BaseException, path: Path) -> str:
@@ -112,8 +137,12 @@ class _Slot:
         child.close()
 
     def submit(self, job: Job) -> None:
+        try:
+            self.conn.send(job)
+        except OSError:  # the idle worker died since its last job: a fresh one takes this job
+            self.restart()
+            self.conn.send(job)
         self.job, self.started = job, time.monotonic()
-        self.conn.send(job)
 
     def kill(self) -> None:
         self.process.kill()
@@ -174,9 +203,9 @@ def _pool_results(jobs: list[Job], workers: int, args: tuple, timeout: float | N
                     except (EOFError, OSError):
                         slot.process.join(timeout=5)  # the process died mid-job
                 if not slot.process.is_alive():
-                    code = slot.process.exitcode
-                    done[job.number] = (None, f"DecoderCrash: {job.entry.path}: decoder process died (exit code {code})")
+                    done[job.number] = (None, f"DecoderCrash: {job.entry.path}: decoder process {_death(slot.process.exitcode)}")
                     slot.restart()
+                    job.spill.unlink(missing_ok=True)
                 elif timeout and time.monotonic() - slot.started > timeout:
                     done[job.number] = (None, f"Timeout: {job.entry.path}: decoding took longer than {timeout:g} s, killed")
                     slot.restart()
@@ -190,14 +219,69 @@ def _pool_results(jobs: list[Job], workers: int, args: tuple, timeout: float | N
             slot.stop()
 
 
-def inputs_hash(manifest: Path, entries: list[Entry], params: dict) -> str:
-    """Hash of the manifest, the parameters and every input file's bytes."""
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name} (signal {-exitcode})"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"died (exit code {exitcode})"
+
+
+def fingerprint(path: Path) -> str:
+    """A file's identity without reading it whole: SHA-256 of its size and of 64 KiB at its start,
+    middle and end (a small file is read whole). For a folder of images, of every image's name and
+    fingerprint. Decoding reads a container out of order, so it cannot hash the file on the way;
+    this costs three small reads per video where a full hash costs a second pass over the dataset."""
+    digest = hashlib.sha256()
+    if path.is_dir():
+        from pipeline.video import IMAGE_SUFFIXES
+
+        for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            digest.update(f"{image.name}\0{fingerprint(image)}\0".encode())
+        return digest.hexdigest()[:32]
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as fh:
+        if size <= 3 * FINGERPRINT_SAMPLE:
+            digest.update(fh.read())
+        else:
+            for offset in (0, (size - FINGERPRINT_SAMPLE) // 2, size - FINGERPRINT_SAMPLE):
+                fh.seek(offset)
+                digest.update(fh.read(FINGERPRINT_SAMPLE))
+    return digest.hexdigest()[:32]
+
+
+def _source(e: Entry, fingerprints: dict[str, str]) -> dict:
+    blank = lambda v: "" if v is None else f"{float(v):g}"  # noqa: E731
+    return {"video_id": e.video_id, "path": str(e.path), "start_sec": blank(e.start_sec), "end_sec": blank(e.end_sec),
+            "fps": blank(e.fps), "fingerprint": fingerprints[e.video_id]}
+
+
+def inputs_hash(manifest: Path, sources: list[dict], params: dict) -> str:
+    """Hash of the manifest, the parameters and every input's fingerprint."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(file_sha256(manifest).encode())
-    for e in entries:
-        digest.update(e.video_id.encode())
-        digest.update(file_sha256(e.path).encode() if e.path.is_file() else b"missing")
+    for source in sources:
+        digest.update(f"{source['video_id']}\0{source['fingerprint']}\0".encode())
     return digest.hexdigest()
+
+
+def _reusable(out: Path, meta: dict) -> tuple[FrameStore | None, dict[str, tuple]]:
+    """The store already at ``out`` and its videos by source, when it was made with the same
+    parameters and decoder versions (else nothing is reused)."""
+    try:
+        store = FrameStore(out)
+        with open(out / "sources.csv", newline="") as fh:
+            sources = list(csv.DictReader(fh))
+    except (StoreError, OSError):
+        return None, {}
+    if any(store.meta.get(k) != meta[k] for k in ("params", "pyav", "ffmpeg")):
+        return None, {}
+    indexed = {r.video_id for r in store.index}
+    return store, {tuple(s[k] for k in SOURCE_FIELDS): s["video_id"] for s in sources if s["video_id"] in indexed}
 
 
 def part_of(entries: list[Entry], num_shards: int, shard_index: int) -> list[Entry]:
@@ -256,7 +340,10 @@ def extract(
     (:func:`pipeline.manifest.validate`, with ``root`` as the dataset root): dataset-level errors stop
     the run before any work; missing or unreadable files follow ``on_error``.
 
-    Returns ``{"extracted": N, "failed": M, "frames": F, "seconds": S, "out": path}``.
+    With the same parameters, videos already in the store at ``out`` (same path, clip bounds and
+    fingerprint) are copied from it instead of decoded; the store is replaced as a whole, as always.
+
+    Returns ``{"extracted": N, "decoded": D, "reused": R, "failed": M, "frames": F, "seconds": S, "out": path}``.
 
     Raises:
         ExtractError: ``on_error="fail"`` and a video failed, or no video at all could be extracted.
@@ -274,38 +361,58 @@ def extract(
     workers = max(1, min(workers or os.cpu_count() or 1, len(part) or 1))
     params = {"fps": fps, "size": list(wh) if wh else None, "max_frames": max_frames, "image_fps": image_fps}
     started = time.perf_counter()
+    fingerprints = {e.video_id: fingerprint(e.path) for e in part}
+    sources = [_source(e, fingerprints) for e in part]
+    meta = {"kind": "frames", "manifest": str(manifest), "params": params, **video.versions(),
+            "inputs_hash": inputs_hash(manifest, sources, params), "part": [shard_index, num_shards]}
     progress = _Progress(len(part))
     try:
-        with StoreWriter(out, "frames", shard_bytes=shard_mb << 20) as writer:
+        with StoreWriter(out, "frames", shard_bytes=shard_mb << 20) as writer, ExitStack() as stack:
+            previous, reusable = _reusable(out, meta)
+            reuse = {i: reusable[key] for i, source in enumerate(sources) if (key := tuple(source[k] for k in SOURCE_FIELDS)) in reusable}
             spills = writer.tmp / "spill"
             spills.mkdir()
-            jobs = [Job(i, e, spills / f"{i:08d}.npy") for i, e in enumerate(part)]
-            for job, info, error in _pool_results(jobs, workers, (fps, wh, image_fps), timeout):
+            todo = [e for i, e in enumerate(part) if i not in reuse]
+            jobs = [Job(k, e, spills / f"{k:08d}.npy") for k, e in enumerate(todo)]
+            results = stack.enter_context(closing(_pool_results(jobs, workers, (fps, wh, image_fps), timeout)))
+            kept = []
+            for i, e in enumerate(part):
+                if i in reuse:
+                    old = previous._by_id[reuse[i]]
+                    info = {k: getattr(old, k) for k in ("src_fps", "fps", "width", "height", "duration_sec")}
+                    row = writer.add(previous.rows(old.video_id), video_id=e.video_id, label=e.label, split=e.split, **info)
+                    kept.append(sources[i])
+                    progress.update(row.length, False)
+                    continue
+                job, info, error = next(results)
                 if error is not None:
                     if on_error == "fail":
                         raise ExtractError(error)
-                    writer.add_error(job.entry.video_id, str(job.entry.path), error)
+                    writer.add_error(e.video_id, str(e.path), error)
                     progress.update(0, True)
                     continue
                 frames = np.load(job.spill, mmap_mode="r")
-                e = job.entry
                 row = writer.add(frames, keep=video.uniform_indices(len(frames), max_frames) if max_frames else None,
                                  video_id=e.video_id, label=e.label, split=e.split, **info)
                 del frames
                 job.spill.unlink()
+                kept.append(sources[i])
                 progress.update(row.length, False)
-            spills.rmdir()
+            stack.close()  # the workers exit
+            shutil.rmtree(spills, ignore_errors=True)
             if not writer.index:
                 first = writer.errors[0]["error"] if writer.errors else "the manifest part is empty"
                 raise ExtractError(f"{manifest}: no video could be extracted; first error: {first}")
-            meta = {"kind": "frames", "manifest": str(manifest), "params": params, **video.versions(),
-                    "inputs_hash": inputs_hash(manifest, part, params), "part": [shard_index, num_shards]}
+            write_csv(writer.tmp / "sources.csv", SOURCE_FIELDS, kept)
+            previous = None  # its memory maps are closed before the old store is replaced
             writer.finish(meta)
     finally:
         progress.close()
     seconds = round(time.perf_counter() - started, 2)
-    summary = {"extracted": len(writer.index), "failed": len(writer.errors), "frames": progress.frames, "seconds": seconds, "out": str(out)}
-    print(f"extracted {summary['extracted']}, failed {summary['failed']}, see {out / 'errors.csv'} "
+    summary = {"extracted": len(writer.index), "decoded": len(writer.index) - len(reuse), "reused": len(reuse),
+               "failed": len(writer.errors), "frames": progress.frames, "seconds": seconds, "out": str(out)}
+    reused = f" ({len(reuse)} reused from the previous store)" if reuse else ""
+    print(f"extracted {summary['extracted']}{reused}, failed {summary['failed']}, see {out / 'errors.csv'} "
           f"({progress.frames} frames in {seconds} s, {progress.frames / max(seconds, 1e-9):.0f} frames/s)", file=sys.stderr)
     return summary
 

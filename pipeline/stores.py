@@ -3,18 +3,25 @@
 A store is a folder. Rows of all videos are concatenated into a few large shards
 (``frames-00000.npy`` / ``features-00000.npy``); ``index.csv`` says where each video's rows are.
 Stores are written atomically: :class:`StoreWriter` builds the folder under a temporary name beside
-the destination and renames it into place only when everything is written, so a reader never sees a
-half-written store under the final name.
+the destination, flushes it to disk, and only then puts it in place, so a reader never sees a
+half-written store under the final name. An existing store is replaced by one atomic exchange of the
+two folders (Linux ``renameat2``), so a kill at any moment leaves the complete old store or the
+complete new one under the final name; where the exchange is not available, two renames are used and
+:func:`clean_stale` finishes an interrupted replacement instead of deleting its halves.
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -70,17 +77,25 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 class NpyAppender:
     """An ``.npy`` file written block by block (memory stays flat); the header is fixed up on close.
 
-    The header has a fixed size, so rows are appended right after it and only the shape in it
-    changes at the end. ``numpy.load`` (with or without ``mmap_mode``) reads the result.
+    The header has a fixed size, reserved for the largest row count an ``.npy`` can hold, so rows are
+    appended right after it and only the shape in it changes at the end. ``numpy.load`` (with or
+    without ``mmap_mode``) reads the result.
     """
 
-    HEADER = 128  # bytes: magic, version, length, then the dict padded with spaces
-
     def __init__(self, path: str | os.PathLike, dtype: np.dtype, row_shape: tuple[int, ...]):
-        self.path, self.dtype, self.row_shape = Path(path), np.dtype(dtype), tuple(row_shape)
+        self.path, self.dtype, self.row_shape = Path(path), np.dtype(dtype), tuple(int(n) for n in row_shape)
         self.rows = self.nbytes = 0
+        widest = self._header_text(np.iinfo(np.int64).max)
+        # Format 1.0 stores the header length in 2 bytes, 2.0 in 4; both pad the whole header to 64.
+        self.version = (1, 0) if len(widest) + 11 < 1 << 16 else (2, 0)
+        preamble = 10 if self.version == (1, 0) else 12
+        self.header_bytes = -(-(preamble + len(widest) + 1) // 64) * 64
         self._fh = open(self.path, "wb")
-        self._fh.write(b"\0" * self.HEADER)
+        self._fh.write(b"\0" * self.header_bytes)
+
+    def _header_text(self, rows: int) -> bytes:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (rows, *self.row_shape)}
+        return repr(header).encode("latin1")
 
     def append(self, block: np.ndarray) -> None:
         if block.dtype != self.dtype or tuple(block.shape[1:]) != self.row_shape:
@@ -89,15 +104,28 @@ class NpyAppender:
         self.rows += len(block)
         self.nbytes += block.nbytes
 
+    def header(self) -> bytes:
+        """The header for the rows written so far, exactly ``header_bytes`` long."""
+        text = self._header_text(self.rows)
+        if self.version == (1, 0):
+            size = self.header_bytes - 10
+            return b"\x93NUMPY\x01\x00" + struct.pack("<H", size) + text.ljust(size - 1) + b"\n"
+        size = self.header_bytes - 12
+        return b"\x93NUMPY\x02\x00" + struct.pack("<I", size) + text.ljust(size - 1) + b"\n"
+
     def close(self) -> None:
         if self._fh.closed:
             return
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.rows, *self.row_shape)}
-        text = repr(header).encode("latin1")
-        size = self.HEADER - 10
         self._fh.seek(0)
-        self._fh.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", size) + text.ljust(size - 1) + b"\n")
+        self._fh.write(self.header())
         self._fh.close()
+
+
+def fault(step: str) -> None:
+    """Fault injection for the crash tests: ``VPIPE_FAULT=step[,step…]`` kills this process with
+    SIGKILL when it reaches one of the named steps. Unset in normal use."""
+    if step in os.environ.get("VPIPE_FAULT", "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -110,12 +138,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(out: Path) -> None:
-    """Remove temporary folders of ``out`` left by runs that were killed (their process is gone)."""
+def _stale(out: Path) -> list[Path]:
+    """Temporary folders of ``out`` whose process is gone: ``.NAME.tmp-PID-…`` and ``.NAME.old-PID-…``."""
+    found = []
     for path in out.parent.glob(f".{out.name}.*-*"):
         parts = path.name[len(out.name) + 2 :].split("-")
         if len(parts) >= 2 and parts[0] in ("tmp", "old") and parts[1].isdigit() and not _pid_alive(int(parts[1])):
-            shutil.rmtree(path, ignore_errors=True)
+            found.append(path)
+    return found
+
+
+def _finished(folder: Path) -> bool:
+    """A store folder whose writer got to the end (meta.json is written last, after the data)."""
+    return (folder / "meta.json").is_file() and (folder / "index.csv").is_file()
+
+
+def clean_stale(out: Path) -> None:
+    """Remove temporary folders of ``out`` left by runs that were killed (their process is gone).
+
+    A replacement killed between its two renames (only where the atomic exchange is unavailable)
+    left no store under ``out``: the finished new store is moved into place (or, without one, the old
+    store moved back) before anything is removed.
+    """
+    stale = _stale(out)
+    if not out.exists():
+        finished = sorted((p for p in stale if _finished(p)), key=lambda p: (p.name[len(out.name) + 2 :].startswith("tmp"), p.stat().st_mtime))
+        if finished:
+            os.rename(finished[-1], out)
+            _fsync_dir(out.parent)
+            stale.remove(finished[-1])
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class StoreWriter:
@@ -191,16 +244,75 @@ def finalize(tmp: Path, out: Path, index: list[IndexRow], errors: list[dict], me
     return meta
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if sys.platform != "linux" or "no-exchange" in os.environ.get("VPIPE_FAULT", "").split(","):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing an existing ``dst`` with two renames."""
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-{os.getpid()}-", dir=dst.parent))
-        os.rmdir(old)
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put the finished folder ``src`` at ``dst``, replacing an existing ``dst``; crash-safe.
+
+    ``src`` is flushed to disk first. An existing ``dst`` is swapped with ``src`` in one atomic
+    exchange, then the old store (now under ``src``'s temporary name) is removed. Without the
+    exchange, ``dst`` is renamed aside and ``src`` renamed in; a kill between the two is finished by
+    :func:`clean_stale`, and a failing second rename puts the old store back.
+    """
+    _fsync_tree(src)
+    fault("store-written")
+    if not dst.exists():
+        os.rename(src, dst)
+        _fsync_dir(dst.parent)
+        return
+    if _exchange(src, dst):
+        _fsync_dir(dst.parent)
+        fault("store-swapped")
+        shutil.rmtree(src, ignore_errors=True)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-{os.getpid()}-", dir=dst.parent))
+    os.rmdir(old)
+    os.rename(dst, old)
+    fault("store-moved-old")
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    _fsync_dir(dst.parent)
+    fault("store-swapped")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def content_hash(folder: Path) -> str:

@@ -12,12 +12,20 @@ converted (one libswscale pass each: scaling and RGB conversion together).
 
 Rotation metadata (the display matrix) is applied, so phone videos come out upright; ``size`` is
 the size after rotation.
+
+Decoding does only the work the output needs, with frames identical to decoding everything:
+``start_sec`` seeks to the keyframe before it (a late clip costs its length, not its offset), and
+when resampling to a lower rate, non-reference frames that no output sample shows are not decoded
+(the decoder's ``skip_frame`` is set per packet, from packet timestamps read ahead of the decoder).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import re
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -32,6 +40,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_IMAGE_FPS = 12.0
 # Times closer than this are equal: float rounding of pts × time_base must not add or drop a frame.
 EPS = 1e-6
+# Packets read ahead of the decoder: enough to see past any B-frame reordering.
+LOOKAHEAD = 32
+# A start_sec later than this seeks to the keyframe before it; earlier ones decode from the start.
+SEEK_MIN_SEC = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,15 +87,19 @@ class Decoder:
         end_sec: no output at or after this time, relative to the stream's first frame.
         threads: decoder threads; frame threading when above 1 (spawned worker processes only:
             frame threading has hung inside forked DataLoader workers, PyAV #1962).
+        seek: seek to the keyframe before ``start_sec``; ``skip``: leave unused non-reference frames
+            undecoded. Both on by default; off, every frame from the file's start is decoded.
 
     After iteration, ``count`` and ``duration_sec`` describe what was produced. Errors name the file.
     """
 
     def __init__(self, path: str | os.PathLike, *, fps: float = 0.0, size: tuple[int, int] | None = None,
                  start_sec: float | None = None, end_sec: float | None = None, threads: int = 1,
-                 image_fps: float = DEFAULT_IMAGE_FPS):
+                 image_fps: float = DEFAULT_IMAGE_FPS, seek: bool = True, skip: bool = True):
         self.path, self.fps, self.size = Path(path), float(fps), size
         self.start, self.end, self.threads = float(start_sec or 0.0), end_sec, threads
+        self.seek, self.skip = seek, skip
+        self.decoded = self.skipped = 0  # frames decoded, packets left undecoded
         self.image_fps = float(image_fps)
         self.count, self.duration_sec, self.src_fps = 0, 0.0, 0.0
         self.container = None
@@ -107,9 +123,7 @@ class Decoder:
             if not self.container.streams.video:
                 kinds = ", ".join(sorted({s.type for s in self.container.streams})) or "none"
                 raise ValueError(f"{self.path}: no video stream (streams: {kinds})")
-            self.stream = self.container.streams.video[0]
-            self.stream.thread_type = "AUTO" if self.threads > 1 else "SLICE"
-            self.stream.thread_count = max(1, self.threads)
+            self._use_stream()
             self.src_fps = float(self.stream.average_rate or self.stream.guessed_rate or 0.0)
         except BaseException:
             self.container.close()
@@ -133,22 +147,89 @@ class Decoder:
             return
         time_base = self.stream.time_base or Fraction(1, 90000)
         step = 1.0 / self.src_fps if self.src_fps else 0.04
-        t0 = previous = None
-        for frame in self.container.decode(self.stream):
-            if frame.pts is not None:
-                t = float(frame.pts * time_base)
-            else:  # no timestamp: assume the declared rate
-                t = 0.0 if previous is None else previous + step
-            t0 = t if t0 is None else t0
+        self._t0 = None
+        frames = self._frames(time_base)
+        first = next(frames, None)
+        if first is None:
+            return
+        self._t0 = float(first.pts * time_base) if first.pts is not None else 0.0
+        if self.seek and self.start > SEEK_MIN_SEC and first.pts is not None:
+            frames = self._after_seek(time_base, first)
+        else:
+            frames = itertools.chain([first], frames)
+        previous = None
+        for frame in frames:
+            t = float(frame.pts * time_base) if frame.pts is not None else (self._t0 if previous is None else previous + step)
             previous = t
-            yield t - t0, float(frame.duration * time_base) if frame.duration else step, frame
+            yield t - self._t0, float(frame.duration * time_base) if frame.duration else step, frame
+
+    def _use_stream(self) -> None:
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO" if self.threads > 1 else "SLICE"
+        self.stream.thread_count = max(1, self.threads)
+
+    def _after_seek(self, time_base, first: av.VideoFrame) -> Iterator[av.VideoFrame]:
+        """Frames from the keyframe at or before ``start_sec``. A file that cannot seek there (or lands
+        after it) is reopened and decoded from its first frame."""
+        target = first.pts + int(self.start / time_base)
+        try:
+            self.container.seek(target, backward=True, any_frame=False, stream=self.stream)
+            frames = self._frames(time_base)
+            head = next(frames, None)
+            if head is not None and head.pts is not None and head.pts <= target:
+                return itertools.chain([head], frames)
+        except av.FFmpegError:
+            pass
+        self.container.close()
+        self.container = av.open(str(self.path))
+        self._use_stream()
+        return self._frames(time_base)
+
+    def _frames(self, time_base) -> Iterator[av.VideoFrame]:
+        """Decoded frames from the container's position; non-reference frames that no output sample
+        shows are skipped (needs timestamps, a lower output rate and the first frame's time)."""
+        ctx = self.stream.codec_context
+        ctx.skip_frame = "DEFAULT"
+        packets = self.container.demux(self.stream)
+        ahead: deque = deque()
+        behind: deque = deque(maxlen=LOOKAHEAD)  # pts of packets already sent to the decoder
+        more = True
+        while True:
+            while more and len(ahead) < LOOKAHEAD:
+                packet = next(packets, None)
+                if packet is None:
+                    more = False
+                else:
+                    ahead.append(packet)
+            if not ahead:
+                return
+            packet = ahead.popleft()
+            unused = self.skip and self.fps > 0 and self._unused(packet, ahead, behind, time_base)
+            ctx.skip_frame = "NONREF" if unused else "DEFAULT"
+            self.skipped += unused
+            if packet.pts is not None:
+                behind.append(packet.pts)
+            for frame in packet.decode():
+                self.decoded += 1
+                yield frame
+
+    def _unused(self, packet, ahead, behind, time_base) -> bool:
+        """True when no output time falls between this packet's frame and the next frame shown."""
+        if self._t0 is None or packet.pts is None or packet.is_keyframe or packet.size == 0:
+            return False
+        later = [p for p in (*(q.pts for q in ahead), *behind) if p is not None and p > packet.pts]
+        if not later:
+            return False  # possibly the last frame: its duration ends the video
+        t, t_next = float(packet.pts * time_base) - self._t0, float(min(later) * time_base) - self._t0
+        k = max(0, math.ceil((t - EPS - self.start) * self.fps))
+        return not self.start + k / self.fps < t_next - EPS
 
     def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
         turns = int(round((frame.rotation or 0) / 90)) % 4  # counter-clockwise quarter turns
         w, h = (None, None) if self.size is None else self.size if turns % 2 == 0 else self.size[::-1]
         # One reformatter for the whole video: it keeps its libswscale context between frames
         # (frame.to_ndarray would build a new one per frame). AREA averages properly when shrinking.
-        image = self._reformatter.reformat(frame, format="rgb24", width=w, height=h, interpolation="AREA").to_ndarray()
+        image = self._reformatter.reformat(frame, format="rgb24", width=w, height=h, interpolation="AREA", threads=1).to_ndarray()
         return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -233,7 +314,8 @@ def write_video(
 
     ``rotation`` writes display-matrix metadata (degrees counter-clockwise); ``pts`` with
     ``time_base`` gives each frame its own timestamp (variable frame rate, late starts).
-    With one encoder thread and no macroblock tree the output bytes depend only on the input.
+    With one encoder thread, one conversion thread and no macroblock tree the output bytes depend only
+    on the input, whatever the machine's load.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -253,7 +335,9 @@ def write_video(
         if rotation:
             stream.set_display_rotation(rotation)
         for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            # Converted here on one thread: the encoder's own conversion picks a thread count by
+            # itself, and its output then varied with the machine's load.
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt, threads=1)
             if pts is not None:
                 frame.pts, frame.time_base = pts[i], time_base
             for packet in stream.encode(frame):
