@@ -128,7 +128,11 @@ def measure(cmd: list[str], stdout=subprocess.DEVNULL) -> tuple[float, float, by
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out, err = proc.communicate()
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise SystemExit(f"{cmd[:3]} took over 900 s") from None
     stop.set()
     sampler.join()
     if proc.returncode:
@@ -168,14 +172,15 @@ def ffmpeg(paths: list[Path], fps: float, null: bool = False) -> dict:
     return _result(seconds, 0 if null else int(out) // (SIZE * SIZE * 3), rss)
 
 
-def torchcodec(paths: list[Path], fps: float) -> dict | None:
+def torchcodec(paths: list[Path], fps: float, work: Path) -> dict | None:
     try:
         import torchcodec  # noqa: F401
     except Exception as err:  # noqa: BLE001 - not installed, or its FFmpeg libraries are missing
         print(f"torchcodec skipped: {type(err).__name__}: {' '.join(str(err).split())[:200]}", file=sys.stderr)
         return None
-    script = TORCHCODEC.format(size=SIZE, cores=os.cpu_count())
-    seconds, rss, out = measure([sys.executable, "-c", script, str(fps), *map(str, paths)], stdout=subprocess.PIPE)
+    script = work / "torchcodec_run.py"  # a file: spawned pool workers re-import it
+    script.write_text(TORCHCODEC.format(size=SIZE, cores=os.cpu_count()))
+    seconds, rss, out = measure([sys.executable, str(script), str(fps), *map(str, paths)], stdout=subprocess.PIPE)
     return _result(seconds, int(out), rss)
 
 
@@ -207,7 +212,7 @@ def main() -> None:
             # Alternate the runs and keep each one's fastest: this machine's timings are noisy.
             for _ in range(args.repeat):
                 r["ffmpeg CLI"] = best(r.get("ffmpeg CLI"), ffmpeg(paths, fps))
-                r["torchcodec"] = best(r.get("torchcodec"), torchcodec(paths, fps))
+                r["torchcodec"] = best(r.get("torchcodec"), torchcodec(paths, fps, work))
                 r["vpipe extract"] = best(r.get("vpipe extract"), ours(paths, fps, work))
             r["ffmpeg decode only"] = ffmpeg(paths, 0, null=True)
         four = ours(paths, 10, work, repeat=4)

@@ -245,6 +245,14 @@ class Forecaster(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False  # truncated BPTT: several optimiser steps per batch
 
+    @property
+    def unused_parameters(self) -> bool:
+        """Whether a training backward pass can leave parameters without a gradient: a truncated-BPTT
+        chunk that lies wholly in the context never runs the forecasting stack (or, past it, the
+        encoder). The trainer then starts DDP with ``find_unused_parameters``."""
+        k = self.hparams.tbptt_steps
+        return k is not None and k < self.hparams.context + self.hparams.horizon - 1
+
     def _metric_objects(self) -> None:
         horizon, count = self.hparams.horizon, len(self.METRICS)
         self.losses = nn.ModuleDict({f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("train", "val", "test")})

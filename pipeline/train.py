@@ -367,6 +367,9 @@ class VPipeCLI(LightningCLI):
             callbacks += [RunIdInCheckpoint(), RunInputs(self._get(self.config, "system_metrics"))]
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
+        if config.get("strategy") == "ddp" and getattr(self.model, "unused_parameters", False):
+            # DDP waits for a gradient of every parameter unless told some may have none.
+            kwargs["strategy"] = "ddp_find_unused_parameters_true"
         return self._instantiate_trainer({**config, **kwargs}, callbacks)
 
     def _resumed_run_id(self, models: Path) -> str | None:

@@ -45,3 +45,131 @@ def test_torchrun_fit_on_a_fresh_store_creates_it_once(tmp_path):
     metrics = json.loads((root / "metrics" / "gesture_gru.json").read_text())
     assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
     assert [str(v.version) for v in client.search_model_versions("name = 'gesture_gru'")] == ["1"]
+
+
+def _captions(project: Path, folder: Path) -> Path:
+    from pipeline.captions import write_captions
+
+    ids = [line.split(",")[0] for line in (project / "videos" / "manifest.csv").read_text().splitlines()[1:]]
+    rows = [(v, f"a white square moves to the {'right' if v.startswith('right') else 'left'}") for v in ids]
+    write_captions(folder, rows, {"right": ["right"], "left": ["left"]})
+    return folder / "captions.csv"
+
+
+def _task(kind: str, tmp_path: Path, trained_project: Path) -> tuple[str, list[str]]:
+    """(experiment name, `vpipe fit` arguments) of a small job of each kind of task."""
+    from test_forecast import TINY_FRAMES, drifting_features
+    from test_training import frame_store
+
+    few = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "1"]
+    if kind == "end-to-end classifier":
+        return "lrcn", ["-c", str(ROOT / "tests/configs/lrcn_frames.yaml"), "--data.init_args.frames",
+                        str(frame_store(tmp_path / "frames", test_videos=7)), "--trainer.logger", "true", *few]
+    if kind == "frame forecaster, truncated BPTT":
+        from data_scripts.synth import generate
+        from pipeline.extract import extract
+
+        raw = generate("digits", tmp_path / "raw", count=13, seed=0, workers=1)
+        extract(raw / "manifest.csv", tmp_path / "frames", size="32", workers=1)
+        # Chunks of 2 steps over 4 + 3: the first chunks never reach the forecasting stack.
+        return "nextframe_convgru", ["-c", str(ROOT / "configs/nextframe_convgru.yaml"), "--data.init_args.frames",
+                                     str(tmp_path / "frames"), *TINY_FRAMES, "--model.init_args.tbptt_steps", "2",
+                                     "--data.init_args.batch_size", "2", *few]
+    if kind == "feature forecaster":
+        return "nextfeature_gru", ["-c", str(ROOT / "configs/nextfeature_gru.yaml"), "--data.init_args.features",
+                                   str(drifting_features(tmp_path / "features")), "--trainer.accelerator", "cpu", *few]
+    return "caption_gru", ["-c", str(ROOT / "configs/caption_gru.yaml"), "--data.init_args.features", str(trained_project / "features"),
+                           "--data.init_args.captions", str(_captions(trained_project, tmp_path)), "--data.init_args.batch_size", "2",
+                           "--model.init_args.hidden_size", "16", "--trainer.accelerator", "cpu", *few]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["end-to-end classifier", "frame forecaster, truncated BPTT", "feature forecaster", "captioner"])
+def test_torchrun_fit_of_every_task(kind, tmp_path, trained_project):
+    """Two processes (gloo) on an empty root: the job finishes, leaves one FINISHED run, and the test
+    metrics it logged are those one process computes from the same checkpoint."""
+    name, args = _task(kind, tmp_path, trained_project)
+    root = tmp_path / "project"
+    root.mkdir()
+    env = {**os.environ, "VPIPE_ROOT": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "-m", "pipeline", "fit", *args, "-c", str(ROOT / "configs/trainer/ddp.yaml"),
+         "--trainer.accelerator", "cpu", "--trainer.devices", "2"],
+        env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    ddp = json.loads((root / "metrics" / f"{name}.json").read_text())
+    single_root = tmp_path / "single"
+    single_root.mkdir()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "test", *args, "--trainer.logger", "false", "--ckpt_path",
+                           str(root / "models" / name / "best.ckpt")],
+                          env={**env, "VPIPE_ROOT": str(single_root)}, cwd=single_root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    single = json.loads((single_root / "metrics" / f"{name}.json").read_text())
+    assert ddp.keys() == single.keys()
+    for key in single:
+        assert ddp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key
+        assert run.data.metrics[key] == pytest.approx(ddp[key], rel=1e-6, abs=1e-7), key
+
+
+def _two_nodes(args: list[str], env: dict, cwd: Path) -> None:
+    """Run ``python -m pipeline ARGS`` as two one-process "nodes" on 127.0.0.1 (two torchrun launchers)."""
+    port = str(_free_port())
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+         "--master-addr", "127.0.0.1", "--master-port", port, "-m", "pipeline", *args],
+        env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600) for p in launchers]
+    for p, (_, err) in zip(launchers, outputs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+
+
+@pytest.mark.slow
+def test_two_nodes_extract_features_and_fit_like_one_process(tmp_path, trained_project):
+    """`vpipe features` and `vpipe fit` over two torchrun "nodes" (one process each, a shared folder):
+    the feature store equals a one-process run's row for row, and the fit's logged test metrics are
+    those one process computes from its checkpoint."""
+    import numpy as np
+
+    from pipeline.stores import FeatureStore
+
+    root = tmp_path / "project"
+    root.mkdir()
+    env = {**os.environ, "VPIPE_ROOT": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    features = ["features", "--frames", str(trained_project / "frames"), "--backbone", "test_resnet", "--pool", "grid",
+                "--grid", "2", "--input-size", "32", "--batch-size", "16", "--accelerator", "cpu", "--no-system-metrics"]
+    _two_nodes([*features, "--out", str(tmp_path / "two"), "--num-nodes", "2", "--devices", "1"], env, root)
+    done = subprocess.run([sys.executable, "-m", "pipeline", *features, "--out", str(tmp_path / "one")], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    one, two = FeatureStore(tmp_path / "one"), FeatureStore(tmp_path / "two")
+    assert [r.video_id for r in two.index] == [r.video_id for r in one.index]
+    for row in one.index:
+        np.testing.assert_allclose(two.rows(row.video_id).astype(np.float32), one.rows(row.video_id).astype(np.float32), atol=2e-3)
+
+    fit = ["-c", str(ROOT / "tests/configs/gru_features.yaml"), "--data.init_args.features", str(tmp_path / "two"),
+           "--data.init_args.batch_size", "2", "--trainer.accelerator", "cpu"]
+    _two_nodes(["fit", *fit, "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--trainer.num_nodes", "2", "--trainer.devices", "1"],
+               env, root)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("gesture_gru").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    logged = json.loads((root / "metrics" / "gesture_gru.json").read_text())
+    single_root = tmp_path / "single"
+    single_root.mkdir()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "test", *fit, "--trainer.logger", "false", "--ckpt_path",
+                           str(root / "models" / "gesture_gru" / "best.ckpt")], env={**env, "VPIPE_ROOT": str(single_root)},
+                          cwd=single_root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    single = json.loads((single_root / "metrics" / "gesture_gru.json").read_text())
+    for key in single:
+        assert logged[key] == pytest.approx(single[key], abs=1e-5), key
