@@ -13,12 +13,14 @@ when it does not exist: untrained weights would overwrite ``metrics/NAME.json`` 
 from __future__ import annotations
 
 import csv
+import importlib
 import inspect
 import json
 import os
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -303,6 +305,27 @@ class VPipeCLI(LightningCLI):
     @property
     def experiment(self) -> str:
         return self._get(self.config, "name")
+
+    def _parse_ckpt_path(self) -> None:
+        """As LightningCLI's (the checkpoint's hyperparameters become the model's arguments), less the
+        ones its class does not take: values linked from a data module that this model has no use for
+        (``num_classes`` for a captioner) would otherwise fail `vpipe test|validate|predict`."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            class_path = hparams.pop("_class_path")
+            module, _, name = class_path.rpartition(".")
+            accepted = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+                hparams = {k: v for k, v in hparams.items() if k in accepted}
+            hparams = {"class_path": class_path, "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
