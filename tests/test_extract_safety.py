@@ -45,6 +45,24 @@ def test_worker_killed_mid_video_costs_that_video_only(tmp_path, make_video, mon
     assert not list(tmp_path.glob(".store.*"))  # no spill file or temporary folder left behind
 
 
+def test_a_worker_that_died_while_idle_is_replaced(tmp_path, make_video):
+    """SIGKILL to a worker between two videos: the next video goes to a fresh worker (the parent's
+    send used to raise BrokenPipeError and end the run)."""
+    from pipeline.extract import Job, _context, _Slot
+    from pipeline.manifest import Entry
+
+    clip = make_video("a.mp4", frames=20)
+    slot = _Slot(_context(), (10.0, (16, 16), 12.0))
+    slot.process.kill()
+    slot.process.join()
+    entry = Entry(video_id="a", path=clip, label="x", split="train")
+    slot.submit(Job(0, entry, tmp_path / "spill.npy"))
+    number, info, error = slot.conn.recv()
+    slot.stop()
+    assert (number, error) == (0, None) and info["width"] == 16
+    assert np.load(tmp_path / "spill.npy").shape == (8, 16, 16, 3)
+
+
 def _write_store(out: Path, value: int) -> None:
     with StoreWriter(out, "frames") as writer:
         writer.add(np.full((3, 4, 4, 3), value, np.uint8), video_id="x", label="a", split="train",
