@@ -173,3 +173,41 @@ def test_two_nodes_extract_features_and_fit_like_one_process(tmp_path, trained_p
     single = json.loads((single_root / "metrics" / "gesture_gru.json").read_text())
     for key in single:
         assert logged[key] == pytest.approx(single[key], abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_slurm_style_launch_on_a_fresh_store(tmp_path, trained_project):
+    """Two tasks started as `srun --ntasks-per-node 2` starts them (the SLURM_* variables Lightning
+    reads; no SLURM here): one FINISHED run on a brand-new store, the same test metrics as one process."""
+    root = tmp_path / "project"
+    root.mkdir()
+    args = ["fit", "-c", str(ROOT / "tests/configs/gru_features.yaml"), "-c", str(ROOT / "configs/trainer/ddp.yaml"),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.init_args.features",
+            str(trained_project / "features"), "--data.init_args.batch_size", "2"]
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "vpipe", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    base = {**os.environ, **slurm, "VPIPE_ROOT": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    base.pop("MLFLOW_TRACKING_URI", None)
+    tasks = [subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=root, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)})
+             for i in range(2)]
+    outputs = [t.communicate(timeout=600) for t in tasks]
+    for t, (_, err) in zip(tasks, outputs, strict=True):
+        assert t.returncode == 0, err[-4000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("gesture_gru").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    logged = json.loads((root / "metrics" / "gesture_gru.json").read_text())
+    single_root = tmp_path / "single"
+    single_root.mkdir()
+    env = {k: v for k, v in base.items() if not k.startswith("SLURM_")}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "test", *args[1:3], "--trainer.accelerator", "cpu",
+                           "--data.init_args.features", str(trained_project / "features"), "--data.init_args.batch_size", "2",
+                           "--trainer.logger", "false", "--ckpt_path", str(root / "models" / "gesture_gru" / "best.ckpt")],
+                          env={**env, "VPIPE_ROOT": str(single_root)}, cwd=single_root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    single = json.loads((single_root / "metrics" / "gesture_gru.json").read_text())
+    for key in single:
+        assert logged[key] == pytest.approx(single[key], abs=1e-5), key
