@@ -21,27 +21,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_torchrun_fit_on_a_fresh_store_creates_it_once(tmp_path):
-    """Every rank used to create the new SQLite store's schema at once (duplicate-column errors); now rank
-    zero alone opens the store, and the job leaves one FINISHED run with its test metrics."""
-    features = feature_store(tmp_path / "features")
+def _fresh_root(tmp_path: Path) -> tuple[Path, dict]:
+    """An empty project root, and the environment of a job there (its own SQLite store, created by the job)."""
     root = tmp_path / "project"
     root.mkdir()
     env = {**os.environ, "VPIPE_ROOT": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), "-m", "pipeline", "fit", "-c", str(ROOT / "tests/configs/gru_features.yaml"),
-         "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-         "--data.init_args.features", str(features), "--data.init_args.batch_size", "2"],
-        env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    return root, env
+
+
+def _succeeds(processes: list[subprocess.Popen]) -> None:
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (_, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+
+
+def _launch(cmd: list[str], env: dict, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _torchrun(args: list[str], env: dict, cwd: Path) -> None:
+    """``python -m pipeline ARGS`` under ``torchrun --nproc-per-node 2`` on 127.0.0.1."""
+    _succeeds([_launch([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                        "--master-port", str(_free_port()), "-m", "pipeline", *args], env, cwd)])
+
+
+def _one_finished_run(root: Path, name: str):
+    """The job's single MLflow run, FINISHED, from two processes."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("gesture_gru").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name(name).experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    return client, run
+
+
+def _single_process_test(args: list[str], name: str, root: Path, tmp_path: Path, env: dict) -> dict:
+    """Test metrics of ``root``'s ``models/NAME/best.ckpt`` computed by one process (``vpipe test``, MLflow off)."""
+    single_root = tmp_path / "single"
+    single_root.mkdir()
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    _succeeds([_launch([sys.executable, "-m", "pipeline", "test", *args, "--trainer.logger", "false", "--ckpt_path",
+                        str(root / "models" / name / "best.ckpt")], {**env, "VPIPE_ROOT": str(single_root)}, single_root)])
+    return json.loads((single_root / "metrics" / f"{name}.json").read_text())
+
+
+def _gru_features(features: Path) -> list[str]:
+    return ["-c", str(ROOT / "tests/configs/gru_features.yaml"), "--data.init_args.features", str(features),
+            "--data.init_args.batch_size", "2", "--trainer.accelerator", "cpu"]
+
+
+DDP = ["-c", str(ROOT / "configs/trainer/ddp.yaml")]
+
+
+@pytest.mark.slow
+def test_torchrun_fit_on_a_fresh_store_creates_it_once(tmp_path):
+    """Every rank used to create the new SQLite store's schema at once (duplicate-column errors); now rank
+    zero alone opens the store, and the job leaves one FINISHED run with its test metrics."""
+    root, env = _fresh_root(tmp_path)
+    _torchrun(["fit", *_gru_features(feature_store(tmp_path / "features")), *DDP, "--trainer.devices", "2"], env, root)
+    client, run = _one_finished_run(root, "gesture_gru")
     metrics = json.loads((root / "metrics" / "gesture_gru.json").read_text())
     assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
     assert [str(v.version) for v in client.search_model_versions("name = 'gesture_gru'")] == ["1"]
@@ -89,29 +128,11 @@ def test_torchrun_fit_of_every_task(kind, tmp_path, trained_project):
     """Two processes (gloo) on an empty root: the job finishes, leaves one FINISHED run, and the test
     metrics it logged are those one process computes from the same checkpoint."""
     name, args = _task(kind, tmp_path, trained_project)
-    root = tmp_path / "project"
-    root.mkdir()
-    env = {**os.environ, "VPIPE_ROOT": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), "-m", "pipeline", "fit", *args, "-c", str(ROOT / "configs/trainer/ddp.yaml"),
-         "--trainer.accelerator", "cpu", "--trainer.devices", "2"],
-        env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name(name).experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    root, env = _fresh_root(tmp_path)
+    _torchrun(["fit", *args, *DDP, "--trainer.accelerator", "cpu", "--trainer.devices", "2"], env, root)
+    _, run = _one_finished_run(root, name)
     ddp = json.loads((root / "metrics" / f"{name}.json").read_text())
-    single_root = tmp_path / "single"
-    single_root.mkdir()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "test", *args, "--trainer.logger", "false", "--ckpt_path",
-                           str(root / "models" / name / "best.ckpt")],
-                          env={**env, "VPIPE_ROOT": str(single_root)}, cwd=single_root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    single = json.loads((single_root / "metrics" / f"{name}.json").read_text())
+    single = _single_process_test(args, name, root, tmp_path, env)
     assert ddp.keys() == single.keys()
     for key in single:
         assert ddp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key
@@ -121,13 +142,9 @@ def test_torchrun_fit_of_every_task(kind, tmp_path, trained_project):
 def _two_nodes(args: list[str], env: dict, cwd: Path) -> None:
     """Run ``python -m pipeline ARGS`` as two one-process "nodes" on 127.0.0.1 (two torchrun launchers)."""
     port = str(_free_port())
-    launchers = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-         "--master-addr", "127.0.0.1", "--master-port", port, "-m", "pipeline", *args],
-        env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outputs = [p.communicate(timeout=600) for p in launchers]
-    for p, (_, err) in zip(launchers, outputs, strict=True):
-        assert p.returncode == 0, err[-4000:]
+    _succeeds([_launch([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                        "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port, "-m", "pipeline", *args],
+                       env, cwd) for rank in (0, 1)])
 
 
 @pytest.mark.slow
@@ -139,38 +156,21 @@ def test_two_nodes_extract_features_and_fit_like_one_process(tmp_path, trained_p
 
     from pipeline.stores import FeatureStore
 
-    root = tmp_path / "project"
-    root.mkdir()
-    env = {**os.environ, "VPIPE_ROOT": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    root, env = _fresh_root(tmp_path)
     features = ["features", "--frames", str(trained_project / "frames"), "--backbone", "test_resnet", "--pool", "grid",
                 "--grid", "2", "--input-size", "32", "--batch-size", "16", "--accelerator", "cpu", "--no-system-metrics"]
     _two_nodes([*features, "--out", str(tmp_path / "two"), "--num-nodes", "2", "--devices", "1"], env, root)
-    done = subprocess.run([sys.executable, "-m", "pipeline", *features, "--out", str(tmp_path / "one")], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    _succeeds([_launch([sys.executable, "-m", "pipeline", *features, "--out", str(tmp_path / "one")], env, root)])
     one, two = FeatureStore(tmp_path / "one"), FeatureStore(tmp_path / "two")
     assert [r.video_id for r in two.index] == [r.video_id for r in one.index]
     for row in one.index:
         np.testing.assert_allclose(two.rows(row.video_id).astype(np.float32), one.rows(row.video_id).astype(np.float32), atol=2e-3)
 
-    fit = ["-c", str(ROOT / "tests/configs/gru_features.yaml"), "--data.init_args.features", str(tmp_path / "two"),
-           "--data.init_args.batch_size", "2", "--trainer.accelerator", "cpu"]
-    _two_nodes(["fit", *fit, "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--trainer.num_nodes", "2", "--trainer.devices", "1"],
-               env, root)
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("gesture_gru").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    fit = _gru_features(tmp_path / "two")
+    _two_nodes(["fit", *fit, *DDP, "--trainer.num_nodes", "2", "--trainer.devices", "1"], env, root)
+    _one_finished_run(root, "gesture_gru")
     logged = json.loads((root / "metrics" / "gesture_gru.json").read_text())
-    single_root = tmp_path / "single"
-    single_root.mkdir()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "test", *fit, "--trainer.logger", "false", "--ckpt_path",
-                           str(root / "models" / "gesture_gru" / "best.ckpt")], env={**env, "VPIPE_ROOT": str(single_root)},
-                          cwd=single_root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    single = json.loads((single_root / "metrics" / "gesture_gru.json").read_text())
+    single = _single_process_test(fit, "gesture_gru", root, tmp_path, env)
     for key in single:
         assert logged[key] == pytest.approx(single[key], abs=1e-5), key
 
@@ -178,36 +178,16 @@ def test_two_nodes_extract_features_and_fit_like_one_process(tmp_path, trained_p
 @pytest.mark.slow
 def test_slurm_style_launch_on_a_fresh_store(tmp_path, trained_project):
     """Two tasks started as `srun --ntasks-per-node 2` starts them (the SLURM_* variables Lightning
-    reads; no SLURM here): one FINISHED run on a brand-new store, the same test metrics as one process."""
-    root = tmp_path / "project"
-    root.mkdir()
-    args = ["fit", "-c", str(ROOT / "tests/configs/gru_features.yaml"), "-c", str(ROOT / "configs/trainer/ddp.yaml"),
-            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.init_args.features",
-            str(trained_project / "features"), "--data.init_args.batch_size", "2"]
+    reads; no SLURM here): one FINISHED run on a brand-new store, the same test metrics as one process.
+    Had Lightning not joined them, each task would have launched a 2-process job of its own: two runs."""
+    root, env = _fresh_root(tmp_path)
+    fit = _gru_features(trained_project / "features")
     slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
              "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "vpipe", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    base = {**os.environ, **slurm, "VPIPE_ROOT": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    base.pop("MLFLOW_TRACKING_URI", None)
-    tasks = [subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=root, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)})
-             for i in range(2)]
-    outputs = [t.communicate(timeout=600) for t in tasks]
-    for t, (_, err) in zip(tasks, outputs, strict=True):
-        assert t.returncode == 0, err[-4000:]
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("gesture_gru").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    _succeeds([_launch([sys.executable, "-m", "pipeline", "fit", *fit, *DDP, "--trainer.devices", "2"],
+                       {**env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}, root) for i in range(2)])
+    _one_finished_run(root, "gesture_gru")
     logged = json.loads((root / "metrics" / "gesture_gru.json").read_text())
-    single_root = tmp_path / "single"
-    single_root.mkdir()
-    env = {k: v for k, v in base.items() if not k.startswith("SLURM_")}
-    done = subprocess.run([sys.executable, "-m", "pipeline", "test", *args[1:3], "--trainer.accelerator", "cpu",
-                           "--data.init_args.features", str(trained_project / "features"), "--data.init_args.batch_size", "2",
-                           "--trainer.logger", "false", "--ckpt_path", str(root / "models" / "gesture_gru" / "best.ckpt")],
-                          env={**env, "VPIPE_ROOT": str(single_root)}, cwd=single_root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    single = json.loads((single_root / "metrics" / "gesture_gru.json").read_text())
+    single = _single_process_test(fit, "gesture_gru", root, tmp_path, env)
     for key in single:
         assert logged[key] == pytest.approx(single[key], abs=1e-5), key
