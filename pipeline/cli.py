@@ -77,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system-metrics", action=argparse.BooleanOptionalAction, default=True,
                    help="log MLflow's system metrics (CPU, memory; GPU when present) into the job's run (experiment `features`)")
 
+    p = sub.add_parser("grids", help="import TaxiBJ-style HDF5 traffic-flow files into a grid store", formatter_class=fmt,
+                       description="Join HDF5 files holding data (T, C, H, W) and date (T,) as YYYYMMDDSS (as the TaxiBJ "
+                                   "BJ13..BJ16_M32x32_T30_InOut.h5 files do) into one grid store, split by whole days.")
+    p.add_argument("files", nargs="+", metavar="H5")
+    p.add_argument("--out", required=True, help="grid store folder (replaced atomically)")
+    p.add_argument("--val-days", type=int, default=14, help="days before the test days that form the val split")
+    p.add_argument("--test-days", type=int, default=14, help="last days of the series: the test split")
+    p.add_argument("--slots-per-day", type=int, default=48, help="slots of a day (48: 30 minutes each)")
+    p.add_argument("--channels", default="inflow,outflow", help="names of the grid channels, comma-separated")
+
     for name in TRAINING:
         what = {"fit": "train, test the best checkpoint, write metrics/NAME.json",
                 "validate": "evaluate models/NAME/best.ckpt (or --ckpt_path) on the val split",
@@ -110,12 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("videos", nargs="+", metavar="VIDEO_OR_IMAGE")
     _model_options(p, "models/caption_gru/best.ckpt")
     p.add_argument("--beam", type=int, default=None, help="beam width (1: greedy; default: the model's beam_size)")
-    p = sub.add_parser("forecast", help="roll out the next frames of a video with a trained frame forecaster",
+    p = sub.add_parser("forecast", help="roll out the next frames of a video or a still image with a trained frame forecaster",
                        formatter_class=fmt,
                        description="Decode the first N frames of VIDEO as the model's frame store was extracted (frame rate, "
                                    "size, grayscale), predict K more, and write the N context frames followed by the K "
-                                   "predicted ones.")
-    p.add_argument("video", metavar="VIDEO")
+                                   "predicted ones. A still image (PNG, JPEG) is one frame of context: a video from one "
+                                   "still, e.g. with models/still_convlstm/best.ckpt.")
+    p.add_argument("video", metavar="VIDEO_OR_IMAGE")
     p.add_argument("--ckpt", required=True, help="frame forecaster checkpoint, e.g. models/nextframe_convlstm/best.ckpt")
     p.add_argument("--context", type=int, default=None, help="frames read (N); default: the model's training context")
     p.add_argument("--steps", type=int, default=None, help="frames predicted (K); default: the model's training horizon")
@@ -212,6 +223,17 @@ def main(argv: list[str] | None = None) -> None:
                     tracking.log_datasets(client, run_id, [args.out], "output", with_sources=False)
         except (BackboneError, StoreError, FeatureCacheError, tracking.TrackingError) as err:
             sys.exit(f"vpipe features: {err}")
+    elif args.command == "grids":
+        from pipeline.grids import import_grids
+        from pipeline.stores import StoreError
+
+        try:
+            meta = import_grids(args.files, args.out, args.val_days, args.test_days, args.slots_per_day,
+                                tuple(args.channels.split(",")))
+        except StoreError as err:
+            sys.exit(f"vpipe grids: {err}")
+        counts = ", ".join(f"{n} {split}" for split, n in meta["slots"].items())
+        print(f"{args.out}: {sum(meta['slots'].values())} slots of {'×'.join(map(str, meta['shape']))} grids ({counts})")
     elif args.command == "forecast":
         from pipeline.forecast import ForecastError, forecast
 
@@ -219,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             done = forecast(args.video, args.ckpt, args.out, context=args.context, steps=args.steps)
         except ForecastError as err:
             sys.exit(f"vpipe forecast: {err}")
+        if done["note"]:
+            print(f"vpipe forecast: note: {done['note']}", file=sys.stderr)
         print(f"{done['out']}: {done['context']} context + {done['steps']} predicted frames at {done['fps']:g} fps")
     elif args.command == "report":
         from pipeline.report import report

@@ -14,6 +14,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.stores import FeatureStore, FrameStore, IndexRow, StoreError
@@ -334,19 +335,25 @@ class Sequences(Dataset):
     """Windows of ``window`` consecutive rows of one split of a frame or feature store, as
     :class:`SequenceBatch` items (videos shorter than the window are left out by the data module).
 
-    Frames become float32 in [0, 1], channels first, grayscale (ITU-R BT.601 luma) when ``grayscale``;
-    training windows are augmented with ``augment`` (random flips, transposes of square frames and
-    time reversal: a reversed or mirrored bouncing motion is as plausible as the original). Feature
+    Frames become float32 in [0, 1], channels first, scaled to ``size`` × ``size`` (area averaging) when
+    given, grayscale (ITU-R BT.601 luma) when ``grayscale``;
+    training windows are augmented with ``augment``: ``True`` draws one of the 16 flips, transposes of
+    square frames and time directions (a reversed or mirrored bouncing motion is as plausible as the
+    original), ``"mirror"`` only mirrors left and right (scenes with gravity and an arrow of time). Feature
     grids ``(C, G, G)`` are averaged over the grid (``pool="mean"``) or flattened (``"flatten"``),
     then standardised with ``stats`` (per-dimension mean and standard deviation) when given.
     """
 
     def __init__(self, store: FrameStore | FeatureStore, rows: list[IndexRow], window: int, train: bool,
-                 seed: int = 0, grayscale: bool = True, augment: bool = False, pool: Literal["mean", "flatten"] = "mean",
-                 stats: tuple[np.ndarray, np.ndarray] | None = None):
+                 seed: int = 0, grayscale: bool = True, augment: bool | Literal["mirror"] = False,
+                 pool: Literal["mean", "flatten"] = "mean",
+                 stats: tuple[np.ndarray, np.ndarray] | None = None, size: int | None = None):
         # The store's shards are memory-mapped on first use, in each DataLoader worker on its own.
         self.store, self.rows, self.window, self.train, self.seed = store, rows, window, train, seed
-        self.grayscale, self.augment, self.pool, self.stats = grayscale, augment and train, pool, stats
+        if augment not in (True, False, "mirror"):
+            raise ValueError(f"augment must be true, false or 'mirror', got {augment!r}")
+        self.grayscale, self.augment, self.pool, self.stats = grayscale, augment if train else False, pool, stats
+        self.size = size
         self._rng: np.random.Generator | None = None  # made on first use, in the process that uses it
 
     def __len__(self) -> int:
@@ -370,13 +377,18 @@ class Sequences(Dataset):
         if self.augment:
             x = np.stack([self._augmented(v) for v in x])
         frames = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 1, 4, 2, 3).float().div_(255)  # (B, T, 3, H, W)
+        if self.size and frames.shape[-2:] != (self.size, self.size):
+            frames = F.interpolate(frames.flatten(0, 1), size=(self.size, self.size), mode="area").unflatten(0, frames.shape[:2])
         if self.grayscale:
             frames = luma(frames)
         return {"x": frames}
 
     def _augmented(self, video: np.ndarray) -> np.ndarray:
-        """One of the 16 flips, transposes and time directions of a ``(T, H, W, 3)`` window."""
+        """One of the 16 flips, transposes and time directions of a ``(T, H, W, 3)`` window (of the two
+        mirror images for ``augment="mirror"``)."""
         flips = self._rng.random(4) < 0.5
+        if self.augment == "mirror":
+            return video[:, :, ::-1] if flips[1] else video
         if flips[0]:
             video = video[:, ::-1]
         if flips[1]:
@@ -403,7 +415,10 @@ class SequenceDataModule(pl.LightningDataModule):
         context: steps given to the model.
         horizon: steps it predicts after them.
         grayscale: frames only: one luma channel instead of RGB.
-        augment: frames only: random flips, transposes and time reversal of training windows.
+        augment: frames only: random flips, transposes and time reversal of training windows
+            (``mirror``: left-right mirroring only).
+        size: frames only: scale frames to ``size`` × ``size`` (area averaging) for the model; None keeps
+            the store's size. ``vpipe forecast`` decodes new videos and images straight to this size.
         pool: features only: ``mean`` averages a feature grid ``(C, G, G)`` to ``C`` values per step;
             ``flatten`` keeps all ``C*G*G``.
         standardize: features only: subtract each dimension's mean and divide by its standard
@@ -416,8 +431,8 @@ class SequenceDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, frames: str | None = None, features: str | None = None, context: int = 10, horizon: int = 10,
-                 grayscale: bool = True, augment: bool = False, pool: Literal["mean", "flatten"] = "mean",
-                 standardize: bool = True, batch_size: int = 16, num_workers: int = 0, pin_memory: bool = False, seed: int = 0):
+                 grayscale: bool = True, augment: bool | Literal["mirror"] = False, pool: Literal["mean", "flatten"] = "mean",
+                 standardize: bool = True, size: int | None = None, batch_size: int = 16, num_workers: int = 0, pin_memory: bool = False, seed: int = 0):
         super().__init__()
         if (frames is None) == (features is None):
             raise ValueError("give either frames (a frame store) or features (a feature store)")
@@ -425,6 +440,7 @@ class SequenceDataModule(pl.LightningDataModule):
             raise ValueError(f"context and horizon must be at least 1, got {context} and {horizon}")
         self.frames, self.features = frames, features
         self.context, self.horizon, self.grayscale, self.augment, self.pool = context, horizon, grayscale, augment, pool
+        self.size = size
         self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
         self.store = store = FrameStore(frames) if frames else FeatureStore(features)  # index and meta; shards on first use
         self.cache_key = getattr(store, "cache_key", "") if features else ""
@@ -437,7 +453,7 @@ class SequenceDataModule(pl.LightningDataModule):
         first = self._splits["train"][0]
         if frames:
             params = store.meta.get("params", {})
-            size = params.get("size") or [first.width, first.height]
+            size = [self.size, self.size] if self.size else params.get("size") or [first.width, first.height]
             self.input_dim = 1 if grayscale else 3  # channels per frame
             self.video_format = {"fps": float(params.get("fps", first.fps)), "rate": float(first.fps), "width": int(size[0]),
                                  "height": int(size[1]), "grayscale": bool(grayscale)}
@@ -462,7 +478,7 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def _dataset(self, split: str) -> Sequences:
         return Sequences(self.store, self._splits[split], self.window, split == "train", self.seed,
-                         self.grayscale, self.augment, self.pool, getattr(self, "stats", None))
+                         self.grayscale, self.augment, self.pool, getattr(self, "stats", None), self.size)
 
     def _loader(self, split: str) -> DataLoader:
         return batch_loader(self._dataset(split), split == "train", self.batch_size, self.num_workers, self.pin_memory)
@@ -477,6 +493,7 @@ class SequenceDataModule(pl.LightningDataModule):
         return self._loader("test")
 
     def examples(self, count: int) -> SequenceBatch:
-        """The first ``count`` test windows, the same every time (for pictures of rollouts)."""
+        """``count`` test windows spread evenly over the test videos (so over their classes), the same
+        every time (for pictures of rollouts)."""
         dataset = self._dataset("test")
-        return dataset.__getitems__(list(range(min(count, len(dataset)))))
+        return dataset.__getitems__(sorted({int(i) for i in np.linspace(0, len(dataset) - 1, count).round()}))

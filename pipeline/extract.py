@@ -12,7 +12,7 @@ A worker that dies (a crash, an out-of-memory kill, any signal) costs only its v
 ``errors.csv`` names the signal, a fresh worker takes the next video.
 
 Re-running with the same parameters onto an existing store is incremental: a video whose path,
-clip bounds and file fingerprint (:func:`fingerprint`) match a row of that store is copied from it,
+clip bounds and file fingerprint (:func:`pipeline.stores.fingerprint`) match a row of that store is copied from it,
 not decoded, and the result is byte for byte what a run from scratch writes.
 
 Several machines split one manifest with ``num_shards``/``shard_index`` (defaults: torchrun's
@@ -49,6 +49,7 @@ from pipeline.stores import (
     fault,
     file_sha256,
     finalize,
+    fingerprint,
     write_csv,
 )
 
@@ -56,8 +57,6 @@ from pipeline.stores import (
 REORDER_WINDOW = 4
 # A worker writes its frames to the spill file in blocks of about this size.
 SPILL_BLOCK_BYTES = 8 << 20
-# A file's fingerprint reads this many bytes at its start, middle and end.
-FINGERPRINT_SAMPLE = 64 << 10
 # Frame stores also list where each video came from: the key of incremental re-runs.
 SOURCE_FIELDS = ["video_id", "path", "start_sec", "end_sec", "fps", "fingerprint"]
 
@@ -226,32 +225,6 @@ def _death(exitcode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
     return f"died (exit code {exitcode})"
-
-
-def fingerprint(path: Path) -> str:
-    """A file's identity without reading it whole: SHA-256 of its size and of 64 KiB at its start,
-    middle and end (a small file is read whole). For a folder of images, of every image's name and
-    fingerprint. Decoding reads a container out of order, so it cannot hash the file on the way;
-    this costs three small reads per video where a full hash costs a second pass over the dataset."""
-    digest = hashlib.sha256()
-    if path.is_dir():
-        from pipeline.video import IMAGE_SUFFIXES
-
-        for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            digest.update(f"{image.name}\0{fingerprint(image)}\0".encode())
-        return digest.hexdigest()[:32]
-    if not path.is_file():
-        return "missing"
-    size = path.stat().st_size
-    digest.update(str(size).encode())
-    with open(path, "rb") as fh:
-        if size <= 3 * FINGERPRINT_SAMPLE:
-            digest.update(fh.read())
-        else:
-            for offset in (0, (size - FINGERPRINT_SAMPLE) // 2, size - FINGERPRINT_SAMPLE):
-                fh.seek(offset)
-                digest.update(fh.read(FINGERPRINT_SAMPLE))
-    return digest.hexdigest()[:32]
 
 
 def _source(e: Entry, fingerprints: dict[str, str]) -> dict:

@@ -2,10 +2,11 @@
 
 - :class:`ForecastReport` (a callback of every ``vpipe fit``/``test``; it does nothing for other
   models): after testing a forecaster, ``plots/NAME/horizons.csv`` (each metric per predicted step,
-  model beside copy-last); for a frame forecaster also ``plots/NAME/rollout.png`` (for a fixed set of
-  test windows, rows: input, truth, prediction) and ``plots/NAME/rollout.gif`` (truth on the left,
-  context then prediction on the right), all logged to MLflow under ``test/``; every
-  ``picture_every_n_epochs`` validations the pictures go to MLflow under ``epochs/epoch_NNN/``.
+  model beside its baselines); for a forecaster that draws (``pictures`` > 0: frames, or traffic
+  flows as heat maps) also ``plots/NAME/rollout.png`` (for a fixed set of test windows, rows: input,
+  truth, prediction) and ``plots/NAME/rollout.gif`` (truth on the left, context then prediction on
+  the right), all logged to MLflow under ``test/``; every ``picture_every_n_epochs`` validations the
+  pictures go to MLflow under ``epochs/epoch_NNN/``.
 - :func:`forecast`: decode the first frames of a video the way a frame forecaster was trained
   (frame rate, size, grayscale, all kept in its checkpoint), roll out, write context + prediction.
 """
@@ -38,6 +39,20 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
 
 
+def heat_map(grids: torch.Tensor) -> np.ndarray:
+    """``(..., C, H, W)`` non-negative values (traffic flows) → ``(..., H, C*W + C - 1, 3)`` uint8: the
+    channels side by side (inflow | outflow), coloured with matplotlib's ``inferno`` map from 0 to the
+    largest value given, one white column between them."""
+    from matplotlib import colormaps
+
+    values = grids.detach().float().cpu().clamp(min=0)
+    values = (values / values.max().clamp(min=1e-6)).numpy()
+    colours = (colormaps["inferno"](values)[..., :3] * 255).round().astype(np.uint8)  # (..., C, H, W, 3)
+    gap = np.full((*colours.shape[:-4], colours.shape[-3], 1, 3), 255, np.uint8)
+    parts = [colours[..., c, :, :, :] for c in range(colours.shape[-4])]
+    return np.concatenate([x for part in parts for x in (part, gap)][:-1], axis=-2)
+
+
 def _upscale(image: np.ndarray) -> np.ndarray:
     return image.repeat(SCALE, axis=-3).repeat(SCALE, axis=-2)
 
@@ -59,7 +74,7 @@ def rollout_png(path: Path, context: np.ndarray, truth: np.ndarray, pred: np.nda
             for j, frame in enumerate(row):
                 mosaic[r * (h + gap) : r * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = frame
         ax.imshow(mosaic, interpolation="nearest")
-        ax.set_yticks([(r + 0.5) * (h + gap) for r in range(3)], [f"input 1..{c}", f"truth {c + 1}..{c + k}", "prediction"],
+        ax.set_yticks([(r + 0.5) * (h + gap) for r in range(3)], [f"input 1..{c}" if c > 1 else "input 1", f"truth {c + 1}..{c + k}", "prediction"],
                       fontsize=8)
         ax.set_xticks([])
         ax.set_title(f"test window {i}", fontsize=8)
@@ -90,22 +105,25 @@ def rollout_gif(path: Path, context: np.ndarray, truth: np.ndarray, pred: np.nda
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
-def _frame_forecaster(module: pl.LightningModule) -> bool:
-    from pipeline.tasks import FrameForecaster
-
-    return isinstance(module, FrameForecaster)
+def _pictures(module: pl.LightningModule) -> int:
+    """Test windows a forecaster draws (its ``pictures`` argument; 0 for those that have no pictures)."""
+    return int(getattr(module.hparams, "pictures", 0) or 0) if hasattr(module, "render") else 0
 
 
 def draw_rollouts(module: pl.LightningModule, batch: dict, folder: Path) -> list[Path]:
-    """Roll out the windows of ``batch`` and draw ``rollout.png`` and ``rollout.gif`` into ``folder``."""
+    """Roll out the windows of ``batch`` and draw ``rollout.png`` and ``rollout.gif`` into ``folder``
+    (the steps drawn by the forecaster's ``render``: ``(B, T, C, H, W)`` → ``(B, T, H', W', 3)`` uint8)."""
     context, horizon = module.hparams.context, module.hparams.horizon
     x = batch["x"].to(module.device)
+    cond = batch["cond"].to(module.device) if batch.get("cond") is not None else None
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        pred = module.rollout(x[:, :context], horizon)
+        pred = module.rollout(x[:, :context], horizon, cond)
     module.train(was_training)
-    frames = [to_uint8(v) for v in (x[:, :context], x[:, context : context + horizon], pred)]
+    # Rendered together: a colour scale (heat maps) is the same for the input, the truth and the prediction.
+    pictures = module.render(torch.cat([x[:, : context + horizon], pred], 1))
+    frames = [pictures[:, :context], pictures[:, context : context + horizon], pictures[:, context + horizon :]]
     folder.mkdir(parents=True, exist_ok=True)
     rollout_png(folder / "rollout.png", *frames)
     rollout_gif(folder / "rollout.gif", *frames)
@@ -127,7 +145,7 @@ class ForecastReport(Callback):
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        every = getattr(pl_module.hparams, "picture_every_n_epochs", 0) if _frame_forecaster(pl_module) else 0
+        every = getattr(pl_module.hparams, "picture_every_n_epochs", 0) if _pictures(pl_module) else 0
         if trainer.sanity_checking or not every or (trainer.current_epoch + 1) % every:
             return
         if not any(isinstance(logger, MLFlowLogger) for logger in trainer.loggers):
@@ -145,11 +163,13 @@ class ForecastReport(Callback):
         paths = [self.folder / "horizons.csv"]
         with open(paths[0], "w", newline="") as fh:
             writer = csv.writer(fh, lineterminator="\n")
-            names = list(pl_module.METRICS)
-            writer.writerow(["horizon", *names, *(f"copy_last_{m}" for m in names)])
-            for k, (model, copy) in enumerate(zip(tables["model"].tolist(), tables["copy_last"].tolist(), strict=True)):
-                writer.writerow([k + 1, *(f"{v:.6g}" for v in model + copy)])
-        if _frame_forecaster(pl_module) and pl_module.hparams.pictures:
+            names = list(pl_module.test_horizon_names)
+            baselines = [who for who in tables if who != "model"]
+            writer.writerow(["horizon", *names, *(f"{who}_{m}" for who in baselines for m in names)])
+            for k in range(len(tables["model"])):
+                values = [v for who in ("model", *baselines) for v in tables[who][k].tolist()]
+                writer.writerow([k + 1, *(f"{v:.6g}" for v in values)])
+        if _pictures(pl_module):
             paths += draw_rollouts(pl_module, trainer.datamodule.examples(pl_module.hparams.pictures), self.folder)
         _log_artifacts(trainer, paths, "test")
 
@@ -224,7 +244,9 @@ def forecast(video: str | os.PathLike, ckpt: str | os.PathLike, out: str | os.Pa
     """Decode the first ``context`` frames of ``video``, predict ``steps`` more with the frame
     forecaster in ``ckpt`` and write the context followed by the prediction to ``out`` (.mp4 or .gif).
 
-    ``context`` and ``steps`` default to the model's training window. Returns what was written.
+    ``context`` and ``steps`` default to the model's training window. A still image (PNG, JPEG, ...)
+    is a context of one frame: a video from one still, best with a forecaster trained from one frame
+    (``configs/still_convlstm.yaml``). Returns what was written (``note``: a caveat, if any).
 
     Raises:
         ForecastError: a missing or unreadable video or checkpoint, a checkpoint that is not a frame
@@ -235,12 +257,21 @@ def forecast(video: str | os.PathLike, ckpt: str | os.PathLike, out: str | os.Pa
     out = Path(out)
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise ForecastError(f"{out}: the output must end in .mp4 or .gif")
+    from pipeline.video import IMAGE_SUFFIXES
+
     model = load_frame_forecaster(ckpt)
     video_format = model.hparams.video_format
-    context = context or model.hparams.context
+    still = Path(video).suffix.lower() in IMAGE_SUFFIXES
+    if still and (context or 1) != 1:
+        raise ForecastError(f"{video}: a still image is one frame of context, not {context}")
+    context = 1 if still else context or model.hparams.context
     steps = steps or model.hparams.horizon
     if context < 1 or steps < 1:
         raise ForecastError(f"--context and --steps must be at least 1, got {context} and {steps}")
+    note = ""
+    if context < model.hparams.context:
+        note = (f"{ckpt} was trained on {model.hparams.context} context frames; from {context} its forecast is a guess "
+                "(a forecaster trained from one frame: configs/still_convlstm.yaml)")
     frames = read_context(video, video_format, context)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255).unsqueeze(0)  # (1, N, 3, H, W)
     if video_format.get("grayscale", True):
@@ -251,4 +282,4 @@ def forecast(video: str | os.PathLike, ckpt: str | os.PathLike, out: str | os.Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     fps = float(video_format.get("rate") or video_format.get("fps") or 10.0)
     write_frames(out, shown, fps)
-    return {"out": str(out), "context": context, "steps": steps, "fps": fps, "size": list(shown.shape[1:3])}
+    return {"out": str(out), "context": context, "steps": steps, "fps": fps, "size": list(shown.shape[1:3]), "note": note}

@@ -335,8 +335,15 @@ class ConvRecurrentForecaster(nn.Module):
     makes every convolution cheaper and its receptive field wider. The encoder stack reads the
     context frames; the forecaster stack, which starts from the encoder's states, reads the last
     frame (true or predicted) and produces the following ones. With ``share_weights`` one stack plays
-    both roles (the OpenSTL ConvLSTM baseline). A 1×1 convolution over the top layer's output, a
-    sigmoid and ``pixel_shuffle`` give the next frame.
+    both roles (the OpenSTL ConvLSTM baseline). A 1×1 convolution over the top layer's output and
+    ``pixel_shuffle`` give the next frame: through a sigmoid (``output="sigmoid"``, images in [0, 1]),
+    or added to the frame just read (``"residual"``: the convolution starts at zero, so an untrained
+    model repeats its input, the copy-last forecast, and learns the change; unbounded values such as
+    traffic flows).
+
+    ``covariates`` known channels per step (``cond`` of :meth:`step`: values such as the time of day,
+    spread over the frame, or whole grids such as the historical average of the slot) are folded like
+    the frame and read beside it by the first layer.
 
     Args:
         channels: image channels (1 for grayscale).
@@ -345,40 +352,57 @@ class ConvRecurrentForecaster(nn.Module):
         kernel_sizes: one kernel size for every layer, or one per layer.
         patch_size: side of the square patches folded into channels (1: none).
         share_weights: one stack for encoding and forecasting instead of two.
+        output: ``sigmoid`` or ``residual`` (see above).
+        covariates: known channels per step read beside each frame (0: none).
     """
 
     def __init__(self, channels: int = 1, cell: Literal["lstm", "gru"] = "lstm",
                  hidden_channels: list[int] | tuple[int, ...] = (64, 64), kernel_sizes: int | list[int] = 5,
-                 patch_size: int = 4, share_weights: bool = False):
+                 patch_size: int = 4, share_weights: bool = False, output: Literal["sigmoid", "residual"] = "sigmoid",
+                 covariates: int = 0):
         super().__init__()
         kernels = [kernel_sizes] * len(hidden_channels) if isinstance(kernel_sizes, int) else list(kernel_sizes)
         if len(kernels) != len(hidden_channels):
             raise ValueError(f"{len(hidden_channels)} layers but {len(kernels)} kernel sizes")
         if any(k % 2 == 0 for k in kernels):
             raise ValueError(f"kernel sizes must be odd (same padding), got {kernels}")
-        self.patch = patch_size
+        if output not in ("sigmoid", "residual"):
+            raise ValueError(f"output must be 'sigmoid' or 'residual', got {output!r}")
+        self.patch, self.residual = patch_size, output == "residual"
         kind = {"lstm": ConvLSTMCell, "gru": ConvGRUCell}[cell]
         folded = channels * patch_size**2
 
         def stack() -> nn.ModuleList:
-            ins = [folded, *hidden_channels[:-1]]
+            ins = [folded + covariates * patch_size**2, *hidden_channels[:-1]]
             return nn.ModuleList(kind(i, h, k) for i, h, k in zip(ins, hidden_channels, kernels, strict=True))
 
         self.encoder = stack()
         self.forecaster = self.encoder if share_weights else stack()
         self.out = nn.Conv2d(hidden_channels[-1], folded, 1)
-        nn.init.constant_(self.out.bias, -3.0)  # frames are mostly dark: start near black, not mid-grey
+        if self.residual:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        else:
+            nn.init.constant_(self.out.bias, -3.0)  # frames are mostly dark: start near black, not mid-grey
 
-    def step(self, frame: torch.Tensor, state: list | None, forecasting: bool):
-        """Frame t ``(B, C, H, W)`` → predicted frame t + 1 ``(B, C, H, W)``, and the per-layer states;
-        the forecaster stack runs from the last context frame on (``forecasting``), the encoder before."""
+    def step(self, frame: torch.Tensor, state: list | None, forecasting: bool, cond: torch.Tensor | None = None):
+        """Frame t ``(B, C, H, W)`` (and its covariates ``cond``, ``(B, covariates)`` values or
+        ``(B, covariates, H, W)`` grids) → predicted frame
+        t + 1 ``(B, C, H, W)``, and the per-layer states; the forecaster stack runs from the last
+        context frame on (``forecasting``), the encoder before."""
         if frame.shape[-1] % self.patch or frame.shape[-2] % self.patch:
             raise ValueError(f"frame size {tuple(frame.shape[-2:])} is not a multiple of patch_size {self.patch}")
         cells = self.forecaster if forecasting else self.encoder
         state = state or [None] * len(cells)
         x = F.pixel_unshuffle(frame, self.patch)
+        if cond is not None:
+            cond = cond.to(x.dtype)
+            if cond.ndim == 2:
+                cond = cond[:, :, None, None].expand(-1, -1, *frame.shape[-2:])
+            x = torch.cat([x, F.pixel_unshuffle(cond, self.patch)], 1)
         new = []
         for cell, s in zip(cells, state, strict=True):
             x, s = cell(x, s)
             new.append(s)
-        return F.pixel_shuffle(torch.sigmoid(self.out(x)), self.patch), new
+        out = F.pixel_shuffle(self.out(x), self.patch)
+        return (frame + out if self.residual else torch.sigmoid(out)), new

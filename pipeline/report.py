@@ -1,12 +1,13 @@
 """``vpipe report``: tables of every ``metrics/*.json`` (rows: experiments; columns: metrics), one per kind
-of experiment (classification, captioning, forecasting, backbones), each with its own metrics.
+of experiment (classification, captioning, traffic flows, forecasting, backbones), each with its own metrics.
 
 Each file is the flat JSON of one experiment's test metrics (``metrics/NAME.json``, written by
 ``vpipe fit``). Columns are the union of the metric names: classification metrics first
 (``test/acc``, ``test/acc_top5``, ``test/f1``, ``test/loss``), the others in name order; an
 experiment without a metric leaves its cell empty (a forecaster has no accuracy). The best value of
-each column shared by several experiments is in bold: lowest for losses and errors, highest
-otherwise; baselines (``test/copy_last/...``, captioning's ``test/nn_mean/...`` and ``test/nn_seq/...``,
+each column shared by several experiments evaluated on the same data (the same baseline values) is
+in bold: lowest for losses and errors, highest otherwise; baselines (``test/copy_last/...``, ``test/historical_average/...``, captioning's
+``test/nn_mean/...`` and ``test/nn_seq/...``,
 the same for every model on the same data) are never bold. Per-step forecasting metrics (``test/h01/mse``, ...) are left out unless ``--all`` (they are
 also in ``plots/NAME/horizons.csv``). ``--columns`` keeps only the metrics matching shell patterns
 (e.g. ``'test/acc*'``; ``--all --columns 'test/h*/mse'`` for the per-step MSE).
@@ -22,7 +23,7 @@ from pathlib import Path
 FIRST = ("test/acc", "test/acc_top5", "test/f1", "test/loss")
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "error", "nll", "perplexity")
 PER_STEP = re.compile(r"/h\d+/")  # test/h01/mse, test/copy_last/h10/ssim
-BASELINES = ("/copy_last/", "/nn_mean/", "/nn_seq/")  # the same for every model on the same data
+BASELINES = ("/copy_last/", "/historical_average/", "/nn_mean/", "/nn_seq/")  # the same for every model on the same data
 
 
 def read(metrics_dir: Path) -> dict[str, dict[str, float]]:
@@ -45,8 +46,8 @@ def lower_is_better(metric: str) -> bool:
 
 
 # An experiment's table: the first of these metrics it has names its kind (one table per kind).
-KINDS = (("test/acc", "Classification"), ("test/cider", "Captioning"), ("test/mse", "Forecasting"),
-         ("val/acc", "Backbones (val)"))
+KINDS = (("test/acc", "Classification"), ("test/cider", "Captioning"), ("test/rmse", "Traffic-flow forecasting (flows)"),
+         ("test/mse", "Forecasting"), ("val/acc", "Backbones (val)"))
 
 
 def kind(row: dict[str, float]) -> str:
@@ -80,17 +81,28 @@ def _table(results: dict[str, dict[str, float]], columns: list[str] | None, ever
     if not names:
         return ""
     ordered = [c for c in FIRST if c in names] + sorted(names - set(FIRST))
-    best = {}
+
+    def same_data(row: dict) -> tuple:
+        # Experiments evaluated on the same windows share their baselines' values: only those compare.
+        return tuple(sorted((k, round(v, 6)) for k, v in row.items() if any(b in k for b in BASELINES)))
+
+    best: dict[tuple[str, tuple], float] = {}
     for c in ordered:
-        values = [row[c] for row in results.values() if c in row]
-        if len(values) > 1 and not any(b in c for b in BASELINES):
-            best[c] = min(values) if lower_is_better(c) else max(values)
+        if any(b in c for b in BASELINES):
+            continue
+        groups: dict[tuple, list[float]] = {}
+        for row in results.values():
+            if c in row:
+                groups.setdefault(same_data(row), []).append(row[c])
+        for key, values in groups.items():
+            if len(values) > 1:
+                best[c, key] = min(values) if lower_is_better(c) else max(values)
 
     def cell(row: dict, c: str) -> str:
         if c not in row:
             return ""
         text = f"{row[c]:.4f}"
-        return f"**{text}**" if best.get(c) == row[c] else text
+        return f"**{text}**" if best.get((c, same_data(row))) == row[c] else text
 
     lines = ["| experiment | " + " | ".join(ordered) + " |", "|---" * (len(ordered) + 1) + "|"]
     for name, row in results.items():

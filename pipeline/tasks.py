@@ -1,5 +1,6 @@
 """LightningModules: the systems that own loss, metrics, optimiser and logging around a plain head:
-:class:`Classifier`, and the forecasters :class:`FeatureForecaster` and :class:`FrameForecaster`."""
+:class:`Classifier`, and the forecasters :class:`FeatureForecaster`, :class:`FrameForecaster` and
+:class:`GridForecaster`."""
 
 from __future__ import annotations
 
@@ -234,11 +235,16 @@ class Forecaster(pl.LightningModule):
 
     Validation and test roll out ``horizon`` steps from the ``context`` steps, feeding predictions
     back; ``val/loss`` is the loss of that rollout. Test metrics: ``test/NAME`` averaged over the
-    horizon, ``test/hKK/NAME`` at step KK, and the same under ``test/copy_last/`` for a model that
-    repeats the last context step.
+    horizon, ``test/hKK/NAME`` at step KK, and the same under ``test/BASELINE/`` for each baseline on
+    the same windows (:meth:`baselines`: ``copy_last`` repeats the last context step).
+
+    A batch may carry ``cond`` ``(B, T - 1, ...)``: what is known in advance when step t is read to
+    predict step t + 1 (the time of day of step t + 1), handed to the core beside each step read, in
+    the future steps too.
     """
 
     METRICS: tuple[str, ...] = ()
+    BASELINES: tuple[str, ...] = ("copy_last",)
     core: nn.Module
 
     def __init__(self):
@@ -257,8 +263,9 @@ class Forecaster(pl.LightningModule):
         horizon, count = self.hparams.horizon, len(self.METRICS)
         self.losses = nn.ModuleDict({f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("train", "val", "test")})
         self.horizons = nn.ModuleDict({f"{stage}_{who}": HorizonMeans(horizon, count)
-                                       for stage in ("val", "test") for who in ("model", "copy_last")})
+                                       for stage in ("val", "test") for who in ("model", *self.BASELINES)})
         self.test_horizons: dict[str, torch.Tensor] | None = None  # per-step test metrics of the last test, all ranks
+        self.test_horizon_names: tuple[str, ...] = self.METRICS  # their columns
 
     # Subclasses define these two.
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -268,44 +275,66 @@ class Forecaster(pl.LightningModule):
         """``(B, K, ...)`` predictions and truths → ``(B, K, len(METRICS))`` per-sample values."""
         raise NotImplementedError
 
+    def _core_step(self, x: torch.Tensor, state, forecasting: bool, cond: torch.Tensor | None):
+        c = self.hparams.input_dim
+        before, after = cond[:, -2 * c : -c], cond[:, -c:]  # historical averages of slots t and t + 1
+        anomaly, state = self.core.step(x - before, state, forecasting, cond)
+        return anomaly + after, state
+
+    def baselines(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        """Each baseline's forecast of the horizon steps of ``batch`` (one per :attr:`BASELINES`)."""
+        x, context = batch["x"], self.hparams.context
+        return {"copy_last": x[:, context - 1 : context].expand(-1, self.hparams.horizon, *x.shape[2:])}
+
+    def metric_table(self, table: torch.Tensor) -> tuple[tuple[str, ...], torch.Tensor]:
+        """Names and columns reported from the per-step means of :meth:`sample_metrics` ``(horizon,
+        len(METRICS))``; a subclass may derive more (a root of a mean square)."""
+        return self.METRICS, table
+
+    def _core_step(self, x: torch.Tensor, state, forecasting: bool, cond: torch.Tensor | None):
+        return self.core.step(x, state, forecasting) if cond is None else self.core.step(x, state, forecasting, cond)
+
     def teacher_forcing_prob(self) -> float:
         start, epochs = self.hparams.teacher_forcing, self.hparams.scheduled_sampling_epochs
         return start if not epochs else start * max(0.0, 1.0 - self.current_epoch / epochs)
 
-    def chunk_losses(self, x: torch.Tensor, teacher_forcing: float = 1.0) -> Iterator[torch.Tensor]:
+    def chunk_losses(self, x: torch.Tensor, teacher_forcing: float = 1.0,
+                     cond: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """The loss of each truncated-BPTT chunk of the sequence ``x`` (B, T, ...), in order; the state
         carried into the next chunk is detached once the caller has taken the loss."""
         steps, context = x.shape[1] - 1, self.hparams.context
         k = self.hparams.tbptt_steps or steps
         state = pred = None
         for start in range(0, steps, k):
-            losses = []
-            for t in range(start, min(start + k, steps)):
+            end, preds = min(start + k, steps), []
+            for t in range(start, end):
                 step_input = x[:, t]
                 if t >= context and teacher_forcing < 1.0:
                     truth = torch.rand(x.shape[0], device=x.device) < teacher_forcing
                     step_input = torch.where(truth.view(-1, *[1] * (step_input.ndim - 1)), step_input, pred)
-                pred, state = self.core.step(step_input, state, t >= context - 1)
-                losses.append(self.loss(pred, x[:, t + 1]))
-            yield torch.stack(losses).mean()
+                pred, state = self._core_step(step_input, state, t >= context - 1, None if cond is None else cond[:, t])
+                preds.append(pred)
+            # One loss over the chunk's steps (the mean of the per-step losses): one batched SSIM, not one per step.
+            yield self.loss(torch.stack(preds, 1), x[:, start + 1 : end + 1])
             state, pred = detach_state(state), pred.detach()
 
-    def rollout(self, context: torch.Tensor, steps: int) -> torch.Tensor:
-        """Context ``(B, N, ...)`` → the ``steps`` following steps ``(B, steps, ...)``, each prediction fed back."""
+    def rollout(self, context: torch.Tensor, steps: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Context ``(B, N, ...)`` → the ``steps`` following steps ``(B, steps, ...)``, each prediction
+        fed back; ``cond`` ``(B, ≥ N + steps - 1, ...)``: what is known at every step read."""
         state = pred = None
         n = context.shape[1]
         for t in range(n):
-            pred, state = self.core.step(context[:, t], state, t == n - 1)
+            pred, state = self._core_step(context[:, t], state, t == n - 1, None if cond is None else cond[:, t])
         preds = [pred]
-        for _ in range(steps - 1):
-            pred, state = self.core.step(pred, state, True)
+        for t in range(n, n + steps - 1):
+            pred, state = self._core_step(pred, state, True, None if cond is None else cond[:, t])
             preds.append(pred)
         return torch.stack(preds, 1)
 
     def training_step(self, batch: SequenceBatch, batch_idx: int) -> None:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         losses = []
-        for loss in self.chunk_losses(batch["x"], self.teacher_forcing_prob()):
+        for loss in self.chunk_losses(batch["x"], self.teacher_forcing_prob(), batch.get("cond")):
             optimizer.zero_grad()
             self.manual_backward(loss)
             if self.hparams.gradient_clip:
@@ -322,28 +351,32 @@ class Forecaster(pl.LightningModule):
     def _evaluate(self, batch: SequenceBatch, stage: str) -> None:
         x, context, horizon = batch["x"], self.hparams.context, self.hparams.horizon
         truth = x[:, context : context + horizon]
-        pred = self.rollout(x[:, :context], horizon)
-        copy_last = x[:, context - 1 : context].expand_as(truth)
+        pred = self.rollout(x[:, :context], horizon, batch.get("cond"))
         self.losses[f"{stage}_loss"].update(self.loss(pred, truth), len(x))
         self.horizons[f"{stage}_model"].update(self.sample_metrics(pred, truth))
-        self.horizons[f"{stage}_copy_last"].update(self.sample_metrics(copy_last, truth))
+        for who, baseline in self.baselines(batch).items():
+            self.horizons[f"{stage}_{who}"].update(self.sample_metrics(baseline, truth))
 
     def _log_epoch(self, stage: str) -> None:
         # compute() synchronises over ranks (each sample counted once), hence no sync_dist here.
         values = {f"{stage}/loss": self.losses[f"{stage}_loss"].compute()}
         tables = {}
-        for who, prefix in (("model", f"{stage}/"), ("copy_last", f"{stage}/copy_last/")):
-            table = tables[who] = self.horizons[f"{stage}_{who}"].compute()  # (horizon, metrics)
-            for j, name in enumerate(self.METRICS):
-                values[prefix + name] = table[:, j].mean()
+        for who in ("model", *self.BASELINES):
+            prefix = f"{stage}/" if who == "model" else f"{stage}/{who}/"
+            means = self.horizons[f"{stage}_{who}"].compute()  # (horizon, metrics)
+            self.horizons[f"{stage}_{who}"].reset()
+            names, table = self.metric_table(means)
+            _, overall = self.metric_table(means.mean(0, keepdim=True))  # a root of the mean, not a mean of roots
+            tables[who] = table
+            for j, name in enumerate(names):
+                values[prefix + name] = overall[0, j]
                 if stage == "test":
                     values.update({f"{prefix}h{k + 1:02d}/{name}": table[k, j] for k in range(len(table))})
         self.log_dict(values, prog_bar=False, sync_dist=False)
         if stage == "test":
             self.test_horizons = {who: table.cpu() for who, table in tables.items()}
+            self.test_horizon_names = names
         self.losses[f"{stage}_loss"].reset()
-        for who in ("model", "copy_last"):
-            self.horizons[f"{stage}_{who}"].reset()
 
     def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -401,14 +434,15 @@ class FeatureForecaster(Forecaster):
         self.core = FeatureRecurrentCore(input_dim, cell, hidden_size, num_layers, dropout)
         self._metric_objects()
 
-    def chunk_losses(self, x: torch.Tensor, teacher_forcing: float = 1.0) -> Iterator[torch.Tensor]:
+    def chunk_losses(self, x: torch.Tensor, teacher_forcing: float = 1.0,
+                     cond: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         if self.training and self.core.scale == 0 and x.shape[1] > 1:
             change = self.core.mean_square_change(x.detach())
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(change)  # the same scale on every rank: the mean over their first batches
                 change /= torch.distributed.get_world_size()
             self.core.calibrate(change)
-        yield from super().chunk_losses(x, teacher_forcing)
+        yield from super().chunk_losses(x, teacher_forcing, cond)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.hparams.loss == "cosine":
@@ -477,6 +511,8 @@ class FrameForecaster(Forecaster):
         kernel_sizes: one kernel size, or one per layer.
         patch_size: pixels folded into channels per side (see the forecaster).
         share_weights: one recurrent stack for the encoder and the forecaster.
+        output: ``sigmoid`` (a frame in [0, 1]) or ``residual`` (the change from the frame read,
+            starting from copy-last; see :class:`pipeline.heads.ConvRecurrentForecaster`).
         l1_weight: weight of the mean absolute error in the loss.
         ssim_weight: weight of ``1 - SSIM`` in the loss.
         lr: peak AdamW learning rate.
@@ -495,6 +531,7 @@ class FrameForecaster(Forecaster):
     def __init__(self, input_dim: int = 1, context: int = 10, horizon: int = 10, video_format: dict | None = None,
                  cell: Literal["lstm", "gru"] = "lstm", hidden_channels: list[int] | None = None,
                  kernel_sizes: int | list[int] = 5, patch_size: int = 4, share_weights: bool = False,
+                 output: Literal["sigmoid", "residual"] = "sigmoid",
                  l1_weight: float = 0.0, ssim_weight: float = 0.0, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_epochs: int = 1, tbptt_steps: int | None = None,
                  gradient_clip: float | None = 1.0, teacher_forcing: float = 1.0, scheduled_sampling_epochs: int | None = None,
@@ -504,8 +541,14 @@ class FrameForecaster(Forecaster):
         self.save_hyperparameters()  # reads the locals: hidden_channels as resolved above
         if tbptt_steps is not None and tbptt_steps < 1:
             raise ValueError(f"tbptt_steps must be at least 1 or None, got {tbptt_steps}")
-        self.core = ConvRecurrentForecaster(input_dim, cell, hidden_channels, kernel_sizes, patch_size, share_weights)
+        self.core = ConvRecurrentForecaster(input_dim, cell, hidden_channels, kernel_sizes, patch_size, share_weights, output)
         self._metric_objects()
+
+    def render(self, frames: torch.Tensor):
+        """``(..., C, H, W)`` frames → ``(..., H, W, 3)`` uint8 pictures."""
+        from pipeline.forecast import to_uint8
+
+        return to_uint8(frames)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(..., C, H, W)`` predicted and true frames → one number."""
@@ -526,3 +569,86 @@ class FrameForecaster(Forecaster):
         psnr = peak_signal_noise_ratio(frames_p, frames_t, data_range=1.0, reduction="none", dim=(1, 2, 3)).clamp(max=100.0)
         return torch.stack([err.pow(2).mean(-1), err.pow(2).sum(-1), err.abs().mean(-1), err.abs().sum(-1),
                             ssim.view(b, k), psnr.view(b, k)], -1)
+
+
+class GridForecaster(Forecaster):
+    """Traffic-flow forecasting: the ConvLSTM/ConvGRU encoder–forecaster over multi-channel float grids
+    (inflow and outflow per city cell, :class:`pipeline.grids.GridDataModule`), the next ``horizon``
+    slots from the last ``context``; see :class:`Forecaster` for training and metrics.
+
+    Grids arrive divided by ``scale`` (the training split's largest flow), so the loss is the MSE of
+    that [0, 1] range. The core works on anomalies, the departure of a slot from its historical
+    average: it reads slot t's anomaly with what is known of slot t + 1 (``covariates``: time of day,
+    day type, the historical averages of both slots) and predicts slot t + 1's anomaly as a change
+    from slot t's (``residual``), so that an untrained model forecasts "today stays as far from the
+    usual as it is now" and learns how that departure fades or grows.
+    Metrics per slot, in flow units (TaxiBJ's convention): ``rmse`` (the root of the mean square error
+    over every cell, channel and window), ``mse`` and ``mae``. Baselines on the same windows:
+    ``copy_last`` and ``historical_average`` (the same slot on the data module's ``history_days``
+    previous days, averaged).
+
+    Args:
+        input_dim: channels per grid (linked from the data module).
+        covariates: known channels per slot (linked from the data module).
+        scale: flow units per 1.0 of the model's input (linked from the data module).
+        context: slots given (linked from the data module).
+        horizon: slots predicted (linked from the data module).
+        cell: ``lstm`` (ConvLSTM) or ``gru`` (ConvGRU).
+        hidden_channels: channels of each stacked layer (default ``[32, 32]``).
+        kernel_sizes: one kernel size, or one per layer.
+        patch_size: cells folded into channels per side.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warm-up before the cosine decay.
+        tbptt_steps: truncated BPTT chunk length (None: full BPTT).
+        gradient_clip: clip the gradient norm to this.
+        teacher_forcing: starting probability of reading the true slot during the future steps.
+        scheduled_sampling_epochs: epochs over which that probability decays to zero (None: constant).
+        pictures: test windows drawn as heat maps in the rollout pictures.
+        picture_every_n_epochs: also draw them after every N-th validation (0: only after testing).
+    """
+
+    METRICS = ("mse", "mae")
+    BASELINES = ("copy_last", "historical_average")
+
+    def __init__(self, input_dim: int = 2, covariates: int = 0, scale: float = 1.0, context: int = 4, horizon: int = 4,
+                 cell: Literal["lstm", "gru"] = "lstm", hidden_channels: list[int] | None = None,
+                 kernel_sizes: int | list[int] = 3, patch_size: int = 2, lr: float = 1e-3, weight_decay: float = 0.0,
+                 warmup_epochs: int = 1, tbptt_steps: int | None = None, gradient_clip: float | None = 1.0,
+                 teacher_forcing: float = 0.0, scheduled_sampling_epochs: int | None = None, pictures: int = 4,
+                 picture_every_n_epochs: int = 0):
+        super().__init__()
+        hidden_channels = list(hidden_channels or [32, 32])
+        self.save_hyperparameters()
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        if tbptt_steps is not None and tbptt_steps < 1:
+            raise ValueError(f"tbptt_steps must be at least 1 or None, got {tbptt_steps}")
+        self.core = ConvRecurrentForecaster(input_dim, cell, hidden_channels, kernel_sizes, patch_size, False,
+                                            "residual", covariates)
+        self._metric_objects()
+
+    def _core_step(self, x: torch.Tensor, state, forecasting: bool, cond: torch.Tensor | None):
+        c = self.hparams.input_dim
+        before, after = cond[:, -2 * c : -c], cond[:, -c:]  # historical averages of slots t and t + 1
+        anomaly, state = self.core.step(x - before, state, forecasting, cond)
+        return anomaly + after, state
+
+    def baselines(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        return {**super().baselines(batch), "historical_average": batch["history"][:, self.hparams.context :]}
+
+    def render(self, grids: torch.Tensor):
+        """``(..., C, H, W)`` scaled flows → heat maps, the channels side by side."""
+        from pipeline.forecast import heat_map
+
+        return heat_map(grids)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(pred, target)
+
+    def sample_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        err = (pred - target).flatten(2).float() * self.hparams.scale  # flow units
+        return torch.stack([err.pow(2).mean(-1), err.abs().mean(-1)], -1)
+
+    def metric_table(self, table: torch.Tensor) -> tuple[tuple[str, ...], torch.Tensor]:
+        return ("rmse", *self.METRICS), torch.cat([table[:, :1].sqrt(), table], 1)

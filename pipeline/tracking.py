@@ -165,10 +165,14 @@ def dvc_lock_outs(root: Path) -> dict[str, tuple[str, str]]:
     return outs
 
 
-def lineage_tags(features: str | None = None, frames: str | None = None, configs: list[str] = ()) -> dict[str, str]:
+def lineage_tags(features: str | None = None, frames: str | None = None, configs: list[str] = (),
+                 grids: str | None = None) -> dict[str, str]:
     """Tags naming the inputs of a training run: stores (path, content hash, cache key, extraction
     parameters), their ``dvc.lock`` hashes inside a DVC stage, and the config files with their MD5."""
     tags: dict[str, str] = {}
+    if grids:
+        tags["data.grids"] = str(grids)
+        tags["data.grids.content_hash"] = str(_meta(grids).get("content_hash", ""))
     frames_hash = None
     if features:
         meta = _meta(features)
@@ -189,7 +193,7 @@ def lineage_tags(features: str | None = None, frames: str | None = None, configs
     if os.environ.get("DVC_STAGE"):
         root = workspace()
         outs = dvc_lock_outs(root)
-        for role, path in (("features", features), ("frames", frames)):
+        for role, path in (("features", features), ("frames", frames), ("grids", grids)):
             if path:
                 rel = os.path.normpath(os.path.relpath(Path(path).resolve(), root))
                 if rel in outs:
@@ -280,7 +284,7 @@ def data_inputs(datamodule) -> tuple[str | None, str | None]:
 
 
 def store_dataset(path: str | os.PathLike):
-    """An MLflow dataset entity for a frame or feature store: its folder name (``frames/gestures``), the
+    """An MLflow dataset entity for a frame, feature or grid store: its folder name (``frames/gestures``), the
     content hash as the digest, the absolute path as the source, and a profile of its videos per split,
     frames and classes; the schema is the per-frame shape and dtype. None when ``path`` is not a store."""
     import csv
@@ -290,6 +294,11 @@ def store_dataset(path: str | os.PathLike):
 
     path = Path(path).resolve()
     meta = _meta(path)
+    if meta.get("kind") == "grids":
+        schema = {k: meta.get(k) for k in ("kind", "shape", "channels", "slots_per_day", "slot_minutes")}
+        return Dataset(name=f"grids/{path.name}", digest=str(meta.get("content_hash") or "")[:32] or "unknown",
+                       source_type="local", source=json.dumps({"uri": path.as_uri()}), schema=json.dumps(schema),
+                       profile=json.dumps({f"{s}_slots": n for s, n in sorted(meta.get("slots", {}).items())}))
     if meta.get("kind") not in ("frames", "features"):
         return None
     splits: dict[str, int] = {}

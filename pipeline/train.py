@@ -231,7 +231,7 @@ class RunInputs(Callback):
         if logger is None or not trainer.is_global_zero:
             return
         if not self.logged:
-            stores = [s for s in tracking.data_inputs(trainer.datamodule) if s]
+            stores = [s for s in (*tracking.data_inputs(trainer.datamodule), getattr(trainer.datamodule, "grids", None)) if s]
             tracking.log_datasets(logger.experiment, logger.run_id, stores, "training" if stage == "fit" else "evaluation")
             self.logged = True
         self.monitor = tracking.SystemMetrics(logger.run_id, self.system_metrics, resume=stage != "fit").__enter__()
@@ -299,7 +299,7 @@ class VPipeCLI(LightningCLI):
         # Forecasting data modules (pipeline.data.SequenceDataModule) also give the window and the
         # video format; a link whose source or target a class lacks is skipped.
         # pipeline.captioning.CaptionDataModule gives the vocabulary.
-        for key in ("context", "horizon", "video_format", "vocabulary"):
+        for key in ("context", "horizon", "video_format", "vocabulary", "covariates", "scale"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
     @property
@@ -381,7 +381,8 @@ class VPipeCLI(LightningCLI):
         if config.get("logger") in (None, True):
             configs = [str(c) for c in self._get(self.config, "config", default=None) or []]
             tags = tracking.run_tags(feature_cache_key=getattr(self.datamodule, "cache_key", ""),
-                                     **tracking.lineage_tags(*tracking.data_inputs(self.datamodule), configs))
+                                     **tracking.lineage_tags(*tracking.data_inputs(self.datamodule), configs,
+                                                             grids=getattr(self.datamodule, "grids", None)))
             run_id = self._resumed_run_id(root / "models" / name) if self.subcommand == "fit" else None
             # Under `dvc exp run` the run is named after the DVC experiment, so a sweep's runs tell apart.
             run_name = os.environ.get("DVC_EXP_NAME") if self.subcommand == "fit" else None
@@ -480,6 +481,9 @@ class VPipeCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None) -> VPipeCLI:
+    # Subnormal floats (below 1.2e-38: gates and cell states of saturated recurrent cells, their
+    # gradients) take the CPU's slow path, up to 4x slower per step; they are flushed to zero instead.
+    torch.set_flush_denormal(True)
     return VPipeCLI(
         pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         save_config_callback=LogConfigToMLflow, args=args, seed_everything_default=0,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINED = ["gesture_gru", "gesture_lstm", "gesture_rnn", "gesture_transformer", "gesture_meanpool", "gesture_rowlstm",
            "action_lstm", "action_gru", "gesture_gru_e2e"]
 BACKBONES = ["backbone_gestures", "backbone_actions"]
-FORECASTERS = ["nextframe_convlstm", "nextframe_convgru", "nextfeature_gru"]
+FORECASTERS = ["nextframe_convlstm", "nextframe_convgru", "nextfeature_gru", "still_convlstm", "traffic_convlstm"]
 
 
 def copy_repository(dest: Path) -> None:
@@ -35,6 +35,7 @@ def shrink(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for item in params["synthetic"].values():
         item["count"] = 3
+    params["traffic"].update(days=16, val_days=1, test_days=1)  # two weeks of history before the evaluated days
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     for name in TRAINED + BACKBONES + FORECASTERS:
         path = repo / "configs" / f"{name}.yaml"
@@ -63,8 +64,13 @@ def test_dvc_repro_runs_every_stage(tmp_path):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], repo, env)
 
     log = run(["dvc", "repro"], repo, env)
-    for stage in ("synth@gestures", "extract@digits", "backbone@actions", "features@actions", "train@gesture_gru", "report"):
+    for stage in ("synth@gestures", "extract@digits", "backbone@actions", "features@actions", "train@gesture_gru",
+                  "synth_traffic", "grids", "train@traffic_convlstm", "train@still_convlstm", "report"):
         assert f"Running stage '{stage}'" in log
+    traffic = json.loads((repo / "metrics" / "traffic_convlstm.json").read_text())
+    assert {"test/rmse", "test/copy_last/rmse", "test/historical_average/rmse"} <= traffic.keys()
+    still = json.loads((repo / "metrics" / "still_convlstm.json").read_text())
+    assert {"test/h01/mse", "test/copy_last/h08/mse"} <= still.keys()
 
     for dataset in ("gestures", "actions", "digits"):
         assert (repo / "data/raw" / dataset / "manifest.csv").is_file()

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import moving_square
 from pipeline import video
-from pipeline.extract import extract, fingerprint
+from pipeline.extract import extract
 from pipeline.manifest import read_manifest, write_manifest
-from pipeline.stores import FrameStore, NpyAppender, StoreWriter, clean_stale
+from pipeline.stores import FrameStore, NpyAppender, StoreWriter, clean_stale, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 

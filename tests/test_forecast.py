@@ -94,6 +94,43 @@ def test_untrained_feature_core_is_copy_last():
     assert isinstance(state[0], tuple) and state[1].shape == (3, 6)  # LSTM (h, c) and the last input
 
 
+def test_residual_conv_core_starts_as_copy_last_and_reads_covariates():
+    core = heads.ConvRecurrentForecaster(3, "gru", hidden_channels=[8], kernel_sizes=3, patch_size=2, output="residual",
+                                         covariates=2)
+    frame = torch.rand(2, 3, 8, 8)
+    values, grids = torch.rand(2, 2), torch.rand(2, 2, 8, 8)
+    for cond in (values, grids):
+        pred, _ = core.step(frame, None, True, cond)
+        torch.testing.assert_close(pred, frame)  # untrained: the frame read, i.e. copy-last
+    torch.nn.init.normal_(core.out.weight)
+    a, _ = core.step(frame, None, True, values)
+    b, _ = core.step(frame, None, True, values + 1)
+    assert not torch.allclose(a, b)  # the covariates reach the prediction
+    with pytest.raises(ValueError, match="output must be"):
+        heads.ConvRecurrentForecaster(1, output="linear")
+
+
+def test_mirror_augmentation_only_mirrors(digits):
+    from pipeline.data import Sequences
+    from pipeline.stores import FrameStore
+
+    store = FrameStore(digits["frames"])
+    rows = store.split("train")[:1]
+    video = store.rows(rows[0].video_id)
+    plain = Sequences(store, rows, window=int(rows[0].length), train=False, grayscale=False)
+    mirrored = Sequences(store, rows, window=int(rows[0].length), train=True, grayscale=False, augment="mirror", seed=3)
+    original = plain.__getitems__([0])["x"]
+    seen = set()
+    for _ in range(12):
+        x = mirrored.__getitems__([0])["x"]
+        same, flipped = torch.equal(x, original), torch.equal(x, original.flip(-1))
+        assert same or flipped
+        seen.add(same)
+    assert seen == {True, False} and video.shape[0] == original.shape[1]
+    with pytest.raises(ValueError, match="augment must be"):
+        Sequences(store, rows, window=4, train=True, augment="rotate")
+
+
 # Truncated backpropagation through time
 
 
@@ -251,7 +288,8 @@ def test_pictures_logged_to_mlflow_at_test_and_every_n_epochs(digits, tmp_path, 
     import mlflow
 
     fit(["-c", str(ROOT / "configs/nextframe_convlstm.yaml"), "--data.init_args.frames", str(digits["frames"]), *TINY_FRAMES,
-         "--trainer.max_epochs", "2", "--model.init_args.picture_every_n_epochs", "2", "--model.init_args.pictures", "2"],
+         "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--model.init_args.picture_every_n_epochs", "2",
+         "--model.init_args.pictures", "2"],
         tmp_path, monkeypatch)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("nextframe_convlstm").experiment_id])
@@ -316,6 +354,36 @@ def test_forecast_errors_name_the_file(digits, frame_checkpoint, features, tmp_p
             main(["forecast", *args, "--out", str(tmp_path / "out.mp4")])
         assert str(err.value).startswith("vpipe forecast: ") and message in str(err.value), err.value
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_forecast_from_one_still_image(digits, frame_checkpoint, tmp_path, monkeypatch, capsys):
+    """``vpipe forecast IMAGE.png``: the still config trained here (RGB, context 1, its own size) rolls a
+    PNG out; a still is one frame of context; a model trained on more context says so."""
+    from PIL import Image
+
+    from pipeline.cli import main
+    from pipeline.video import decode
+
+    fit(["-c", str(ROOT / "configs/still_convlstm.yaml"), "-c", DEBUG, "--data.init_args.frames", str(digits["frames"]),
+         "--data.init_args.size", "16", "--data.init_args.horizon", "3", "--model.init_args.hidden_channels", "[8]",
+         "--trainer.accelerator", "cpu"], tmp_path, monkeypatch)
+    ckpt = tmp_path / "models" / "still_convlstm" / "best.ckpt"
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["video_format"]["width"] == 16
+    still = decode(digits["raw"] / "videos" / "seq_00000.mp4").frames[0]  # 64×64 RGB
+    png = tmp_path / "still.png"
+    Image.fromarray(still).save(png)
+    out = tmp_path / "from_still.gif"
+    main(["forecast", str(png), "--ckpt", str(ckpt), "--steps", "4", "--out", str(out)])
+    assert "1 context + 4 predicted frames" in capsys.readouterr().out
+    with Image.open(out) as gif:
+        assert gif.n_frames == 5 and gif.size == (16, 16)
+        first = np.asarray(gif.convert("RGB"), dtype=float)
+    shrunk = np.asarray(Image.fromarray(still).resize((16, 16), Image.BOX), dtype=float)
+    assert np.abs(first - shrunk).mean() < 12  # the still itself, at the model's size (GIF palette aside)
+    with pytest.raises(SystemExit, match="still.png: a still image is one frame of context, not 3"):
+        main(["forecast", str(png), "--ckpt", str(ckpt), "--context", "3", "--out", str(tmp_path / "x.gif")])
+    main(["forecast", str(png), "--ckpt", str(frame_checkpoint), "--steps", "2", "--out", str(tmp_path / "y.gif")])
+    assert "trained on 4 context frames" in capsys.readouterr().err
 
 
 def test_help_lists_forecast_without_importing_torch():
