@@ -15,6 +15,7 @@ import yaml
 from test_e2e import copy_repository, run
 from test_training import feature_store
 
+ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = "configs/gesture_gru.yaml:model.init_args.head.init_args.hidden_size"
 
 
@@ -84,3 +85,19 @@ def test_dvc_experiments_land_in_mlflow(tmp_path):
     assert len(client.search_model_versions("name='gesture_gru'")) == 4
     assert not list((repo / ".dvc" / "tmp").glob("exps/**/mlflow.db"))
     shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)
+
+
+def test_dvc_yaml_names_exactly_the_experiments_of_params_yaml():
+    """params.yaml is the experiment list; the report stage's inputs and the plots in dvc.yaml follow it."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    names = {*params["experiments"], *params["captioning"], *(f"backbone_{d}" for d in params["features"]["datasets"])}
+    assert all((ROOT / "configs" / f"{name}.yaml").is_file() for name in names)
+    reported = {Path(dep).stem for dep in dvc_yaml["stages"]["report"]["deps"] if dep.startswith("metrics/")}
+    assert reported == names
+    plotted = set()
+    for entry in dvc_yaml["plots"]:
+        for key, spec in (entry.items() if isinstance(entry, dict) else [(entry, None)]):
+            files = list(spec["y"]) if isinstance(spec, dict) and isinstance(spec.get("y"), dict) else [key]
+            plotted |= {Path(f).parts[1] for f in files if str(f).startswith("plots/")}
+    assert plotted and plotted <= names, plotted - names
