@@ -31,6 +31,7 @@ ui: setup
 
 lint: setup
 	ruff check pipeline data_scripts tests bench
+	ruff format --check pipeline data_scripts tests bench
 
 # The component benchmarks (bench/repro.py and bench/seeds.py re-run the pipeline: their own targets).
 bench: setup

@@ -79,7 +79,13 @@ def make_clip(path: Path, width: int, height: int, gop: int, seconds: int, seed:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "23", "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
+        stream.options = {
+            "preset": "veryfast",
+            "crf": "23",
+            "g": str(gop),
+            "keyint_min": str(gop),
+            "sc_threshold": "0",
+        }
         for i in range(fps * seconds):
             frame = np.empty((height, width, 3), np.uint8)
             frame[..., 0] = ((xx + 4 * i + 17 * seed) % 256).astype(np.uint8)
@@ -107,7 +113,10 @@ def clip(folder: Path, name: str, w: int, h: int, gop: int, seconds: int, seed: 
 def clips(quick: bool) -> list[Path]:
     folder = RESULTS / ("clips_quick_v3" if quick else "clips_v3")
     folder.mkdir(parents=True, exist_ok=True)
-    return [clip(folder, name, w, h, gop, seconds, seed) for seed, (name, w, h, gop, seconds) in enumerate(QUICK if quick else CLIPS)]
+    return [
+        clip(folder, name, w, h, gop, seconds, seed)
+        for seed, (name, w, h, gop, seconds) in enumerate(QUICK if quick else CLIPS)
+    ]
 
 
 def measure(cmd: list[str], stdout=subprocess.DEVNULL) -> tuple[float, float, bytes]:
@@ -151,8 +160,24 @@ def ours(paths: list[Path], fps: float, work: Path, repeat: int = 1, extra: str 
     manifest.write_text("\n".join(lines) + "\n")
     out = work / f"store_{repeat}"
     shutil.rmtree(out, ignore_errors=True)  # a run from scratch, not an incremental one
-    seconds, rss, _ = measure([sys.executable, "-m", "pipeline", "extract", "--manifest", str(manifest), "--out", str(out),
-                               "--fps", str(fps), "--size", str(SIZE), "--workers", str(os.cpu_count())])
+    seconds, rss, _ = measure(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "extract",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out),
+            "--fps",
+            str(fps),
+            "--size",
+            str(SIZE),
+            "--workers",
+            str(os.cpu_count()),
+        ]
+    )
     frames = sum(int(line.split(",")[5]) for line in (out / "index.csv").read_text().splitlines()[1:])
     return _result(seconds, frames, rss)
 
@@ -163,11 +188,17 @@ def ffmpeg(paths: list[Path], fps: float, null: bool = False) -> dict:
 
     exe = imageio_ffmpeg.get_ffmpeg_exe()
     rate = f"fps={fps}," if fps else ""
-    args = ["-f", "null", "-"] if null else ["-vf", f"{rate}scale={SIZE}:{SIZE}", "-pix_fmt", "rgb24", "-f", "rawvideo", "-"]
-    script = ("import subprocess, sys\nfrom concurrent.futures import ThreadPoolExecutor\n"
-              f"cmd = {[exe, '-v', 'error', '-threads', '1', '-i']!r}\nargs = {args!r}\n"
-              "def run(p): return len(subprocess.run(cmd + [p] + args, capture_output=True, check=True).stdout)\n"
-              f"with ThreadPoolExecutor({os.cpu_count()}) as pool: print(sum(pool.map(run, sys.argv[1:])))\n")
+    args = (
+        ["-f", "null", "-"]
+        if null
+        else ["-vf", f"{rate}scale={SIZE}:{SIZE}", "-pix_fmt", "rgb24", "-f", "rawvideo", "-"]
+    )
+    script = (
+        "import subprocess, sys\nfrom concurrent.futures import ThreadPoolExecutor\n"
+        f"cmd = {[exe, '-v', 'error', '-threads', '1', '-i']!r}\nargs = {args!r}\n"
+        "def run(p): return len(subprocess.run(cmd + [p] + args, capture_output=True, check=True).stdout)\n"
+        f"with ThreadPoolExecutor({os.cpu_count()}) as pool: print(sum(pool.map(run, sys.argv[1:])))\n"
+    )
     seconds, rss, out = measure([sys.executable, "-c", script, *map(str, paths)], stdout=subprocess.PIPE)
     return _result(seconds, 0 if null else int(out) // (SIZE * SIZE * 3), rss)
 
@@ -176,11 +207,15 @@ def torchcodec(paths: list[Path], fps: float, work: Path) -> dict | None:
     try:
         import torchcodec  # noqa: F401
     except Exception as err:  # noqa: BLE001 - not installed, or its FFmpeg libraries are missing
-        print(f"torchcodec skipped: {type(err).__name__}: {' '.join(str(err).split())[:200]}", file=sys.stderr)
+        print(
+            f"torchcodec skipped: {type(err).__name__}: {' '.join(str(err).split())[:200]}", file=sys.stderr
+        )
         return None
     script = work / "torchcodec_run.py"  # a file: spawned pool workers re-import it
     script.write_text(TORCHCODEC.format(size=SIZE, cores=os.cpu_count()))
-    seconds, rss, out = measure([sys.executable, str(script), str(fps), *map(str, paths)], stdout=subprocess.PIPE)
+    seconds, rss, out = measure(
+        [sys.executable, str(script), str(fps), *map(str, paths)], stdout=subprocess.PIPE
+    )
     return _result(seconds, int(out), rss)
 
 
@@ -190,8 +225,14 @@ def best(old: dict | None, new: dict | None) -> dict | None:
 
 def seek_costs(work: Path, quick: bool) -> dict:
     """Seconds to extract a 5 s clip at the start and at the end of one 60 s video."""
-    long = clip(RESULTS / ("clips_quick_v3" if quick else "clips_v3"), "720p_gop60_long", 320 if quick else 1280,
-                180 if quick else 720, 60, 60)
+    long = clip(
+        RESULTS / ("clips_quick_v3" if quick else "clips_v3"),
+        "720p_gop60_long",
+        320 if quick else 1280,
+        180 if quick else 720,
+        60,
+        60,
+    )
     costs = {}
     for name, start in (("first 5 s", 0), ("last 5 s", 55)):
         costs[name] = min(ours([long], 10, work, extra=f",{start},{start + 5}")["seconds"] for _ in range(2))
@@ -199,7 +240,9 @@ def seek_costs(work: Path, quick: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small clips (a smoke run, not the benchmark)")
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each; the fastest counts")
     args = parser.parse_args()
@@ -217,25 +260,45 @@ def main() -> None:
             r["ffmpeg decode only"] = ffmpeg(paths, 0, null=True)
         four = ours(paths, 10, work, repeat=4)
         seek = seek_costs(work, args.quick)
-    print(f"\nextract --size {SIZE} on {len(paths)} clips ({paths[0].stem} ...), {os.cpu_count()} cores, best of {args.repeat}")
+    print(
+        f"\nextract --size {SIZE} on {len(paths)} clips ({paths[0].stem} ...), {os.cpu_count()} cores, best of {args.repeat}"
+    )
     print(f"{'':30}{'seconds':>9}{'frames':>8}{'frames/s':>10}{'peak RSS MiB':>14}")
     for label, r in results.items():
         for name, x in r.items():
             if x is not None:
-                frames, rate = (f"{x['frames']:8d}", f"{x['fps']:10.1f}") if x["frames"] else (f"{'-':>8}", f"{'-':>10}")
+                frames, rate = (
+                    (f"{x['frames']:8d}", f"{x['fps']:10.1f}") if x["frames"] else (f"{'-':>8}", f"{'-':>10}")
+                )
                 print(f"{label + ': ' + name:30}{x['seconds']:9.2f}{frames}{rate}{x['peak_rss_mib']:14.0f}")
         line = f"{label}: ours/ffmpeg {r['ffmpeg CLI']['seconds'] / r['vpipe extract']['seconds']:.2f}x"
         if r["torchcodec"] is not None:
             line += f", ours/torchcodec {r['torchcodec']['seconds'] / r['vpipe extract']['seconds']:.2f}x"
-        print(line + ("   (targets at 10 fps: >= 1.3x ffmpeg, >= 2x torchcodec)" if label == "10 fps" else ""))
+        print(
+            line + ("   (targets at 10 fps: >= 1.3x ffmpeg, >= 2x torchcodec)" if label == "10 fps" else "")
+        )
     one = results["10 fps"]["vpipe extract"]
     time_ratio, rss_ratio = four["seconds"] / one["seconds"], four["peak_rss_mib"] / one["peak_rss_mib"]
-    print(f"1x -> 4x videos: time ratio {time_ratio:.2f} (target <= 4.4), peak-RSS ratio {rss_ratio:.2f} (target <= 1.2)")
-    print(f"5 s clip of a 60 s video: {', '.join(f'{k} {v:.2f} s' for k, v in seek.items())} "
-          f"(ratio {seek['last 5 s'] / seek['first 5 s']:.2f}; cost follows the clip's length, not its offset)")
+    print(
+        f"1x -> 4x videos: time ratio {time_ratio:.2f} (target <= 4.4), peak-RSS ratio {rss_ratio:.2f} (target <= 1.2)"
+    )
+    print(
+        f"5 s clip of a 60 s video: {', '.join(f'{k} {v:.2f} s' for k, v in seek.items())} "
+        f"(ratio {seek['last 5 s'] / seek['first 5 s']:.2f}; cost follows the clip's length, not its offset)"
+    )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "extract.json").write_text(json.dumps({"results": results, "ours_x4": four, "time_ratio_4x": time_ratio,
-                                                      "rss_ratio_4x": rss_ratio, "seek": seek}, indent=2))
+    (RESULTS / "extract.json").write_text(
+        json.dumps(
+            {
+                "results": results,
+                "ours_x4": four,
+                "time_ratio_4x": time_ratio,
+                "rss_ratio_4x": rss_ratio,
+                "seek": seek,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def bare(name: str, store: Path, frames: int, batch: int) -> float:
     model, _ = backbone.create(name)
     encoder = backbone.FrameEncoder(model, backbone.preprocessing(model, 112), "avg")
     shard = np.load(store / "frames-00000.npy", mmap_mode="r")
-    xs = [encoder.normalise(torch.from_numpy(np.array(shard[i * batch : (i + 1) * batch]))) for i in range(16)]
+    xs = [
+        encoder.normalise(torch.from_numpy(np.array(shard[i * batch : (i + 1) * batch]))) for i in range(16)
+    ]
     model = model.to(memory_format=torch.channels_last)
     best = 0.0
     with torch.inference_mode():
@@ -76,12 +78,23 @@ def bare(name: str, store: Path, frames: int, batch: int) -> float:
 def ours(name: str, store: Path, out: Path, batch: int) -> float:
     frames = sum(len(np.load(p, mmap_mode="r")) for p in store.glob("frames-*.npy"))
     started = time.perf_counter()
-    compute(str(store), str(out), name=name, pool="avg", input_size=112, batch_size=batch, accelerator="cpu", overwrite=True)
+    compute(
+        str(store),
+        str(out),
+        name=name,
+        pool="avg",
+        input_size=112,
+        batch_size=batch,
+        accelerator="cpu",
+        overwrite=True,
+    )
     return frames / (time.perf_counter() - started)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--frames", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each; the best counts")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -97,8 +110,10 @@ def main() -> None:
                 limit = max(limit, bare(name, store, args.frames, args.batch_size))
                 stage = max(stage, ours(name, store, Path(tmp) / f"features_{name}", args.batch_size))
             results[name] = {"bare_images_s": limit, "stage_images_s": stage, "ratio": stage / limit}
-    print(f"\nfeatures stage vs bare timm forward: {args.frames} frames of 112x112, batch {args.batch_size}, best of {args.repeat}, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    print(
+        f"\nfeatures stage vs bare timm forward: {args.frames} frames of 112x112, batch {args.batch_size}, best of {args.repeat}, "
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores"
+    )
     print(f"{'backbone':26}{'bare img/s':>12}{'stage img/s':>13}{'ratio':>8}")
     for name, r in results.items():
         print(f"{name:26}{r['bare_images_s']:12.1f}{r['stage_images_s']:13.1f}{r['ratio']:8.2f}")

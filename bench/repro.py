@@ -35,14 +35,22 @@ def cached_heads() -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--force", action="store_true", help="re-run every stage (dvc repro --force)")
     args = parser.parse_args(argv)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     command = ["dvc", "repro", *(["--force"] if args.force else [])]
     started = time.perf_counter()
     stamps: list[tuple[str, float]] = []
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             if match := STAGE.search(line):
@@ -56,16 +64,35 @@ def main(argv: list[str] | None = None) -> int:
     for i, (stage, start) in enumerate(stamps):
         end = stamps[i + 1][1] if i + 1 < len(stamps) else total
         limit = CACHED_HEAD_LIMIT_S if stage in heads else None
-        rows.append({"stage": stage, "seconds": round(end - start, 1), "limit_s": limit,
-                     "within": None if limit is None else end - start <= limit})
+        rows.append(
+            {
+                "stage": stage,
+                "seconds": round(end - start, 1),
+                "limit_s": limit,
+                "within": None if limit is None else end - start <= limit,
+            }
+        )
     print("\n| stage | seconds | limit | within |\n|---|---:|---:|---|")
     for r in rows:
-        print(f"| {r['stage']} | {r['seconds']:.1f} | {r['limit_s'] or ''} | {'' if r['within'] is None else r['within']} |")
+        print(
+            f"| {r['stage']} | {r['seconds']:.1f} | {r['limit_s'] or ''} | {'' if r['within'] is None else r['within']} |"
+        )
     print(f"| **dvc repro** | **{total:.1f}** | {TOTAL_LIMIT_S} | {total <= TOTAL_LIMIT_S} |")
     out = ROOT / "bench" / "results" / "repro.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(command), "total_s": round(total, 1), "limit_s": TOTAL_LIMIT_S,
-                               "stages": rows, "cpus": os.cpu_count()}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "command": " ".join(command),
+                "total_s": round(total, 1),
+                "limit_s": TOTAL_LIMIT_S,
+                "stages": rows,
+                "cpus": os.cpu_count(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 

@@ -26,7 +26,9 @@ OUT = ROOT / "bench" / "results" / "seeds"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--configs", nargs="+", default=["gesture_gru", "action_lstm"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--metric", default="test/acc")
@@ -40,21 +42,49 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             name = f"{config}_seed{seed}"
             started = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "pipeline", "fit", "-c", f"configs/{config}.yaml", "--name", name,
-                                   "--seed_everything", str(seed), "--data.init_args.seed", str(seed)],
-                                  cwd=ROOT, env=env, capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "fit",
+                    "-c",
+                    f"configs/{config}.yaml",
+                    "--name",
+                    name,
+                    "--seed_everything",
+                    str(seed),
+                    "--data.init_args.seed",
+                    str(seed),
+                ],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if done.returncode:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return done.returncode
             value = json.loads((OUT / "metrics" / f"{name}.json").read_text())[args.metric]
             values.append(value)
-            print(f"{config} seed {seed}: {args.metric} {value:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-        results[config] = {"seeds": args.seeds, "values": values, "mean": statistics.mean(values),
-                           "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+            print(
+                f"{config} seed {seed}: {args.metric} {value:.4f} ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+        results[config] = {
+            "seeds": args.seeds,
+            "values": values,
+            "mean": statistics.mean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        }
     print(f"\n| config | {args.metric} mean ± sd | seeds |\n|---|---|---|")
     for config, r in results.items():
-        print(f"| {config} | {r['mean']:.4f} ± {r['sd']:.4f} | {', '.join(f'{v:.4f}' for v in r['values'])} |")
-    (ROOT / "bench" / "results" / "seeds.json").write_text(json.dumps({"metric": args.metric, "results": results}, indent=2) + "\n")
+        print(
+            f"| {config} | {r['mean']:.4f} ± {r['sd']:.4f} | {', '.join(f'{v:.4f}' for v in r['values'])} |"
+        )
+    (ROOT / "bench" / "results" / "seeds.json").write_text(
+        json.dumps({"metric": args.metric, "results": results}, indent=2) + "\n"
+    )
     return 0
 
 

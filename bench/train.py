@@ -45,9 +45,20 @@ def feature_store(folder: Path, videos: int) -> Path:
     rng = np.random.default_rng(0)
     with StoreWriter(folder, "features") as writer:
         for i in range(videos):
-            feats = rng.standard_normal((int(rng.integers(15, 30)), 512, 2, 2), dtype=np.float32).astype(np.float16)
-            writer.add(feats, video_id=f"v{i}", label=f"c{i % 10}", split="train" if i % 5 else "val", src_fps=10.0, fps=10.0,
-                       width=112, height=112, duration_sec=2.0)
+            feats = rng.standard_normal((int(rng.integers(15, 30)), 512, 2, 2), dtype=np.float32).astype(
+                np.float16
+            )
+            writer.add(
+                feats,
+                video_id=f"v{i}",
+                label=f"c{i % 10}",
+                split="train" if i % 5 else "val",
+                src_fps=10.0,
+                fps=10.0,
+                width=112,
+                height=112,
+                duration_sec=2.0,
+            )
         writer.finish({"kind": "features", "cache_key": "bench", "feature_shape": [512, 2, 2]})
     return folder
 
@@ -75,11 +86,33 @@ def ours(store: Path, root: Path) -> float:
         def after_fit(self):  # the benchmark times training only
             pass
 
-    Timed(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-          save_config_callback=None, seed_everything_default=0,
-          args=["fit", "-c", str(CONFIG), "--data.init_args.features", str(store), "--trainer.max_epochs", "1",
-                "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
-                "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu"])
+    Timed(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+        seed_everything_default=0,
+        args=[
+            "fit",
+            "-c",
+            str(CONFIG),
+            "--data.init_args.features",
+            str(store),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.logger",
+            "false",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.accelerator",
+            "cpu",
+        ],
+    )
     return timer.steps / timer.seconds
 
 
@@ -94,7 +127,9 @@ def bare(store: Path) -> float:
     batch = config["data"]["init_args"]["batch_size"]
     torch.manual_seed(0)
     head = GRUHead(data.input_dim, data.num_classes, **head_args)
-    optimiser = torch.optim.AdamW(head.parameters(), lr=model_args["lr"], weight_decay=model_args["weight_decay"])
+    optimiser = torch.optim.AdamW(
+        head.parameters(), lr=model_args["lr"], weight_decay=model_args["weight_decay"]
+    )
     mask = torch.ones(batch, x.shape[1], dtype=torch.bool)
     head.train()
     started = time.perf_counter()
@@ -111,7 +146,9 @@ def bare(store: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--videos", type=int, default=4000, help="clips in the store (4 in 5 train)")
     parser.add_argument("--repeat", type=int, default=5, help="alternating runs of each; the best counts")
     args = parser.parse_args()
@@ -123,13 +160,17 @@ def main() -> None:
             limit = max(limit, bare(store))
             stage = max(stage, ours(store, Path(tmp)))
     ratio = stage / limit
-    print(f"\none training epoch, {args.videos} clips ({int(args.videos * 0.8)} train), configs/gesture_gru.yaml, "
-          f"best of {args.repeat}, {torch.get_num_threads()} torch threads")
+    print(
+        f"\none training epoch, {args.videos} clips ({int(args.videos * 0.8)} train), configs/gesture_gru.yaml, "
+        f"best of {args.repeat}, {torch.get_num_threads()} torch threads"
+    )
     print(f"{'':24}{'steps/s':>10}")
     print(f"{'bare PyTorch loop':24}{limit:10.1f}")
     print(f"{'vpipe fit':24}{stage:10.1f}")
     print(f"ratio vpipe/bare: {ratio:.2f}   (target >= 0.8)")
-    (HERE / "results" / "train.json").write_text(json.dumps({"bare_steps_s": limit, "ours_steps_s": stage, "ratio": ratio}, indent=2))
+    (HERE / "results" / "train.json").write_text(
+        json.dumps({"bare_steps_s": limit, "ours_steps_s": stage, "ratio": ratio}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,11 @@ CLASSES = ["walking", "jogging", "running", "boxing", "handwaving", "handclappin
 SIZES = [(160, 120), (176, 132), (192, 144)]
 # Gait: (cycles per second, thigh swing degrees, knee flexion degrees, speed in body heights per second,
 # vertical bounce as a fraction of the body height).
-GAITS = {"walking": (0.9, 22.0, 20.0, 0.45, 0.01), "jogging": (1.35, 32.0, 55.0, 0.8, 0.03), "running": (1.8, 42.0, 85.0, 1.2, 0.05)}
+GAITS = {
+    "walking": (0.9, 22.0, 20.0, 0.45, 0.01),
+    "jogging": (1.35, 32.0, 55.0, 0.8, 0.03),
+    "running": (1.8, 42.0, 85.0, 1.2, 0.05),
+}
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,22 @@ def sample_params(rng: np.random.Generator) -> Params:
     background = tuple(int(c) for c in rng.integers(60, 200, 3))
     colour = tuple(int((c + 128) % 256) for c in background)  # contrasting figure
     return Params(
-        width=width, height=height, fps=fps, frames=int(round(rng.uniform(1.6, 2.4) * fps)),
-        body=float(rng.uniform(0.55, 0.75) * height), facing=int(rng.choice([-1, 1])), x=float(rng.uniform(0.4, 0.6)),
-        ground=float(rng.uniform(0.8, 0.92)), legs=float(rng.uniform(0.85, 1.15)), arms=float(rng.uniform(0.85, 1.15)),
-        tempo=float(rng.uniform(0.9, 1.1)), phase=float(rng.uniform(0, 2 * math.pi)), colour=colour,
-        background=background, noise=float(rng.uniform(0, 6)), seed=int(rng.integers(2**31)),
+        width=width,
+        height=height,
+        fps=fps,
+        frames=int(round(rng.uniform(1.6, 2.4) * fps)),
+        body=float(rng.uniform(0.55, 0.75) * height),
+        facing=int(rng.choice([-1, 1])),
+        x=float(rng.uniform(0.4, 0.6)),
+        ground=float(rng.uniform(0.8, 0.92)),
+        legs=float(rng.uniform(0.85, 1.15)),
+        arms=float(rng.uniform(0.85, 1.15)),
+        tempo=float(rng.uniform(0.9, 1.1)),
+        phase=float(rng.uniform(0, 2 * math.pi)),
+        colour=colour,
+        background=background,
+        noise=float(rng.uniform(0, 6)),
+        seed=int(rng.integers(2**31)),
     )
 
 
@@ -75,7 +90,13 @@ def _pose(name: str, p: Params, t: float):
         hip_x = p.x * p.width + p.facing * speed * p.body * (t - mid)
         bounce = bob * p.body * abs(math.sin(phi))
         lean = {"walking": 2.0, "jogging": 6.0, "running": 12.0}[name]
-        legs = [(swing * math.sin(phi + k * math.pi), knee * max(0.0, math.sin(phi + k * math.pi + math.pi / 2)) + 5) for k in (0, 1)]
+        legs = [
+            (
+                swing * math.sin(phi + k * math.pi),
+                knee * max(0.0, math.sin(phi + k * math.pi + math.pi / 2)) + 5,
+            )
+            for k in (0, 1)
+        ]
         arm_bend = {"walking": 10.0, "jogging": 80.0, "running": 95.0}[name]
         arms = [(-0.8 * swing * math.sin(phi + k * math.pi), arm_bend) for k in (0, 1)]
     else:
@@ -115,7 +136,9 @@ def render(name: str, p: Params) -> np.ndarray:
     draw.rectangle([0, int(p.ground * p.height), p.width, p.height], fill=shade)  # floor
     for _ in range(int(rng.integers(1, 4))):  # static props
         x0, h = rng.uniform(0, p.width), rng.uniform(0.1, 0.4) * p.height
-        draw.rectangle([x0, p.ground * p.height - h, x0 + rng.uniform(4, 20), p.ground * p.height], fill=shade)
+        draw.rectangle(
+            [x0, p.ground * p.height - h, x0 + rng.uniform(4, 20), p.ground * p.height], fill=shade
+        )
     width = max(3, int(round(p.body / 10)))  # limbs as thick as a person's, not hairlines
     frames = np.empty((p.frames, p.height, p.width, 3), np.uint8)
     for i in range(p.frames):
@@ -134,13 +157,20 @@ def render(name: str, p: Params) -> np.ndarray:
 
 # Captions: the action, the way the figure faces (and walks), and its tempo, in varied words.
 ACTION_PHRASES = {
-    "walking": ["walks", "is walking", "strolls"], "jogging": ["jogs", "is jogging", "jogs along"],
-    "running": ["runs", "is running", "sprints"], "boxing": ["boxes", "throws punches", "is boxing"],
-    "handwaving": ["waves both arms", "waves overhead", "is waving"], "handclapping": ["claps", "claps hands", "is clapping"],
+    "walking": ["walks", "is walking", "strolls"],
+    "jogging": ["jogs", "is jogging", "jogs along"],
+    "running": ["runs", "is running", "sprints"],
+    "boxing": ["boxes", "throws punches", "is boxing"],
+    "handwaving": ["waves both arms", "waves overhead", "is waving"],
+    "handclapping": ["claps", "claps hands", "is clapping"],
 }
 MOTION_WORDS = {
-    "walking": ["walks", "walking", "strolls"], "jogging": ["jogs", "jogging"], "running": ["runs", "running", "sprints"],
-    "boxing": ["boxes", "boxing", "punches"], "handwaving": ["waves", "waving"], "handclapping": ["claps", "clapping"],
+    "walking": ["walks", "walking", "strolls"],
+    "jogging": ["jogs", "jogging"],
+    "running": ["runs", "running", "sprints"],
+    "boxing": ["boxes", "boxing", "punches"],
+    "handwaving": ["waves", "waving"],
+    "handclapping": ["claps", "clapping"],
 }
 SUBJECTS = ["person", "figure", "stick figure", "someone"]
 
@@ -162,7 +192,11 @@ def captions(name: str, p: Params, rng: np.random.Generator, count: int = 12) ->
             where = [f"facing {side}", f"facing to the {side}", ""][rng.integers(3)]
         words = [action, where, tempo if rng.random() < 0.7 else ""]
         caption = " ".join(w for w in words if w)
-        caption = f"someone {caption}" if subject == "someone" else article(f"{subject} {caption}", rng.random() >= 0.7)
+        caption = (
+            f"someone {caption}"
+            if subject == "someone"
+            else article(f"{subject} {caption}", rng.random() >= 0.7)
+        )
         if caption not in out:
             out.append(caption)
         if len(out) == count:

@@ -24,7 +24,14 @@ def digit_images() -> np.ndarray:
     from sklearn.datasets import load_digits
 
     small = load_digits().images  # (1797, 8, 8) with values 0..16
-    return np.stack([np.asarray(Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((DIGIT, DIGIT), Image.BILINEAR)) for img in small])
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((DIGIT, DIGIT), Image.BILINEAR)
+            )
+            for img in small
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,11 @@ def render(name: str, p: Params) -> np.ndarray:
     for digit, (x, y), (vx, vy) in zip(p.digits, p.positions, p.velocities, strict=True):
         for t in range(FRAMES):
             ix, iy = int(round(x)), int(round(y))
-            np.maximum(frames[t, iy : iy + DIGIT, ix : ix + DIGIT], images[digit], out=frames[t, iy : iy + DIGIT, ix : ix + DIGIT])
+            np.maximum(
+                frames[t, iy : iy + DIGIT, ix : ix + DIGIT],
+                images[digit],
+                out=frames[t, iy : iy + DIGIT, ix : ix + DIGIT],
+            )
             x, y = x + vx, y + vy
             if not 0 <= x <= limit:
                 vx, x = -vx, min(max(x, 0), limit)

@@ -15,11 +15,24 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = [
-    "swipe_left", "swipe_right", "swipe_up", "swipe_down", "zoom_in", "zoom_out",
-    "rotate_clockwise", "rotate_counterclockwise", "shake", "no_gesture",
+    "swipe_left",
+    "swipe_right",
+    "swipe_up",
+    "swipe_down",
+    "zoom_in",
+    "zoom_out",
+    "rotate_clockwise",
+    "rotate_counterclockwise",
+    "shake",
+    "no_gesture",
 ]
 # Each class on the left is rendered as the time-reverse of the class on the right.
-REVERSE_OF = {"swipe_left": "swipe_right", "swipe_up": "swipe_down", "zoom_out": "zoom_in", "rotate_counterclockwise": "rotate_clockwise"}
+REVERSE_OF = {
+    "swipe_left": "swipe_right",
+    "swipe_up": "swipe_down",
+    "zoom_out": "zoom_in",
+    "rotate_counterclockwise": "rotate_clockwise",
+}
 SIZES = [(128, 96), (144, 112), (160, 120), (176, 132), (192, 144)]
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
 TEXTURES = ["solid", "stripes", "checker"]
@@ -52,12 +65,21 @@ def sample_params(rng: np.random.Generator) -> Params:
     span = float(rng.uniform(0.55, 0.9))  # slower gestures take more of the clip
     begin = float(rng.uniform(0.0, 1.0 - span))
     return Params(
-        width=width, height=height, fps=fps, frames=int(round(rng.uniform(1.5, 3.0) * fps)),
-        shape=SHAPES[rng.integers(len(SHAPES))], texture=TEXTURES[rng.integers(len(TEXTURES))],
-        colour=tuple(int(c) for c in rng.integers(90, 256, 3)), radius=float(rng.uniform(0.09, 0.16) * height),
-        start=(float(rng.uniform(0.2, 0.35)), float(rng.uniform(0.25, 0.75))), extent=float(rng.uniform(0.35, 0.55)),
-        motion_from=begin, motion_to=begin + span, shake_hz=float(rng.uniform(2.5, 4.5)),
-        noise=float(rng.uniform(0.0, 8.0)), seed=int(rng.integers(2**31)),
+        width=width,
+        height=height,
+        fps=fps,
+        frames=int(round(rng.uniform(1.5, 3.0) * fps)),
+        shape=SHAPES[rng.integers(len(SHAPES))],
+        texture=TEXTURES[rng.integers(len(TEXTURES))],
+        colour=tuple(int(c) for c in rng.integers(90, 256, 3)),
+        radius=float(rng.uniform(0.09, 0.16) * height),
+        start=(float(rng.uniform(0.2, 0.35)), float(rng.uniform(0.25, 0.75))),
+        extent=float(rng.uniform(0.35, 0.55)),
+        motion_from=begin,
+        motion_to=begin + span,
+        shake_hz=float(rng.uniform(2.5, 4.5)),
+        noise=float(rng.uniform(0.0, 8.0)),
+        seed=int(rng.integers(2**31)),
     )
 
 
@@ -122,9 +144,15 @@ def _trajectory(name: str, p: Params) -> list[tuple[float, float, float, float]]
         elif name == "rotate_clockwise":  # an orbit; with y pointing down, a growing angle turns clockwise
             r = 0.28 * p.height
             phi = -math.pi / 2 + u * 1.5 * math.pi
-            x, y, angle = p.width / 2 + r * math.cos(phi), p.height / 2 + r * math.sin(phi), math.degrees(u * 1.5 * math.pi)
+            x, y, angle = (
+                p.width / 2 + r * math.cos(phi),
+                p.height / 2 + r * math.sin(phi),
+                math.degrees(u * 1.5 * math.pi),
+            )
         elif name == "shake":
-            x = p.width / 2 + 0.12 * p.width * math.sin(2 * math.pi * p.shake_hz * i / p.fps) * (1.0 if 0 < u < 1 else 0.0)
+            x = p.width / 2 + 0.12 * p.width * math.sin(2 * math.pi * p.shake_hz * i / p.fps) * (
+                1.0 if 0 < u < 1 else 0.0
+            )
             y = p.height / 2
         elif name == "no_gesture":
             x, y = p.width * (0.3 + 0.4 * p.start[0]), y0
@@ -161,26 +189,70 @@ def render(name: str, p: Params) -> np.ndarray:
 # Captions: what the renderer knows it drew, in varied words. Every phrase of a class names its
 # motion and direction with one of the class's MOTION_WORDS and no other class's.
 MOTIONS = {
-    "swipe_left": ["moves to the left", "slides left", "swipes to the left", "travels left", "glides to the left"],
-    "swipe_right": ["moves to the right", "slides right", "swipes to the right", "travels right", "glides to the right"],
+    "swipe_left": [
+        "moves to the left",
+        "slides left",
+        "swipes to the left",
+        "travels left",
+        "glides to the left",
+    ],
+    "swipe_right": [
+        "moves to the right",
+        "slides right",
+        "swipes to the right",
+        "travels right",
+        "glides to the right",
+    ],
     "swipe_up": ["moves up", "rises upwards", "swipes up", "slides up", "travels upwards"],
     "swipe_down": ["moves down", "drops downwards", "swipes down", "slides down", "travels downwards"],
-    "zoom_in": ["grows larger", "grows toward the camera", "zooms in and grows", "grows bigger", "approaches and grows"],
-    "zoom_out": ["shrinks", "shrinks away from the camera", "zooms out and shrinks", "shrinks smaller", "recedes and shrinks"],
+    "zoom_in": [
+        "grows larger",
+        "grows toward the camera",
+        "zooms in and grows",
+        "grows bigger",
+        "approaches and grows",
+    ],
+    "zoom_out": [
+        "shrinks",
+        "shrinks away from the camera",
+        "zooms out and shrinks",
+        "shrinks smaller",
+        "recedes and shrinks",
+    ],
     "rotate_clockwise": ["circles clockwise", "turns clockwise", "orbits clockwise", "goes round clockwise"],
-    "rotate_counterclockwise": ["circles counterclockwise", "turns anticlockwise", "orbits counterclockwise",
-                                "goes round anticlockwise"],
-    "shake": ["shakes from side to side", "shakes back and forth", "wobbles from side to side", "shakes to and fro"],
+    "rotate_counterclockwise": [
+        "circles counterclockwise",
+        "turns anticlockwise",
+        "orbits counterclockwise",
+        "goes round anticlockwise",
+    ],
+    "shake": [
+        "shakes from side to side",
+        "shakes back and forth",
+        "wobbles from side to side",
+        "shakes to and fro",
+    ],
     "no_gesture": ["stays still", "remains still", "sits motionless", "stays motionless", "does not move"],
 }
 MOTION_WORDS = {
-    "swipe_left": ["left"], "swipe_right": ["right"], "swipe_up": ["up", "upwards"], "swipe_down": ["down", "downwards"],
-    "zoom_in": ["grows"], "zoom_out": ["shrinks"], "rotate_clockwise": ["clockwise"],
-    "rotate_counterclockwise": ["counterclockwise", "anticlockwise"], "shake": ["shakes", "wobbles"],
+    "swipe_left": ["left"],
+    "swipe_right": ["right"],
+    "swipe_up": ["up", "upwards"],
+    "swipe_down": ["down", "downwards"],
+    "zoom_in": ["grows"],
+    "zoom_out": ["shrinks"],
+    "rotate_clockwise": ["clockwise"],
+    "rotate_counterclockwise": ["counterclockwise", "anticlockwise"],
+    "shake": ["shakes", "wobbles"],
     "no_gesture": ["still", "motionless", "does not move"],
 }
-SHAPE_WORDS = {"circle": ["circle", "disc"], "square": ["square", "box"], "triangle": ["triangle"], "diamond": ["diamond"],
-               "cross": ["cross", "plus sign"]}
+SHAPE_WORDS = {
+    "circle": ["circle", "disc"],
+    "square": ["square", "box"],
+    "triangle": ["triangle"],
+    "diamond": ["diamond"],
+    "cross": ["cross", "plus sign"],
+}
 TEXTURE_WORDS = {"solid": ["plain", ""], "stripes": ["striped"], "checker": ["checkered"]}
 
 
@@ -192,8 +264,16 @@ def colour_name(rgb: tuple[int, int, int]) -> str:
     if s < 0.25:
         return "white" if v > 0.85 else "grey"
     hue = h * 360
-    for limit, name in ((15, "red"), (45, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"), (260, "blue"),
-                        (300, "purple"), (345, "pink")):
+    for limit, name in (
+        (15, "red"),
+        (45, "orange"),
+        (70, "yellow"),
+        (160, "green"),
+        (200, "cyan"),
+        (260, "blue"),
+        (300, "purple"),
+        (345, "pink"),
+    ):
         if hue < limit:
             return name
     return "red"
@@ -209,7 +289,15 @@ def captions(name: str, p: Params, rng: np.random.Generator, count: int = 12) ->
     texture and shape, its motion and direction, and how fast it moves."""
     size = "small" if p.radius < 0.11 * p.height else "large" if p.radius > 0.14 * p.height else ""
     seconds = (p.motion_to - p.motion_from) * p.frames / p.fps
-    speed = "" if name in ("no_gesture", "shake") else "quickly" if seconds < 1.3 else "slowly" if seconds > 2.0 else ""
+    speed = (
+        ""
+        if name in ("no_gesture", "shake")
+        else "quickly"
+        if seconds < 1.3
+        else "slowly"
+        if seconds > 2.0
+        else ""
+    )
     colour = colour_name(p.colour)
     out: list[str] = []
     for _ in range(20 * count):
@@ -217,8 +305,14 @@ def captions(name: str, p: Params, rng: np.random.Generator, count: int = 12) ->
         shape = SHAPE_WORDS[p.shape][rng.integers(len(SHAPE_WORDS[p.shape]))]
         texture = TEXTURE_WORDS[p.texture][rng.integers(len(TEXTURE_WORDS[p.texture]))]
         motion = MOTIONS[name][rng.integers(len(MOTIONS[name]))]
-        words = [size if keep[0] else "", colour if keep[1] else "", texture if keep[2] else "", shape, motion,
-                 speed if keep[3] else ""]
+        words = [
+            size if keep[0] else "",
+            colour if keep[1] else "",
+            texture if keep[2] else "",
+            shape,
+            motion,
+            speed if keep[3] else "",
+        ]
         caption = article(" ".join(w for w in words if w), definite=rng.random() >= 0.7)
         if caption not in out:
             out.append(caption)

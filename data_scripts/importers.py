@@ -37,7 +37,11 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".mpg", ".mpeg", ".m4
 
 def _rel(path: Path, out: Path) -> str:
     try:
-        return os.path.relpath(path, out.parent) if path.resolve().is_relative_to(out.parent.resolve()) else str(path.resolve())
+        return (
+            os.path.relpath(path, out.parent)
+            if path.resolve().is_relative_to(out.parent.resolve())
+            else str(path.resolve())
+        )
     except ValueError:
         return str(path.resolve())
 
@@ -93,7 +97,9 @@ def from_tree(root: Path, out: Path, ratios=(0.7, 0.15, 0.15), seed: int = 0) ->
     return sorted(rows, key=lambda r: r["video_id"])
 
 
-def ucf101(root: Path, splits: Path, split: int, out: Path, val_fraction: float = 0.1, seed: int = 0) -> list[dict]:
+def ucf101(
+    root: Path, splits: Path, split: int, out: Path, val_fraction: float = 0.1, seed: int = 0
+) -> list[dict]:
     """UCF101: ``ROOT/<Class>/v_<Class>_gGG_cCC.avi`` with ``trainlist0N.txt`` / ``testlist0N.txt``."""
     rows = []
     for name, role in ((f"trainlist{split:02d}.txt", "train"), (f"testlist{split:02d}.txt", "test")):
@@ -106,7 +112,9 @@ def ucf101(root: Path, splits: Path, split: int, out: Path, val_fraction: float 
     return rows
 
 
-def hmdb51(root: Path, splits: Path, split: int, out: Path, val_fraction: float = 0.1, seed: int = 0) -> list[dict]:
+def hmdb51(
+    root: Path, splits: Path, split: int, out: Path, val_fraction: float = 0.1, seed: int = 0
+) -> list[dict]:
     """HMDB51: ``ROOT/<class>/<video>.avi`` with ``<class>_test_split<N>.txt`` (1 train, 2 test, 0 unused)."""
     rows = []
     suffix = f"_test_split{split}.txt"
@@ -115,12 +123,22 @@ def hmdb51(root: Path, splits: Path, split: int, out: Path, val_fraction: float 
         for line in path.read_text().split("\n"):
             parts = line.split()
             if len(parts) == 2 and parts[1] in ("1", "2"):
-                rows.append(_row(Path(parts[0]).stem, root / label / parts[0], label, "train" if parts[1] == "1" else "test", out))
+                rows.append(
+                    _row(
+                        Path(parts[0]).stem,
+                        root / label / parts[0],
+                        label,
+                        "train" if parts[1] == "1" else "test",
+                        out,
+                    )
+                )
     _carve_val(rows, val_fraction, seed)
     return rows
 
 
-def jester(root: Path, labels: Path, out: Path, fps: float = 12.0, val_fraction: float = 0.1, seed: int = 0) -> list[dict]:
+def jester(
+    root: Path, labels: Path, out: Path, fps: float = 12.0, val_fraction: float = 0.1, seed: int = 0
+) -> list[dict]:
     """Jester: folders of JPEG frames ``ROOT/<id>/00001.jpg`` and ``jester-v1-{train,validation}.csv`` (``id;label``)."""
     rows = []
     for name, role in (("jester-v1-train.csv", "train"), ("jester-v1-validation.csv", "test")):
@@ -134,7 +152,10 @@ def jester(root: Path, labels: Path, out: Path, fps: float = 12.0, val_fraction:
 def something(root: Path, labels: Path, out: Path, val_fraction: float = 0.1, seed: int = 0) -> list[dict]:
     """Something-Something v2: ``ROOT/<id>.webm`` and ``something-something-v2-{train,validation}.json``."""
     rows = []
-    for name, role in (("something-something-v2-train.json", "train"), ("something-something-v2-validation.json", "test")):
+    for name, role in (
+        ("something-something-v2-train.json", "train"),
+        ("something-something-v2-validation.json", "test"),
+    ):
         for item in json.loads((labels / name).read_text()):
             label = item["template"].replace("[", "").replace("]", "")
             rows.append(_row(str(item["id"]), root / f"{item['id']}.webm", label, role, out))
@@ -167,11 +188,18 @@ def kinetics(root: Path, csvs: list[Path], out: Path) -> list[dict]:
                 if vid in files:
                     rows.append(_row(vid, files[vid], r["label"], split, out))
                 elif r["youtube_id"] in files:
-                    rows.append(_row(vid, files[r["youtube_id"]], r["label"], split, out, start_sec=start, end_sec=end))
+                    rows.append(
+                        _row(
+                            vid, files[r["youtube_id"]], r["label"], split, out, start_sec=start, end_sec=end
+                        )
+                    )
                 else:
                     missing += 1
     if missing or unlabelled:
-        print(f"kinetics: left out {missing} row(s) without a local file and {unlabelled} without a label", file=sys.stderr)
+        print(
+            f"kinetics: left out {missing} row(s) without a local file and {unlabelled} without a label",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -180,7 +208,9 @@ def check_unique(rows: list[dict]) -> None:
     seen: dict[str, str] = {}
     for r in rows:
         if r["video_id"] in seen:
-            raise SystemExit(f"error: video id {r['video_id']!r} names two files: {seen[r['video_id']]} and {r['path']}")
+            raise SystemExit(
+                f"error: video id {r['video_id']!r} names two files: {seen[r['video_id']]} and {r['path']}"
+            )
         seen[r["video_id"]] = r["path"]
 
 
@@ -192,26 +222,41 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_scripts.importers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data_scripts.importers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="layout", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("root", type=Path, help="the dataset's folder")
     common.add_argument("--out", type=Path, required=True, help="manifest to write")
     common.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("tree", parents=[common], help="ROOT/<class>/<video>")
-    p.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument(
+        "--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST")
+    )
     for name in ("ucf101", "hmdb51"):
         p = sub.add_parser(name, parents=[common], help=f"{name} class folders and official split files")
         p.add_argument("--splits", type=Path, required=True, help="folder of the official split files")
         p.add_argument("--split", type=int, choices=[1, 2, 3], default=1)
         p.add_argument("--val-fraction", type=float, default=0.1)
     p = sub.add_parser("jester", parents=[common], help="Jester frame folders and label CSVs")
-    p.add_argument("--labels", type=Path, required=True, help="folder with jester-v1-train.csv and jester-v1-validation.csv")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        help="folder with jester-v1-train.csv and jester-v1-validation.csv",
+    )
     p.add_argument("--fps", type=float, default=12.0)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p = sub.add_parser("something", parents=[common], help="Something-Something v2 videos and label JSONs")
-    p.add_argument("--labels", type=Path, required=True, help="folder with something-something-v2-{train,validation}.json")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        help="folder with something-something-v2-{train,validation}.json",
+    )
     p.add_argument("--val-fraction", type=float, default=0.1)
     p = sub.add_parser("kinetics", parents=[common], help="Kinetics-style CSVs mapped to local files")
     p.add_argument("--csv", type=Path, action="append", required=True, help="a CSV (repeat for several)")
@@ -237,7 +282,9 @@ def _main(argv: list[str] | None) -> None:
     write_manifest(out, rows)
     report = validate(read_manifest(out), out)
     counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
-    print(f"{out}: {len(rows)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())}), {len({r['label'] for r in rows})} classes")
+    print(
+        f"{out}: {len(rows)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())}), {len({r['label'] for r in rows})} classes"
+    )
     for line in report.lines():
         print(f"  {line}")
     if not report.ok:

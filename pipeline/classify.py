@@ -41,7 +41,9 @@ class Classifier:
     size: tuple[int, int] | None  # (width, height) after extraction scaling
     encoder: torch.nn.Module | None  # uint8 frames → features; None when the model takes frames
     source: str
-    modality: str = "rgb"  # what an end-to-end model reads per step: frames or their differences (data.clip_frames)
+    modality: str = (
+        "rgb"  # what an end-to-end model reads per step: frames or their differences (data.clip_frames)
+    )
 
     @torch.inference_mode()
     def inputs(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +52,9 @@ class Classifier:
         from pipeline.data import clip_frames
 
         device = next(self.model.parameters()).device
-        clip = torch.from_numpy(np.ascontiguousarray(clip_frames(frames, self.num_segments, self.modality))).to(device)
+        clip = torch.from_numpy(
+            np.ascontiguousarray(clip_frames(frames, self.num_segments, self.modality))
+        ).to(device)
         if self.encoder is not None:
             # Features are stored as float16: round the same way, so the head sees what it was trained on.
             x = self.encoder(clip).half().float().flatten(1)[None]  # (1, T, D)
@@ -76,7 +80,9 @@ def fetch(uri: str, folder: Path) -> Path:
     name, _, version = uri.removeprefix("models:/").partition("/")
     name, _, alias = name.partition("@")
     if not uri.startswith("models:/") or not name or bool(version) == bool(alias):
-        raise ClassifyError(f"{uri}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+        raise ClassifyError(
+            f"{uri}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS"
+        )
     try:
         tracking.ensure_store(uri_tracking)
         client = tracking.registry_client()  # explicit URIs: no global MLflow state
@@ -88,9 +94,15 @@ def fetch(uri: str, folder: Path) -> Path:
                 raise ClassifyError(f"{uri}: no version of registered model {name!r} in {uri_tracking}")
             version = str(max(versions))
         source = client.get_model_version_download_uri(name, version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder), tracking_uri=uri_tracking))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=str(folder), tracking_uri=uri_tracking
+            )
+        )
     except (MlflowException, OSError, tracking.TrackingError) as err:
-        raise ClassifyError(f"{uri}: cannot be fetched from {uri_tracking} ({getattr(err, 'message', err)})") from err
+        raise ClassifyError(
+            f"{uri}: cannot be fetched from {uri_tracking} ({getattr(err, 'message', err)})"
+        ) from err
     found = sorted(local.rglob("*.ckpt")) if local.is_dir() else [local]
     if not found:
         raise ClassifyError(f"{uri}: the registered files hold no checkpoint")
@@ -108,11 +120,15 @@ def _backbone(meta: dict, weights: str | None, source: str) -> torch.nn.Module:
     try:
         if "weights_sha256" in identity:
             if not weights:
-                raise ClassifyError(f"{source}: its features were computed with weights {identity['weights_file']}; "
-                                    "pass them with --weights FILE")
+                raise ClassifyError(
+                    f"{source}: its features were computed with weights {identity['weights_file']}; "
+                    "pass them with --weights FILE"
+                )
             if file_sha256(weights) != identity["weights_sha256"]:
-                raise ClassifyError(f"{weights}: not the weights the features were computed with "
-                                    f"({identity['weights_file']}, sha256 {identity['weights_sha256'][:12]}…)")
+                raise ClassifyError(
+                    f"{weights}: not the weights the features were computed with "
+                    f"({identity['weights_file']}, sha256 {identity['weights_sha256'][:12]}…)"
+                )
             model, _ = backbone.create(meta["backbone"], weights=weights)
         elif "pretrained" in identity:
             model, _ = backbone.create(meta["backbone"], pretrained=True)
@@ -121,12 +137,20 @@ def _backbone(meta: dict, weights: str | None, source: str) -> torch.nn.Module:
     except backbone.BackboneError as err:
         raise ClassifyError(f"{source}: {err}") from err
     prep = meta["preprocessing"]
-    prep = backbone.Preprocessing(tuple(prep["input_size"]), tuple(prep["mean"]), tuple(prep["std"]), prep["interpolation"])
+    prep = backbone.Preprocessing(
+        tuple(prep["input_size"]), tuple(prep["mean"]), tuple(prep["std"]), prep["interpolation"]
+    )
     return backbone.FrameEncoder(model, prep, meta.get("pool", "avg"), int(meta.get("grid") or 4))
 
 
-def load(path: str | Path, weights: str | None = None, device: str = "cpu", source: str | None = None,
-         task: str = "Classifier", command: str = "vpipe classify") -> Classifier:
+def load(
+    path: str | Path,
+    weights: str | None = None,
+    device: str = "cpu",
+    source: str | None = None,
+    task: str = "Classifier",
+    command: str = "vpipe classify",
+) -> Classifier:
     """A model of ``task`` (the LightningModule's class name) from a ``vpipe fit`` checkpoint, with its
     decoding and feature recipe.
 
@@ -141,7 +165,9 @@ def load(path: str | Path, weights: str | None = None, device: str = "cpu", sour
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        raise ClassifyError(f"{source}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+        raise ClassifyError(
+            f"{source}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})"
+        ) from err
     recipe = checkpoint.get("vpipe") if isinstance(checkpoint, dict) else None
     if not recipe:
         raise ClassifyError(f"{source}: no inference recipe in the checkpoint (write it with `vpipe fit`)")
@@ -150,8 +176,10 @@ def load(path: str | Path, weights: str | None = None, device: str = "cpu", sour
         raise ClassifyError(f"{source}: a checkpoint of {found}, not of a {task}; `{command}` needs a {task}")
     if not recipe.get("frames_meta"):
         frames = (recipe.get("features_meta") or {}).get("frames", "?")
-        raise ClassifyError(f"{source}: the checkpoint does not record how frames were extracted (the frame store "
-                            f"{frames} was not readable when the model was trained)")
+        raise ClassifyError(
+            f"{source}: the checkpoint does not record how frames were extracted (the frame store "
+            f"{frames} was not readable when the model was trained)"
+        )
 
     from jsonargparse import ArgumentParser
     from pytorch_lightning import LightningModule
@@ -162,19 +190,32 @@ def load(path: str | Path, weights: str | None = None, device: str = "cpu", sour
         model = parser.instantiate_classes(parser.parse_object({"model": recipe["model"]})).model
         model.load_state_dict(checkpoint["state_dict"])
     except Exception as err:  # noqa: BLE001 - config and state-dict errors come in many types
-        raise ClassifyError(f"{source}: the model cannot be rebuilt from its recipe ({type(err).__name__}: {err})") from err
+        raise ClassifyError(
+            f"{source}: the model cannot be rebuilt from its recipe ({type(err).__name__}: {err})"
+        ) from err
     encoder, modality = None, recipe.get("modality", "rgb")
     if recipe.get("input") == "features":
         encoder = _backbone(recipe["features_meta"], weights, source).to(device)
-        modality = recipe["features_meta"].get("modality", "rgb")  # what the cached features were computed from
+        modality = recipe["features_meta"].get(
+            "modality", "rgb"
+        )  # what the cached features were computed from
     params = recipe["frames_meta"].get("params") or {}
     size = params.get("size")
-    return Classifier(model.eval().to(device), list(recipe["classes"]), int(recipe["num_segments"]), float(params.get("fps") or 0.0),
-                      tuple(size) if size else None, encoder, source, modality)
+    return Classifier(
+        model.eval().to(device),
+        list(recipe["classes"]),
+        int(recipe["num_segments"]),
+        float(params.get("fps") or 0.0),
+        tuple(size) if size else None,
+        encoder,
+        source,
+        modality,
+    )
 
 
-def windows(path: Path, fps: float, size: tuple[int, int] | None, window: float | None,
-            stride: float | None) -> Iterator[tuple[float | None, float | None, np.ndarray]]:
+def windows(
+    path: Path, fps: float, size: tuple[int, int] | None, window: float | None, stride: float | None
+) -> Iterator[tuple[float | None, float | None, np.ndarray]]:
     """``(start_sec, end_sec, frames)`` of every window of ``path`` (times None: the whole video).
 
     A video shorter than one window is one window. Raises ClassifyError naming the file.
@@ -216,19 +257,35 @@ def top(probabilities: np.ndarray, classes: list[str], k: int) -> list[tuple[str
     return [(classes[i], float(probabilities[i])) for i in order]
 
 
-def line(video: str, start: float | None, end: float | None, best: list[tuple[str, float]], as_json: bool) -> str:
+def line(
+    video: str, start: float | None, end: float | None, best: list[tuple[str, float]], as_json: bool
+) -> str:
     """One result: ``VIDEO [0.0-2.0 s]: label 0.912, label 0.051`` or one JSON object."""
     if as_json:
-        record = {"video": video, **({"start_sec": round(start, 3), "end_sec": round(end, 3)} if start is not None else {}),
-                  "top": [{"label": label, "probability": round(p, 6)} for label, p in best]}
+        record = {
+            "video": video,
+            **({"start_sec": round(start, 3), "end_sec": round(end, 3)} if start is not None else {}),
+            "top": [{"label": label, "probability": round(p, 6)} for label, p in best],
+        }
         return json.dumps(record)
     span = f" [{start:.2f}-{end:.2f} s]" if start is not None else ""
     return f"{video}{span}: " + ", ".join(f"{label} {p:.3f}" for label, p in best)
 
 
-def run(videos: list[str], *, ckpt: str | None = None, model_uri: str | None = None, topk: int = 5, as_json: bool = False,
-        window: float | None = None, stride: float | None = None, weights: str | None = None, device: str = "cpu",
-        out=print, err=None) -> int:
+def run(
+    videos: list[str],
+    *,
+    ckpt: str | None = None,
+    model_uri: str | None = None,
+    topk: int = 5,
+    as_json: bool = False,
+    window: float | None = None,
+    stride: float | None = None,
+    weights: str | None = None,
+    device: str = "cpu",
+    out=print,
+    err=None,
+) -> int:
     """Classify ``videos`` and ``out`` one line per video (or per window); returns the exit status.
 
     Everything that can be checked before decoding (the model, the files exist, the options) is, and
@@ -254,9 +311,16 @@ def run(videos: list[str], *, ckpt: str | None = None, model_uri: str | None = N
     for video in videos:
         try:
             for start, end, frames in windows(Path(video), classifier.fps, classifier.size, window, stride):
-                out(line(video, start, end, top(classifier.probabilities(frames), classifier.classes, topk), as_json))
+                out(
+                    line(
+                        video,
+                        start,
+                        end,
+                        top(classifier.probabilities(frames), classifier.classes, topk),
+                        as_json,
+                    )
+                )
         except ClassifyError as error:
             err(f"vpipe classify: {error}")
             failed += 1
     return 1 if failed else 0
-

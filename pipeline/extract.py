@@ -25,16 +25,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from contextlib import ExitStack, closing
-from dataclasses import dataclass
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Literal
 
@@ -43,20 +38,15 @@ import numpy as np
 from pipeline.manifest import Entry, read_manifest, validate
 from pipeline.stores import (
     FrameStore,
-    NpyAppender,
     StoreError,
     StoreWriter,
-    fault,
     file_sha256,
     finalize,
     fingerprint,
     write_csv,
 )
+from pipeline.workers import Job, pool_results
 
-# Completed videos may wait for an earlier, slower one: at most this many per worker.
-REORDER_WINDOW = 4
-# A worker writes its frames to the spill file in blocks of about this size.
-SPILL_BLOCK_BYTES = 8 << 20
 # Frame stores also list where each video came from: the key of incremental re-runs.
 SOURCE_FIELDS = ["video_id", "path", "start_sec", "end_sec", "fps", "fingerprint"]
 
@@ -65,172 +55,16 @@ class ExtractError(RuntimeError):
     pass
 
 
-@dataclass
-class Job:
-    number: int
-    entry: Entry
-    spill: Path
-    threads: int = 1  # decoder threads, set when the job starts
-
-
-def _decode_to_spill(job: Job, fps: float, size, image_fps: float) -> dict:
-    """Decode one video into ``job.spill`` (an .npy written block by block); returns its index info."""
-    from pipeline.video import Decoder
-
-    writer = None
-    try:
-        with Decoder(job.entry.path, fps=fps, size=size, start_sec=job.entry.start_sec, end_sec=job.entry.end_sec,
-                     threads=job.threads, image_fps=job.entry.fps or image_fps) as decoder:
-            block: list[np.ndarray] = []
-            for n, frame in enumerate(decoder):
-                if n == 5:
-                    fault(f"decode-{job.entry.video_id}")  # crash tests: die mid-video
-                block.append(frame)
-                if len(block) * frame.nbytes >= SPILL_BLOCK_BYTES:
-                    writer = writer or NpyAppender(job.spill, np.uint8, block[0].shape)
-                    writer.append(np.stack(block))
-                    block = []
-            if block:
-                writer = writer or NpyAppender(job.spill, np.uint8, block[0].shape)
-                writer.append(np.stack(block))
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        raise ValueError(f"{job.entry.path}: no frame between start_sec={job.entry.start_sec} and end_sec={job.entry.end_sec}")
-    height, width = writer.row_shape[:2]
-    return {"src_fps": round(float(decoder.src_fps), 4), "fps": round(float(fps or decoder.src_fps), 4), "width": width,
-            "height": height, "duration_sec": float(decoder.duration_sec)}
-
-
-def _one_line(err: BaseException, path: Path) -> str:
-    message = " ".join(str(err).split()) or "(no message)"
-    if str(path) not in message:
-        message = f"{path}: {message}"
-    return f"{type(err).__name__}: {message}"
-
-
-def _worker(conn, fps: float, size, image_fps: float) -> None:
-    """Worker process: receive jobs until None, answer (number, info, error)."""
-    while (job := conn.recv()) is not None:
-        try:
-            conn.send((job.number, _decode_to_spill(job, fps, size, image_fps), None))
-        except Exception as err:  # noqa: BLE001 - every decoder failure becomes a row of errors.csv
-            job.spill.unlink(missing_ok=True)
-            conn.send((job.number, None, _one_line(err, job.entry.path)))
-
-
-class _Slot:
-    """One worker process and the job it is running."""
-
-    def __init__(self, ctx, args):
-        self.ctx, self.args = ctx, args
-        self.job: Job | None = None
-        self.started = 0.0
-        self._start()
-
-    def _start(self) -> None:
-        self.conn, child = self.ctx.Pipe()
-        self.process = self.ctx.Process(target=_worker, args=(child, *self.args), daemon=True)
-        self.process.start()
-        child.close()
-
-    def submit(self, job: Job) -> None:
-        try:
-            self.conn.send(job)
-        except OSError:  # the idle worker died since its last job: a fresh one takes this job
-            self.restart()
-            self.conn.send(job)
-        self.job, self.started = job, time.monotonic()
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.join()
-        self.conn.close()
-        self.job = None
-
-    def restart(self) -> None:
-        """Kill the worker (hung or crashed) and start a fresh one."""
-        self.kill()
-        self._start()
-
-    def stop(self) -> None:
-        """Let an idle worker exit; kill a busy one."""
-        if self.job is not None:
-            self.kill()
-            return
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.kill()
-
-
-def _context():
-    """fork starts a worker in milliseconds, spawn in about half a second (it re-imports NumPy and
-    PyAV). fork is safe here: the parent never decodes and, checked below, runs no other thread."""
-    if sys.platform == "linux" and threading.active_count() == 1:
-        return mp.get_context("fork")
-    return mp.get_context("spawn")
-
-
-def _pool_results(jobs: list[Job], workers: int, args: tuple, timeout: float | None):
-    """Run ``jobs`` on ``workers`` processes; yield (job, info, error) in job order."""
-    ctx = _context()
-    slots = [_Slot(ctx, args) for _ in range(min(workers, len(jobs)))]
-    cores = os.cpu_count() or 1
-    done: dict[int, tuple[dict | None, str | None]] = {}
-    queue, next_out = list(reversed(jobs)), 0
-    try:
-        while next_out < len(jobs):
-            for slot in slots:
-                if slot.job is None and queue and queue[-1].number < next_out + REORDER_WINDOW * len(slots):
-                    # workers × threads ≈ cores; the last jobs get the cores that are about to fall idle.
-                    queue[-1].threads = max(1, cores // min(len(slots), len(queue)))
-                    slot.submit(queue.pop())
-            busy = [s for s in slots if s.job is not None]
-            ready = wait([s.conn for s in busy] + [s.process.sentinel for s in busy], timeout=0.2)
-            for slot in busy:
-                job = slot.job
-                if slot.conn in ready:
-                    try:
-                        number, info, error = slot.conn.recv()
-                        done[number], slot.job = (info, error), None
-                        continue
-                    except (EOFError, OSError):
-                        slot.process.join(timeout=5)  # the process died mid-job
-                if not slot.process.is_alive():
-                    done[job.number] = (None, f"DecoderCrash: {job.entry.path}: decoder process {_death(slot.process.exitcode)}")
-                    slot.restart()
-                    job.spill.unlink(missing_ok=True)
-                elif timeout and time.monotonic() - slot.started > timeout:
-                    done[job.number] = (None, f"Timeout: {job.entry.path}: decoding took longer than {timeout:g} s, killed")
-                    slot.restart()
-                    job.spill.unlink(missing_ok=True)
-            while next_out in done:
-                info, error = done.pop(next_out)
-                yield jobs[next_out], info, error
-                next_out += 1
-    finally:
-        for slot in slots:
-            slot.stop()
-
-
-def _death(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name} (signal {-exitcode})"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"died (exit code {exitcode})"
-
-
 def _source(e: Entry, fingerprints: dict[str, str]) -> dict:
     blank = lambda v: "" if v is None else f"{float(v):g}"  # noqa: E731
-    return {"video_id": e.video_id, "path": str(e.path), "start_sec": blank(e.start_sec), "end_sec": blank(e.end_sec),
-            "fps": blank(e.fps), "fingerprint": fingerprints[e.video_id]}
+    return {
+        "video_id": e.video_id,
+        "path": str(e.path),
+        "start_sec": blank(e.start_sec),
+        "end_sec": blank(e.end_sec),
+        "fps": blank(e.fps),
+        "fingerprint": fingerprints[e.video_id],
+    }
 
 
 def inputs_hash(manifest: Path, sources: list[dict], params: dict) -> str:
@@ -254,7 +88,9 @@ def _reusable(out: Path, meta: dict) -> tuple[FrameStore | None, dict[str, tuple
     if any(store.meta.get(k) != meta[k] for k in ("params", "pyav", "ffmpeg")):
         return None, {}
     indexed = {r.video_id for r in store.index}
-    return store, {tuple(s[k] for k in SOURCE_FIELDS): s["video_id"] for s in sources if s["video_id"] in indexed}
+    return store, {
+        tuple(s[k] for k in SOURCE_FIELDS): s["video_id"] for s in sources if s["video_id"] in indexed
+    }
 
 
 def part_of(entries: list[Entry], num_shards: int, shard_index: int) -> list[Entry]:
@@ -281,7 +117,9 @@ class _Progress:
         self.frames += frames
         self.failed += failed
         if self.bar is not None:
-            self.bar.set_postfix(frames_s=f"{self.frames / (time.perf_counter() - self.started):.0f}", failed=self.failed)
+            self.bar.set_postfix(
+                frames_s=f"{self.frames / (time.perf_counter() - self.started):.0f}", failed=self.failed
+            )
             self.bar.update(1)
 
     def close(self) -> None:
@@ -336,24 +174,36 @@ def extract(
     started = time.perf_counter()
     fingerprints = {e.video_id: fingerprint(e.path) for e in part}
     sources = [_source(e, fingerprints) for e in part]
-    meta = {"kind": "frames", "manifest": str(manifest), "params": params, **video.versions(),
-            "inputs_hash": inputs_hash(manifest, sources, params), "part": [shard_index, num_shards]}
+    meta = {
+        "kind": "frames",
+        "manifest": str(manifest),
+        "params": params,
+        **video.versions(),
+        "inputs_hash": inputs_hash(manifest, sources, params),
+        "part": [shard_index, num_shards],
+    }
     progress = _Progress(len(part))
     try:
         with StoreWriter(out, "frames", shard_bytes=shard_mb << 20) as writer, ExitStack() as stack:
             previous, reusable = _reusable(out, meta)
-            reuse = {i: reusable[key] for i, source in enumerate(sources) if (key := tuple(source[k] for k in SOURCE_FIELDS)) in reusable}
+            reuse = {
+                i: reusable[key]
+                for i, source in enumerate(sources)
+                if (key := tuple(source[k] for k in SOURCE_FIELDS)) in reusable
+            }
             spills = writer.tmp / "spill"
             spills.mkdir()
             todo = [e for i, e in enumerate(part) if i not in reuse]
             jobs = [Job(k, e, spills / f"{k:08d}.npy") for k, e in enumerate(todo)]
-            results = stack.enter_context(closing(_pool_results(jobs, workers, (fps, wh, image_fps), timeout)))
+            results = stack.enter_context(closing(pool_results(jobs, workers, (fps, wh, image_fps), timeout)))
             kept = []
             for i, e in enumerate(part):
                 if i in reuse:
                     old = previous._by_id[reuse[i]]
                     info = {k: getattr(old, k) for k in ("src_fps", "fps", "width", "height", "duration_sec")}
-                    row = writer.add(previous.rows(old.video_id), video_id=e.video_id, label=e.label, split=e.split, **info)
+                    row = writer.add(
+                        previous.rows(old.video_id), video_id=e.video_id, label=e.label, split=e.split, **info
+                    )
                     kept.append(sources[i])
                     progress.update(row.length, False)
                     continue
@@ -365,8 +215,14 @@ def extract(
                     progress.update(0, True)
                     continue
                 frames = np.load(job.spill, mmap_mode="r")
-                row = writer.add(frames, keep=video.uniform_indices(len(frames), max_frames) if max_frames else None,
-                                 video_id=e.video_id, label=e.label, split=e.split, **info)
+                row = writer.add(
+                    frames,
+                    keep=video.uniform_indices(len(frames), max_frames) if max_frames else None,
+                    video_id=e.video_id,
+                    label=e.label,
+                    split=e.split,
+                    **info,
+                )
                 del frames
                 job.spill.unlink()
                 kept.append(sources[i])
@@ -382,11 +238,21 @@ def extract(
     finally:
         progress.close()
     seconds = round(time.perf_counter() - started, 2)
-    summary = {"extracted": len(writer.index), "decoded": len(writer.index) - len(reuse), "reused": len(reuse),
-               "failed": len(writer.errors), "frames": progress.frames, "seconds": seconds, "out": str(out)}
+    summary = {
+        "extracted": len(writer.index),
+        "decoded": len(writer.index) - len(reuse),
+        "reused": len(reuse),
+        "failed": len(writer.errors),
+        "frames": progress.frames,
+        "seconds": seconds,
+        "out": str(out),
+    }
     reused = f" ({len(reuse)} reused from the previous store)" if reuse else ""
-    print(f"extracted {summary['extracted']}{reused}, failed {summary['failed']}, see {out / 'errors.csv'} "
-          f"({progress.frames} frames in {seconds} s, {progress.frames / max(seconds, 1e-9):.0f} frames/s)", file=sys.stderr)
+    print(
+        f"extracted {summary['extracted']}{reused}, failed {summary['failed']}, see {out / 'errors.csv'} "
+        f"({progress.frames} frames in {seconds} s, {progress.frames / max(seconds, 1e-9):.0f} frames/s)",
+        file=sys.stderr,
+    )
     return summary
 
 
@@ -422,10 +288,18 @@ def merge(parts: list[str | os.PathLike], out: str | os.PathLike) -> dict:
             if row.video_id in seen:
                 raise StoreError(f"video {row.video_id!r} is in more than one part")
             seen.add(row.video_id)
-        meta = dict(stores[0].meta, parts=[str(s.root) for s in stores], part=None, inputs_hash=hashlib.sha256(
-            "".join(s.meta.get("inputs_hash", "") for s in stores).encode()).hexdigest())
+        meta = dict(
+            stores[0].meta,
+            parts=[str(s.root) for s in stores],
+            part=None,
+            inputs_hash=hashlib.sha256(
+                "".join(s.meta.get("inputs_hash", "") for s in stores).encode()
+            ).hexdigest(),
+        )
         meta.pop("content_hash", None)
         finalize(writer.tmp, out, index, errors, meta)
         writer.tmp = None
-    print(f"merged {len(stores)} parts: {len(index)} videos, {len(errors)} failed, into {out}", file=sys.stderr)
+    print(
+        f"merged {len(stores)} parts: {len(index)} videos, {len(errors)} failed, into {out}", file=sys.stderr
+    )
     return {"videos": len(index), "failed": len(errors), "out": str(out)}

@@ -28,8 +28,9 @@ from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import backbone
+from pipeline.atomic import clean_stale
 from pipeline.data import check_modality, rgb_difference
-from pipeline.stores import FeatureStore, FrameStore, NpyAppender, StoreError, clean_stale, finalize
+from pipeline.stores import FeatureStore, FrameStore, NpyAppender, StoreError, finalize
 
 
 class FeatureCacheError(RuntimeError):
@@ -53,7 +54,9 @@ class FrameSlices(Dataset):
             rows = len(store.shard(shard))
             expected = max(r.offset + r.length for r in store.index if r.shard == shard)
             if rows < expected:
-                raise StoreError(f"{store.root}/frames-{shard:05d}.npy: holds {rows} frames, index.csv needs {expected}")
+                raise StoreError(
+                    f"{store.root}/frames-{shard:05d}.npy: holds {rows} frames, index.csv needs {expected}"
+                )
             self.slices += [(shard, s, min(s + batch, rows)) for s in range(0, rows, batch)]
             following = np.arange(1, rows + 1)
             for r in store.index:
@@ -70,10 +73,20 @@ class FrameSlices(Dataset):
             self._store = FrameStore(self.root)
         shard, start, stop = self.slices[i]
         if self.modality == "rgb":
-            return shard, start, torch.from_numpy(np.array(self._store.shard(shard)[start:stop]))  # a copy: memmaps are read-only
+            return (
+                shard,
+                start,
+                torch.from_numpy(np.array(self._store.shard(shard)[start:stop])),
+            )  # a copy: memmaps are read-only
         following = self.following[shard][start:stop]
-        frames = np.asarray(self._store.shard(shard)[start : int(following.max()) + 1])  # the slice and one row more
-        return shard, start, torch.from_numpy(rgb_difference(frames[: stop - start], frames[following - start]))
+        frames = np.asarray(
+            self._store.shard(shard)[start : int(following.max()) + 1]
+        )  # the slice and one row more
+        return (
+            shard,
+            start,
+            torch.from_numpy(rgb_difference(frames[: stop - start], frames[following - start])),
+        )
 
 
 class Encoder(pl.LightningModule):
@@ -94,7 +107,9 @@ class FramesPerSecondBar(TQDMProgressBar):
         self.frames = getattr(self, "frames", 0) + len(batch[2])
         elapsed = self.predict_progress_bar.format_dict.get("elapsed") or 0
         if elapsed:
-            self.predict_progress_bar.set_postfix(frames_s=f"{self.frames * trainer.world_size / elapsed:.0f}")
+            self.predict_progress_bar.set_postfix(
+                frames_s=f"{self.frames * trainer.world_size / elapsed:.0f}"
+            )
 
 
 class PartWriter(BasePredictionWriter):
@@ -106,11 +121,19 @@ class PartWriter(BasePredictionWriter):
         self.part: NpyAppender | None = None
         self.batches: list[tuple[int, int, int]] = []  # (shard, start row, rows)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
         shard, start, feats = prediction
-        array = feats.float().cpu().numpy().astype(np.float16) if feats.dtype == torch.bfloat16 else feats.cpu().numpy()
+        array = (
+            feats.float().cpu().numpy().astype(np.float16)
+            if feats.dtype == torch.bfloat16
+            else feats.cpu().numpy()
+        )
         if self.part is None:
-            self.part = NpyAppender(self.folder / f"part-{trainer.global_rank:05d}.npy", np.float16, array.shape[1:])
+            self.part = NpyAppender(
+                self.folder / f"part-{trainer.global_rank:05d}.npy", np.float16, array.shape[1:]
+            )
         self.part.append(array)
         self.batches.append((shard, start, len(array)))
 
@@ -123,8 +146,12 @@ class PartWriter(BasePredictionWriter):
 def assemble(folder: Path, store: FrameStore, shape: tuple[int, ...]) -> None:
     """Rank 0: write ``features-0000k.npy`` from every rank's part; every frame exactly once."""
     shards = {k: len(store.shard(k)) for k in sorted({r.shard for r in store.index})}
-    outputs = {k: np.lib.format.open_memmap(folder / f"features-{k:05d}.npy", mode="w+", dtype=np.float16, shape=(n, *shape))
-               for k, n in shards.items()}
+    outputs = {
+        k: np.lib.format.open_memmap(
+            folder / f"features-{k:05d}.npy", mode="w+", dtype=np.float16, shape=(n, *shape)
+        )
+        for k, n in shards.items()
+    }
     covered = {k: np.zeros(n, np.int32) for k, n in shards.items()}
     for meta in sorted(folder.glob("part-*.json")):
         batches = json.loads(meta.read_text())
@@ -139,14 +166,20 @@ def assemble(folder: Path, store: FrameStore, shape: tuple[int, ...]) -> None:
         meta.with_suffix(".npy").unlink(missing_ok=True)
     for k, counts in covered.items():
         if (counts != 1).any():
-            raise FeatureCacheError(f"shard {k}: {int((counts == 0).sum())} frames computed by no rank, "
-                                    f"{int((counts > 1).sum())} by several")
+            raise FeatureCacheError(
+                f"shard {k}: {int((counts == 0).sum())} frames computed by no rank, "
+                f"{int((counts > 1).sum())} by several"
+            )
         outputs[k].flush()
 
 
 def default_precision(accelerator: str) -> str:
     """bf16 autocast on CUDA GPUs that support it, full precision elsewhere."""
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if (
+        accelerator in ("gpu", "cuda", "auto")
+        and torch.cuda.is_available()
+        and torch.cuda.is_bf16_supported()
+    ):
         return "bf16-mixed"
     return "32-true"
 
@@ -189,31 +222,48 @@ def compute(
     store = FrameStore(frames_root)
     card = backbone.read_card(weights) if weights and Path(weights).is_file() else None
     if card:
-        for option, given, trained in (("--backbone", name, card.get("backbone")), ("--input-size", input_size, card.get("input_size")),
-                                       ("--modality", modality, card.get("modality"))):
+        for option, given, trained in (
+            ("--backbone", name, card.get("backbone")),
+            ("--input-size", input_size, card.get("input_size")),
+            ("--modality", modality, card.get("modality")),
+        ):
             if given is not None and trained is not None and given != trained:
-                raise FeatureCacheError(f"{weights}: trained as {option} {trained} ({backbone.card_path(weights)}), "
-                                        f"this run asks for {given}")
+                raise FeatureCacheError(
+                    f"{weights}: trained as {option} {trained} ({backbone.card_path(weights)}), "
+                    f"this run asks for {given}"
+                )
         name = name or card.get("backbone")
         input_size = input_size or card.get("input_size")
         modality = modality or card.get("modality")
     if not name:
-        raise FeatureCacheError("which backbone? give --backbone NAME, or --weights FILE with its card (backbone.json) beside it")
+        raise FeatureCacheError(
+            "which backbone? give --backbone NAME, or --weights FILE with its card (backbone.json) beside it"
+        )
     modality = modality or "rgb"
     check_modality(modality)
     model, identity = backbone.create(name, weights=weights, pretrained=pretrained, seed=seed)
     prep = backbone.preprocessing(model, input_size)
     trainer_precision = precision or default_precision(accelerator)
-    key, key_parts = backbone.cache_key(name, identity, prep, pool, grid, store.meta["content_hash"], modality=modality,
-                                        precision=trainer_precision)
+    key, key_parts = backbone.cache_key(
+        name,
+        identity,
+        prep,
+        pool,
+        grid,
+        store.meta["content_hash"],
+        modality=modality,
+        precision=trainer_precision,
+    )
     if (out / "meta.json").is_file():
         previous = FeatureStore(out).meta.get("cache_key")
         if previous == key and not overwrite:
             print(f"features: {out} is up to date (key {key})", file=sys.stderr)
             return FeatureStore(out).meta
         if previous != key and not overwrite:
-            raise FeatureCacheError(f"{out / 'meta.json'}: holds features with cache key {previous}, this run's key is {key} "
-                                    f"({name}, {identity}, pool={pool}); pass --overwrite to replace them")
+            raise FeatureCacheError(
+                f"{out / 'meta.json'}: holds features with cache key {previous}, this run's key is {key} "
+                f"({name}, {identity}, pool={pool}); pass --overwrite to replace them"
+            )
     encoder = backbone.FrameEncoder(model, prep, pool, grid)
     with torch.inference_mode():
         shape = tuple(encoder(torch.zeros(1, *store.shard(0).shape[1:], dtype=torch.uint8)).shape[1:])
@@ -221,10 +271,17 @@ def compute(
     tmp = out.parent / f".{out.name}.partial"
     writer = PartWriter(tmp)
     tty = sys.stderr.isatty()
-    trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                         precision=trainer_precision, logger=False,
-                         callbacks=[writer, *([FramesPerSecondBar()] if tty else [])], enable_progress_bar=tty,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=trainer_precision,
+        logger=False,
+        callbacks=[writer, *([FramesPerSecondBar()] if tty else [])],
+        enable_progress_bar=tty,
+        enable_model_summary=False,
+    )
     on_gpu = trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
     if trainer.global_rank == 0:  # the other ranks start writing only after joining rank 0 in predict()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,8 +289,13 @@ def compute(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     workers = num_workers if num_workers is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
-    loader = DataLoader(FrameSlices(store, batch_size, modality), batch_size=None, num_workers=workers, pin_memory=on_gpu,
-                        persistent_workers=False)
+    loader = DataLoader(
+        FrameSlices(store, batch_size, modality),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=on_gpu,
+        persistent_workers=False,
+    )
     started = time.perf_counter()
     trainer.predict(Encoder(encoder), loader, return_predictions=False)
     trainer.strategy.barrier()
@@ -242,13 +304,23 @@ def compute(
     try:
         assemble(tmp, store, shape)
         seconds = time.perf_counter() - started
-        meta = {"kind": "features", "cache_key": key, **key_parts, "feature_shape": list(shape), "dtype": "float16",
-                "frames": str(frames_root), "world_size": trainer.world_size,
-                **({"weights_path": str(weights), "backbone_card": card} if weights else {})}
+        meta = {
+            "kind": "features",
+            "cache_key": key,
+            **key_parts,
+            "feature_shape": list(shape),
+            "dtype": "float16",
+            "frames": str(frames_root),
+            "world_size": trainer.world_size,
+            **({"weights_path": str(weights), "backbone_card": card} if weights else {}),
+        }
         finalize(tmp, out, store.index, store.errors, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = sum(len(store.shard(s)) for s in {r.shard for r in store.index})
-    print(f"features: {n} frames in {seconds:.1f} s ({n / seconds:.0f} frames/s) on {trainer.world_size} process(es), "
-          f"shape {shape}, key {key}", file=sys.stderr)
+    print(
+        f"features: {n} frames in {seconds:.1f} s ({n / seconds:.0f} frames/s) on {trainer.world_size} process(es), "
+        f"shape {shape}, key {key}",
+        file=sys.stderr,
+    )
     return FeatureStore(out).meta

@@ -13,17 +13,12 @@
 
 from __future__ import annotations
 
-import csv
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import MLFlowLogger
-from pytorch_lightning.utilities import rank_zero_only
 
 SCALE = 2  # pictures show each pixel as SCALE × SCALE
 
@@ -67,15 +62,20 @@ def rollout_png(path: Path, context: np.ndarray, truth: np.ndarray, pred: np.nda
     n, c, k = len(context), context.shape[1], truth.shape[1]
     h, w = context.shape[2:4]
     cols, gap = max(c, k), 2
-    fig, axes = plt.subplots(n, 1, figsize=(1 + 0.55 * cols * w / 32, 0.55 * 3 * n * h / 32 + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        n, 1, figsize=(1 + 0.55 * cols * w / 32, 0.55 * 3 * n * h / 32 + 0.4), squeeze=False
+    )
     for i, ax in enumerate(axes[:, 0]):
         mosaic = np.full((3 * (h + gap), cols * (w + gap), 3), 96, np.uint8)
         for r, row in enumerate((context[i], truth[i], pred[i])):
             for j, frame in enumerate(row):
                 mosaic[r * (h + gap) : r * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = frame
         ax.imshow(mosaic, interpolation="nearest")
-        ax.set_yticks([(r + 0.5) * (h + gap) for r in range(3)], [f"input 1..{c}" if c > 1 else "input 1", f"truth {c + 1}..{c + k}", "prediction"],
-                      fontsize=8)
+        ax.set_yticks(
+            [(r + 0.5) * (h + gap) for r in range(3)],
+            [f"input 1..{c}" if c > 1 else "input 1", f"truth {c + 1}..{c + k}", "prediction"],
+            fontsize=8,
+        )
         ax.set_xticks([])
         ax.set_title(f"test window {i}", fontsize=8)
     fig.tight_layout()
@@ -83,7 +83,9 @@ def rollout_png(path: Path, context: np.ndarray, truth: np.ndarray, pred: np.nda
     plt.close(fig)
 
 
-def rollout_gif(path: Path, context: np.ndarray, truth: np.ndarray, pred: np.ndarray, fps: float = 5.0) -> None:
+def rollout_gif(
+    path: Path, context: np.ndarray, truth: np.ndarray, pred: np.ndarray, fps: float = 5.0
+) -> None:
     """An animation: per window, truth on the left; on the right the context (green bar), then the
     prediction (red bar)."""
     from PIL import Image
@@ -105,7 +107,7 @@ def rollout_gif(path: Path, context: np.ndarray, truth: np.ndarray, pred: np.nda
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
-def _pictures(module: pl.LightningModule) -> int:
+def pictures_of(module: pl.LightningModule) -> int:
     """Test windows a forecaster draws (its ``pictures`` argument; 0 for those that have no pictures)."""
     return int(getattr(module.hparams, "pictures", 0) or 0) if hasattr(module, "render") else 0
 
@@ -123,65 +125,20 @@ def draw_rollouts(module: pl.LightningModule, batch: dict, folder: Path) -> list
     module.train(was_training)
     # Rendered together: a colour scale (heat maps) is the same for the input, the truth and the prediction.
     pictures = module.render(torch.cat([x[:, : context + horizon], pred], 1))
-    frames = [pictures[:, :context], pictures[:, context : context + horizon], pictures[:, context + horizon :]]
+    frames = [
+        pictures[:, :context],
+        pictures[:, context : context + horizon],
+        pictures[:, context + horizon :],
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     rollout_png(folder / "rollout.png", *frames)
     rollout_gif(folder / "rollout.gif", *frames)
     return [folder / "rollout.png", folder / "rollout.gif"]
 
 
-def _log_artifacts(trainer: pl.Trainer, paths: list[Path], artifact_path: str) -> None:
-    for logger in trainer.loggers:
-        if isinstance(logger, MLFlowLogger):
-            for path in paths:
-                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
-
-
-class ForecastReport(Callback):
-    """Per-horizon CSV and rollout pictures of forecasters, in ``folder`` and in MLflow (rank zero)."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    @rank_zero_only
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        every = getattr(pl_module.hparams, "picture_every_n_epochs", 0) if _pictures(pl_module) else 0
-        if trainer.sanity_checking or not every or (trainer.current_epoch + 1) % every:
-            return
-        if not any(isinstance(logger, MLFlowLogger) for logger in trainer.loggers):
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = draw_rollouts(pl_module, trainer.datamodule.examples(pl_module.hparams.pictures), Path(tmp))
-            _log_artifacts(trainer, paths, f"epochs/epoch_{trainer.current_epoch:03d}")
-
-    @rank_zero_only
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        tables = getattr(pl_module, "test_horizons", None)
-        if tables is None:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        paths = [self.folder / "horizons.csv"]
-        with open(paths[0], "w", newline="") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            names = list(pl_module.test_horizon_names)
-            baselines = [who for who in tables if who != "model"]
-            writer.writerow(["horizon", *names, *(f"{who}_{m}" for who in baselines for m in names)])
-            for k in range(len(tables["model"])):
-                values = [v for who in ("model", *baselines) for v in tables[who][k].tolist()]
-                writer.writerow([k + 1, *(f"{v:.6g}" for v in values)])
-        if _pictures(pl_module):
-            paths += draw_rollouts(pl_module, trainer.datamodule.examples(pl_module.hparams.pictures), self.folder)
-        _log_artifacts(trainer, paths, "test")
-
-
-# vpipe forecast
-
-
 def load_frame_forecaster(ckpt: str | os.PathLike):
-    """The :class:`pipeline.tasks.FrameForecaster` of a checkpoint, on the CPU, in eval mode."""
-    import inspect
-
-    from pipeline.tasks import FrameForecaster
+    """The :class:`pipeline.conv_forecasting.FrameForecaster` of a checkpoint, on the CPU, in eval mode."""
+    from pipeline.conv_forecasting import FrameForecaster
 
     path = Path(ckpt)
     if not path.is_file():
@@ -192,14 +149,13 @@ def load_frame_forecaster(ckpt: str | os.PathLike):
         raise ForecastError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     task = (checkpoint.get("vpipe") or {}).get("task") if isinstance(checkpoint, dict) else None
-    accepted = set(inspect.signature(FrameForecaster.__init__).parameters) - {"self"}
     if not hparams.get("video_format") or not {"cell", "hidden_channels", "patch_size"} <= set(hparams):
         kind = task or hparams.get("_class_path") or "not a LightningModule checkpoint"
-        raise ForecastError(f"{path}: not a frame forecaster ({kind}); vpipe forecast needs a checkpoint of "
-                            "pipeline.tasks.FrameForecaster, e.g. models/nextframe_convlstm/best.ckpt")
-    model = FrameForecaster(**{k: v for k, v in hparams.items() if k in accepted})
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
+        raise ForecastError(
+            f"{path}: not a frame forecaster ({kind}); vpipe forecast needs a checkpoint of "
+            "pipeline.conv_forecasting.FrameForecaster, e.g. models/nextframe_convlstm/best.ckpt"
+        )
+    return FrameForecaster.load_from_checkpoint(path, map_location="cpu").eval()
 
 
 def read_context(video: str | os.PathLike, video_format: dict, count: int) -> np.ndarray:
@@ -217,10 +173,14 @@ def read_context(video: str | os.PathLike, video_format: dict, count: int) -> np
                     break
     except Exception as err:  # FileNotFoundError, ValueError, av errors: all mean "cannot use this file"
         text = str(err)
-        raise ForecastError(text if text.startswith(str(video)) else f"{video}: cannot be decoded ({text})") from err
+        raise ForecastError(
+            text if text.startswith(str(video)) else f"{video}: cannot be decoded ({text})"
+        ) from err
     if len(frames) < count:
         rate = video_format.get("fps") or "its native"
-        raise ForecastError(f"{video}: has {len(frames)} frames at {rate} fps, fewer than the {count} context frames asked for")
+        raise ForecastError(
+            f"{video}: has {len(frames)} frames at {rate} fps, fewer than the {count} context frames asked for"
+        )
     return np.stack(frames)
 
 
@@ -235,12 +195,19 @@ def write_frames(out: Path, frames: np.ndarray, fps: float) -> None:
     from pipeline.video import write_video
 
     if frames.shape[1] % 2 or frames.shape[2] % 2:  # yuv420p needs even sides: repeat the last row / column
-        frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+        frames = np.pad(
+            frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge"
+        )
     write_video(out, frames, fps)
 
 
-def forecast(video: str | os.PathLike, ckpt: str | os.PathLike, out: str | os.PathLike, context: int | None = None,
-             steps: int | None = None) -> dict:
+def forecast(
+    video: str | os.PathLike,
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    context: int | None = None,
+    steps: int | None = None,
+) -> dict:
     """Decode the first ``context`` frames of ``video``, predict ``steps`` more with the frame
     forecaster in ``ckpt`` and write the context followed by the prediction to ``out`` (.mp4 or .gif).
 
@@ -252,7 +219,7 @@ def forecast(video: str | os.PathLike, ckpt: str | os.PathLike, out: str | os.Pa
         ForecastError: a missing or unreadable video or checkpoint, a checkpoint that is not a frame
             forecaster, a video shorter than ``context``, or an output suffix other than .mp4/.gif.
     """
-    from pipeline.data import luma
+    from torchvision.transforms.v2.functional import rgb_to_grayscale
 
     out = Path(out)
     if out.suffix.lower() not in (".mp4", ".gif"):
@@ -270,16 +237,25 @@ def forecast(video: str | os.PathLike, ckpt: str | os.PathLike, out: str | os.Pa
         raise ForecastError(f"--context and --steps must be at least 1, got {context} and {steps}")
     note = ""
     if context < model.hparams.context:
-        note = (f"{ckpt} was trained on {model.hparams.context} context frames; from {context} its forecast is a guess "
-                "(a forecaster trained from one frame: configs/still_convlstm.yaml)")
+        note = (
+            f"{ckpt} was trained on {model.hparams.context} context frames; from {context} its forecast is a guess "
+            "(a forecaster trained from one frame: configs/still_convlstm.yaml)"
+        )
     frames = read_context(video, video_format, context)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255).unsqueeze(0)  # (1, N, 3, H, W)
     if video_format.get("grayscale", True):
-        x = luma(x)
+        x = rgb_to_grayscale(x)
     with torch.no_grad():
         pred = model.rollout(x, steps)
     shown = np.concatenate([to_uint8(x[0]), to_uint8(pred[0])])
     out.parent.mkdir(parents=True, exist_ok=True)
     fps = float(video_format.get("rate") or video_format.get("fps") or 10.0)
     write_frames(out, shown, fps)
-    return {"out": str(out), "context": context, "steps": steps, "fps": fps, "size": list(shown.shape[1:3]), "note": note}
+    return {
+        "out": str(out),
+        "context": context,
+        "steps": steps,
+        "fps": fps,
+        "size": list(shown.shape[1:3]),
+        "note": note,
+    }

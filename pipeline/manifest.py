@@ -63,7 +63,9 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
         header = reader.fieldnames or []
         missing = [c for c in REQUIRED if c not in header]
         if missing:
-            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header)})")
+            raise ManifestError(
+                f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header)})"
+            )
         entries, problems, seen = [], [], {}
         for line, row in enumerate(reader, start=2):
             where = f"{path}:{line}"
@@ -90,8 +92,18 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
                 problems.append(f"{where}: end_sec {end} is not after start_sec {start}")
                 continue
             video = Path(row["path"])
-            entries.append(Entry(vid, video if video.is_absolute() else base / video, row["label"].strip(), row["split"], start, end,
-                                 fps, row["path"]))
+            entries.append(
+                Entry(
+                    vid,
+                    video if video.is_absolute() else base / video,
+                    row["label"].strip(),
+                    row["split"],
+                    start,
+                    end,
+                    fps,
+                    row["path"],
+                )
+            )
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -122,9 +134,15 @@ class Report:
 
     def lines(self) -> list[str]:
         out = []
-        for kind, problems in (("error", self.errors), ("error", self.file_errors), ("warning", self.warnings)):
+        for kind, problems in (
+            ("error", self.errors),
+            ("error", self.file_errors),
+            ("warning", self.warnings),
+        ):
             for title, offenders in problems.items():
-                shown = ", ".join(offenders[: self.show]) + (f", ... ({len(offenders) - self.show} more)" if len(offenders) > self.show else "")
+                shown = ", ".join(offenders[: self.show]) + (
+                    f", ... ({len(offenders) - self.show} more)" if len(offenders) > self.show else ""
+                )
                 out.append(f"{kind}: {len(offenders)} {title}: {shown}")
         return out
 
@@ -145,8 +163,13 @@ class Report:
             print(str(self), file=sys.stderr)
 
 
-def validate(entries: list[Entry], manifest: str | os.PathLike, root: str | os.PathLike | None = None,
-             min_per_class: int = 2, show: int = 5) -> Report:
+def validate(
+    entries: list[Entry],
+    manifest: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    min_per_class: int = 2,
+    show: int = 5,
+) -> Report:
     """Check a dataset before any work.
 
     Errors: paths that escape the dataset root (``root``, default the manifest's folder; absolute
@@ -160,8 +183,12 @@ def validate(entries: list[Entry], manifest: str | os.PathLike, root: str | os.P
     warnings: dict[str, list[str]] = {}
     files: dict[str, list[str]] = {}
     for e in entries:
-        if (root or not Path(e.raw_path).is_absolute()) and not Path(os.path.normpath(e.path.absolute())).is_relative_to(base):
-            errors.setdefault(f"path(s) escape the dataset root {base}", []).append(f"{e.video_id} ({e.raw_path or e.path})")
+        if (root or not Path(e.raw_path).is_absolute()) and not Path(
+            os.path.normpath(e.path.absolute())
+        ).is_relative_to(base):
+            errors.setdefault(f"path(s) escape the dataset root {base}", []).append(
+                f"{e.video_id} ({e.raw_path or e.path})"
+            )
         elif not e.path.exists():
             files.setdefault("file(s) missing", []).append(str(e.path))
         elif not os.access(e.path, os.R_OK | (os.X_OK if e.path.is_dir() else 0)):
@@ -173,10 +200,16 @@ def validate(entries: list[Entry], manifest: str | os.PathLike, root: str | os.P
     for split in ("val", "test"):
         if not by_split[split]:
             warnings.setdefault("empty split(s)", []).append(split)
-    unseen = Counter((e.label, e.split) for s in ("val", "test") for e in by_split[s] if e.label not in train_labels)
+    unseen = Counter(
+        (e.label, e.split) for s in ("val", "test") for e in by_split[s] if e.label not in train_labels
+    )
     if unseen and by_split["train"]:
-        errors["label(s) in val/test never occur in train"] = [f"{label} ({split}: {n})" for (label, split), n in sorted(unseen.items())]
+        errors["label(s) in val/test never occur in train"] = [
+            f"{label} ({split}: {n})" for (label, split), n in sorted(unseen.items())
+        ]
     few = sorted((n, label) for label, n in train_labels.items() if n < min_per_class)
     if few:
-        warnings[f"class(es) with fewer than {min_per_class} training examples"] = [f"{label} ({n})" for n, label in few]
+        warnings[f"class(es) with fewer than {min_per_class} training examples"] = [
+            f"{label} ({n})" for n, label in few
+        ]
     return Report(manifest, errors, warnings, files, show)

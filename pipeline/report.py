@@ -23,7 +23,12 @@ from pathlib import Path
 FIRST = ("test/acc", "test/acc_top5", "test/f1", "test/loss")
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "error", "nll", "perplexity")
 PER_STEP = re.compile(r"/h\d+/")  # test/h01/mse, test/copy_last/h10/ssim
-BASELINES = ("/copy_last/", "/historical_average/", "/nn_mean/", "/nn_seq/")  # the same for every model on the same data
+BASELINES = (
+    "/copy_last/",
+    "/historical_average/",
+    "/nn_mean/",
+    "/nn_seq/",
+)  # the same for every model on the same data
 
 
 def read(metrics_dir: Path) -> dict[str, dict[str, float]]:
@@ -35,8 +40,12 @@ def read(metrics_dir: Path) -> dict[str, dict[str, float]]:
         except json.JSONDecodeError as err:
             raise SystemExit(f"{path}: not valid JSON ({err})") from err
         if not isinstance(data, dict):
-            raise SystemExit(f"{path}: expected a JSON object of metric names to numbers, got {type(data).__name__}")
-        results[path.stem] = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            raise SystemExit(
+                f"{path}: expected a JSON object of metric names to numbers, got {type(data).__name__}"
+            )
+        results[path.stem] = {
+            k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
     return results
 
 
@@ -46,8 +55,13 @@ def lower_is_better(metric: str) -> bool:
 
 
 # An experiment's table: the first of these metrics it has names its kind (one table per kind).
-KINDS = (("test/acc", "Classification"), ("test/cider", "Captioning"), ("test/rmse", "Traffic-flow forecasting (flows)"),
-         ("test/mse", "Forecasting"), ("val/acc", "Backbones (val)"))
+KINDS = (
+    ("test/acc", "Classification"),
+    ("test/cider", "Captioning"),
+    ("test/rmse", "Traffic-flow forecasting (flows)"),
+    ("test/mse", "Forecasting"),
+    ("val/acc", "Backbones (val)"),
+)
 
 
 def kind(row: dict[str, float]) -> str:
@@ -125,18 +139,30 @@ def durations(names: list[str]) -> str:
     rows = []
     for name in names:
         experiment = client.get_experiment_by_name(name)
-        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1) \
-            if experiment else []
+        runs = (
+            client.search_runs(
+                [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+            )
+            if experiment
+            else []
+        )
         if runs and runs[0].info.end_time:
             info = runs[0].info
-            rows.append(f"| {name} | {info.run_name} | {info.status} | {(info.end_time - info.start_time) / 1000:.1f} |")
+            rows.append(
+                f"| {name} | {info.run_name} | {info.status} | {(info.end_time - info.start_time) / 1000:.1f} |"
+            )
     if not rows:
         return ""
     return "\n".join(["| experiment | newest run | status | seconds |", "|---|---|---|---:|", *rows])
 
 
-def report(metrics_dir: str = "metrics", out: str | None = "metrics/summary.md", columns: list[str] | None = None,
-           every: bool = False, timings: bool = True) -> str:
+def report(
+    metrics_dir: str = "metrics",
+    out: str | None = "metrics/summary.md",
+    columns: list[str] | None = None,
+    every: bool = False,
+    timings: bool = True,
+) -> str:
     """Print-ready table, then (``timings``) each experiment's newest run duration from MLflow; also
     written to ``out`` (Markdown) when there are metrics."""
     text = table(Path(metrics_dir), columns, every)

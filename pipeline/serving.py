@@ -19,6 +19,8 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
+from pipeline import tracking
+
 TOP_K = 5
 
 
@@ -32,8 +34,12 @@ class VideoModel(mlflow.pyfunc.PythonModel):
         checkpoint = context.artifacts["checkpoint"]
         self.task = str(_recipe(Path(checkpoint)).get("task", "")).rpartition(".")[2]
         command = "vpipe caption" if self.task == "Captioner" else "vpipe classify"
-        self.model = load(checkpoint, weights=context.artifacts.get("backbone"), task=self.task or "Classifier",
-                          command=command)
+        self.model = load(
+            checkpoint,
+            weights=context.artifacts.get("backbone"),
+            task=self.task or "Classifier",
+            command=command,
+        )
 
     def _frames(self, row: dict, folder: Path):
         from pipeline.classify import ClassifyError, windows
@@ -53,7 +59,7 @@ class VideoModel(mlflow.pyfunc.PythonModel):
                 raise ClassifyError(f"{video}: no such file")
         else:
             raise ClassifyError("each row needs `video` (a path) or `video_b64` (the file's bytes, base64)")
-        (_, _, frames), = windows(path, self.model.fps, self.model.size, None, None)
+        ((_, _, frames),) = windows(path, self.model.fps, self.model.size, None, None)
         return frames
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -73,8 +79,16 @@ class VideoModel(mlflow.pyfunc.PythonModel):
                 rows.append({"video": name, "caption": caption})
             else:
                 best = top(self.model.probabilities(frames), self.model.classes, k)
-                rows.append({"video": name, "label": best[0][0], "probability": best[0][1],
-                             "top_k": json.dumps([{"label": label, "probability": round(p, 6)} for label, p in best])})
+                rows.append(
+                    {
+                        "video": name,
+                        "label": best[0][0],
+                        "probability": best[0][1],
+                        "top_k": json.dumps(
+                            [{"label": label, "probability": round(p, 6)} for label, p in best]
+                        ),
+                    }
+                )
         return pd.DataFrame(rows)
 
 
@@ -89,7 +103,7 @@ def example_video(folder: Path, size: tuple[int, int] | None) -> Path:
     side = max(4, min(width, height) // 4)
     for t in range(8):
         x = t * (width - side) // 7
-        frames[t, height // 2 - side // 2: height // 2 + side // 2, x: x + side] = 200
+        frames[t, height // 2 - side // 2 : height // 2 + side // 2, x : x + side] = 200
     path = folder / "example.mp4"
     write_video(path, frames, 10.0)
     return path
@@ -125,23 +139,42 @@ def log_model(checkpoint: Path, run_id: str) -> mlflow.models.model.ModelInfo:
     if weights and Path(weights).is_file():
         artifacts["backbone"] = str(weights)
     captioner = str(recipe.get("task", "")).endswith("Captioner")
-    outputs = ([ColSpec("string", "video"), ColSpec("string", "caption")] if captioner else
-               [ColSpec("string", "video"), ColSpec("string", "label"), ColSpec("double", "probability"),
-                ColSpec("string", "top_k")])
+    outputs = (
+        [ColSpec("string", "video"), ColSpec("string", "caption")]
+        if captioner
+        else [
+            ColSpec("string", "video"),
+            ColSpec("string", "label"),
+            ColSpec("double", "probability"),
+            ColSpec("string", "top_k"),
+        ]
+    )
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "video", required=False), ColSpec("string", "video_b64", required=False),
-                       ColSpec("string", "filename", required=False)]),
+        inputs=Schema(
+            [
+                ColSpec("string", "video", required=False),
+                ColSpec("string", "video_b64", required=False),
+                ColSpec("string", "filename", required=False),
+            ]
+        ),
         outputs=Schema(outputs),
         params=None if captioner else ParamSchema([ParamSpec("top_k", "long", TOP_K)]),
     )
     size = ((recipe.get("frames_meta") or {}).get("params") or {}).get("size")
     with tempfile.TemporaryDirectory(prefix="vpipe-example-") as tmp:
         clip = example_video(Path(tmp), tuple(size) if size else None)
-        example = pd.DataFrame([{"video_b64": base64.b64encode(clip.read_bytes()).decode(), "filename": "example.mp4"}])
+        example = pd.DataFrame(
+            [{"video_b64": base64.b64encode(clip.read_bytes()).decode(), "filename": "example.mp4"}]
+        )
         with mlflow.start_run(run_id=run_id):
-            return mlflow.pyfunc.log_model(name="model", python_model=VideoModel(), artifacts=artifacts,
-                                           signature=signature, input_example=example,
-                                           pip_requirements=requirements())
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=VideoModel(),
+                artifacts=artifacts,
+                signature=signature,
+                input_example=example,
+                pip_requirements=requirements(),
+            )
 
 
 def requirements() -> list[str]:
@@ -154,3 +187,63 @@ def requirements() -> list[str]:
         return [r for r in requires("vpipe") or [] if "extra ==" not in r]
     except PackageNotFoundError:
         return []
+
+
+def register_best(
+    client,
+    name: str,
+    run_id: str,
+    checkpoint: Path,
+    metrics: dict[str, float],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Log ``checkpoint`` as the run's pyfunc model ``model`` (this module's pyfunc model: MLflow can load and
+    serve it; a forecaster's checkpoint as the artifact folder ``model/``) and register it as a new version of the registered model ``name``, tagged with its headline
+    test metrics; returns the version.
+
+    ``models:/NAME/VERSION`` (or ``models:/NAME/latest``) downloads the model folder, whose checkpoint
+    carries everything ``vpipe classify`` and ``vpipe caption`` need.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if servable(checkpoint):
+        info = log_model(checkpoint, run_id)
+        source, model_id = info.model_uri, info.model_id
+    else:  # forecasters: the checkpoint as is (`vpipe forecast` is its loader)
+        client.log_artifact(run_id, str(checkpoint), "model")
+        source, model_id = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model", None
+    client = tracking.registry_client()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name,
+            description=f"Best checkpoints of the `{name}` training config "
+            "(vpipe fit -c configs/{name}.yaml).".replace("{name}", name),
+        )
+    # The headline metrics (test/acc, test/mse, ...); per-horizon and baseline ones stay on the run.
+    headline = {k: v for k, v in metrics.items() if k.count("/") == 1}
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in headline.items())
+    version = client.create_model_version(
+        name,
+        source,
+        run_id=run_id,
+        model_id=model_id,
+        description=f"Test metrics of the best checkpoint: {summary}",
+        tags={**{k: str(v) for k, v in headline.items()}, **(tags or {})},
+    )
+    if model_id:  # the logged model lists its versions (the tag mlflow.register_model sets)
+        import json
+
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        client.set_logged_model_tags(
+            model_id,
+            {
+                MLFLOW_MODEL_VERSIONS: json.dumps(
+                    [*linked, {"name": version.name, "version": version.version}]
+                )
+            },
+        )
+    return version.version

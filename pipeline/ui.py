@@ -19,9 +19,23 @@ from pipeline import tracking
 
 def command(host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
     """The ``mlflow server`` command line for this project's store."""
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking.tracking_uri(),
-            "--serve-artifacts", "--artifacts-destination", tracking.artifact_root().as_uri(),
-            "--host", host, "--port", str(port), "--workers", str(workers)]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        tracking.tracking_uri(),
+        "--serve-artifacts",
+        "--artifacts-destination",
+        tracking.artifact_root().as_uri(),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
 
 
 def urls(base: str) -> list[tuple[str, str]]:
@@ -35,7 +49,9 @@ def urls(base: str) -> list[tuple[str, str]]:
         experiments = tracking.registry_client().search_experiments(order_by=["name ASC"])
     except MlflowException:
         experiments = []
-    found += [(e.name, f"{base}/#/experiments/{e.experiment_id}?{view}") for e in experiments if e.name != "Default"]
+    found += [
+        (e.name, f"{base}/#/experiments/{e.experiment_id}?{view}") for e in experiments if e.name != "Default"
+    ]
     return found
 
 
@@ -45,8 +61,10 @@ def serve(host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> None:
 
     uri = tracking.tracking_uri()
     if uri.startswith(("http://", "https://")):
-        raise SystemExit(f"vpipe ui: MLFLOW_TRACKING_URI is the tracking server {uri}: it serves its own UI; open it "
-                         "in a browser (or unset MLFLOW_TRACKING_URI for the project's store)")
+        raise SystemExit(
+            f"vpipe ui: MLFLOW_TRACKING_URI is the tracking server {uri}: it serves its own UI; open it "
+            "in a browser (or unset MLFLOW_TRACKING_URI for the project's store)"
+        )
     tracking.ensure_store(uri)
     tracking.artifact_root().mkdir(parents=True, exist_ok=True)
     base = f"http://{host}:{port}"

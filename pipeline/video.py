@@ -93,9 +93,19 @@ class Decoder:
     After iteration, ``count`` and ``duration_sec`` describe what was produced. Errors name the file.
     """
 
-    def __init__(self, path: str | os.PathLike, *, fps: float = 0.0, size: tuple[int, int] | None = None,
-                 start_sec: float | None = None, end_sec: float | None = None, threads: int = 1,
-                 image_fps: float = DEFAULT_IMAGE_FPS, seek: bool = True, skip: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        fps: float = 0.0,
+        size: tuple[int, int] | None = None,
+        start_sec: float | None = None,
+        end_sec: float | None = None,
+        threads: int = 1,
+        image_fps: float = DEFAULT_IMAGE_FPS,
+        seek: bool = True,
+        skip: bool = True,
+    ):
         self.path, self.fps, self.size = Path(path), float(fps), size
         self.start, self.end, self.threads = float(start_sec or 0.0), end_sec, threads
         self.seek, self.skip = seek, skip
@@ -109,11 +119,15 @@ class Decoder:
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such file")
         if self.path.is_dir():  # an image sequence (e.g. Jester): the images in natural order
-            self.images = sorted((p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+            self.images = sorted(
+                (p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key
+            )
             if not self.images:
                 raise ValueError(f"{self.path}: a folder without images ({', '.join(IMAGE_SUFFIXES)})")
             if self.image_fps <= 0:
-                raise ValueError(f"{self.path}: an image sequence needs a frame rate > 0, got {self.image_fps}")
+                raise ValueError(
+                    f"{self.path}: an image sequence needs a frame rate > 0, got {self.image_fps}"
+                )
             self.src_fps = self.image_fps
             return self
         if self.path.is_file() and self.path.stat().st_size == 0:
@@ -159,7 +173,11 @@ class Decoder:
             frames = itertools.chain([first], frames)
         previous = None
         for frame in frames:
-            t = float(frame.pts * time_base) if frame.pts is not None else (self._t0 if previous is None else previous + step)
+            t = (
+                float(frame.pts * time_base)
+                if frame.pts is not None
+                else (self._t0 if previous is None else previous + step)
+            )
             previous = t
             yield t - self._t0, float(frame.duration * time_base) if frame.duration else step, frame
 
@@ -229,7 +247,9 @@ class Decoder:
         w, h = (None, None) if self.size is None else self.size if turns % 2 == 0 else self.size[::-1]
         # One reformatter for the whole video: it keeps its libswscale context between frames
         # (frame.to_ndarray would build a new one per frame). AREA averages properly when shrinking.
-        image = self._reformatter.reformat(frame, format="rgb24", width=w, height=h, interpolation="AREA", threads=1).to_ndarray()
+        image = self._reformatter.reformat(
+            frame, format="rgb24", width=w, height=h, interpolation="AREA", threads=1
+        ).to_ndarray()
         return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -265,7 +285,9 @@ class Decoder:
         if first is None and held is None:
             raise ValueError(f"{self.path}: no decodable video frame")
         self.count = k
-        self.duration_sec = round(k / self.fps if self.fps else max(0.0, held_end - max(self.start, first or 0.0)), 6)
+        self.duration_sec = round(
+            k / self.fps if self.fps else max(0.0, held_end - max(self.start, first or 0.0)), 6
+        )
 
 
 def natural_key(path: Path) -> list:
@@ -280,15 +302,25 @@ def uniform_indices(count: int, keep: int | None) -> np.ndarray:
     return np.round(np.linspace(0, count - 1, keep)).astype(np.int64)
 
 
-def decode(path: str | os.PathLike, *, fps: float = 0.0, size: tuple[int, int] | None = None, start_sec: float | None = None,
-           end_sec: float | None = None, max_frames: int | None = None, threads: int = 1,
-           image_fps: float = DEFAULT_IMAGE_FPS) -> DecodedVideo:
+def decode(
+    path: str | os.PathLike,
+    *,
+    fps: float = 0.0,
+    size: tuple[int, int] | None = None,
+    start_sec: float | None = None,
+    end_sec: float | None = None,
+    max_frames: int | None = None,
+    threads: int = 1,
+    image_fps: float = DEFAULT_IMAGE_FPS,
+) -> DecodedVideo:
     """Decode a whole video into memory (see :class:`Decoder`); ``max_frames`` keeps N frames uniformly.
 
     Raises:
         FileNotFoundError, ValueError, av.FFmpegError: the message names the file.
     """
-    with Decoder(path, fps=fps, size=size, start_sec=start_sec, end_sec=end_sec, threads=threads, image_fps=image_fps) as decoder:
+    with Decoder(
+        path, fps=fps, size=size, start_sec=start_sec, end_sec=end_sec, threads=threads, image_fps=image_fps
+    ) as decoder:
         frames = list(decoder)
     if not frames:
         raise ValueError(f"{path}: no frame between start_sec={start_sec} and end_sec={end_sec}")

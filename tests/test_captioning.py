@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.captioning import CaptionModel
+from pipeline.caption_head import CaptionModel
 from pipeline.captions import (
     CaptionError,
     Vocabulary,
@@ -33,7 +33,11 @@ KEYWORDS = {"right": ["to the right", "rightwards"], "left": ["to the left", "le
 
 def test_vocabulary_round_trip_from_training_captions_only():
     vocab = Vocabulary.build(["A red disc moves LEFT.", "the red disc, moving left", "a disc"])
-    assert vocab.words[:4] == Vocabulary.SPECIALS and vocab.words[4:7] == ["disc", "a", "left"]  # most frequent first
+    assert vocab.words[:4] == Vocabulary.SPECIALS and vocab.words[4:7] == [
+        "disc",
+        "a",
+        "left",
+    ]  # most frequent first
     ids = vocab.encode("The red disc moves left!", max_length=20)
     assert ids[0] == Vocabulary.BOS and ids[-1] == Vocabulary.EOS
     assert vocab.decode(ids) == "the red disc moves left" == " ".join(tokenize("The red disc moves left!"))
@@ -46,18 +50,34 @@ def test_vocabulary_round_trip_from_training_captions_only():
 
 
 def test_captions_file_contract(tmp_path):
-    write_captions(tmp_path, [("v1", "a square moves to the right"), ("v1", "a box goes rightwards"), ("v2", "a square moves to the left")],
-                   KEYWORDS)
-    assert read_captions(tmp_path / "captions.csv") == {"v1": ["a square moves to the right", "a box goes rightwards"],
-                                                        "v2": ["a square moves to the left"]}
-    assert read_keywords(tmp_path / "caption_keywords.json")["right"] == [("to", "the", "right"), ("rightwards",)]
+    write_captions(
+        tmp_path,
+        [
+            ("v1", "a square moves to the right"),
+            ("v1", "a box goes rightwards"),
+            ("v2", "a square moves to the left"),
+        ],
+        KEYWORDS,
+    )
+    assert read_captions(tmp_path / "captions.csv") == {
+        "v1": ["a square moves to the right", "a box goes rightwards"],
+        "v2": ["a square moves to the left"],
+    }
+    assert read_keywords(tmp_path / "caption_keywords.json")["right"] == [
+        ("to", "the", "right"),
+        ("rightwards",),
+    ]
     errors, warnings = check_captions(tmp_path / "captions.csv", {"v1": "right", "v2": "left", "v3": "left"})
     assert errors == [] and warnings == [f"{tmp_path / 'captions.csv'}: 1 video(s) without captions: v3"]
     errors, _ = check_captions(tmp_path / "captions.csv", {"v1": "right"})
-    assert errors == [f"{tmp_path / 'captions.csv'}: 1 video id(s) not in the manifest: v2",
-                      f"{tmp_path / 'caption_keywords.json'}: label(s) not in the manifest: left"]
+    assert errors == [
+        f"{tmp_path / 'captions.csv'}: 1 video id(s) not in the manifest: v2",
+        f"{tmp_path / 'caption_keywords.json'}: label(s) not in the manifest: left",
+    ]
     (tmp_path / "captions.csv").write_text("video_id,caption\nv1,a square\nv2,  \n")
-    with pytest.raises(CaptionError, match=r"captions.csv: 1 row\(s\) with an empty id or caption, line\(s\) 3"):
+    with pytest.raises(
+        CaptionError, match=r"captions.csv: 1 row\(s\) with an empty id or caption, line\(s\) 3"
+    ):
         read_captions(tmp_path / "captions.csv")
     (tmp_path / "captions.csv").write_text("video,text\nv1,a\n")
     with pytest.raises(CaptionError, match="missing column"):
@@ -80,19 +100,35 @@ def test_vpipe_check_reads_the_captions_beside_the_manifest(tiny_dataset, capsys
 
 
 def test_scores_order_metric_and_nearest_neighbour():
-    refs = {"a": ["a red square moves to the right", "the red square goes rightwards"],
-            "b": ["a blue circle moves to the left", "the blue circle goes leftwards"],
-            "c": ["a green cross moves to the left", "a green cross goes leftwards"]}
-    right = scores(refs, {"a": "a red square moves to the right", "b": "a blue circle moves to the left", "c": "a green cross goes leftwards"})
-    wrong = scores(refs, {"a": "a blue circle moves to the left", "b": "a red square moves to the right", "c": "a red square"})
+    refs = {
+        "a": ["a red square moves to the right", "the red square goes rightwards"],
+        "b": ["a blue circle moves to the left", "the blue circle goes leftwards"],
+        "c": ["a green cross moves to the left", "a green cross goes leftwards"],
+    }
+    right = scores(
+        refs,
+        {
+            "a": "a red square moves to the right",
+            "b": "a blue circle moves to the left",
+            "c": "a green cross goes leftwards",
+        },
+    )
+    wrong = scores(
+        refs,
+        {"a": "a blue circle moves to the left", "b": "a red square moves to the right", "c": "a red square"},
+    )
     assert set(right) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"}
     assert all(right[k] > wrong[k] for k in right) and right["bleu1"] == pytest.approx(1.0)
     keywords = {k: [tuple(tokenize(p)) for p in v] for k, v in KEYWORDS.items()}
     keywords["clockwise"], keywords["counterclockwise"] = [("clockwise",)], [("counterclockwise",)]
-    assert named_motion("It turns counterclockwise", keywords) == "counterclockwise"  # whole words, not substrings
+    assert (
+        named_motion("It turns counterclockwise", keywords) == "counterclockwise"
+    )  # whole words, not substrings
     assert named_motion("a square moves to the right then to the left", keywords) is None  # two motions named
     labels = {"a": "right", "b": "left", "c": "left"}
-    assert order_accuracy({"a": "goes rightwards", "b": "moves to the left", "c": "moves to the right"}, labels, keywords) == pytest.approx(2 / 3)
+    assert order_accuracy(
+        {"a": "goes rightwards", "b": "moves to the left", "c": "moves to the right"}, labels, keywords
+    ) == pytest.approx(2 / 3)
     # Ordered steps tell a clip from its time-reverse; their mean cannot.
     forward = np.arange(12, dtype=np.float32).reshape(1, 4, 3) + 1
     train = np.concatenate([forward, forward[:, ::-1]])
@@ -118,18 +154,28 @@ def test_a_tiny_captioner_learns_a_handful_of_clips_exactly(encoder):
     """Six clips, six different captions: teacher forcing alone must bring greedy and beam decoding to them exactly.
     The last two clips are the time-reverses of the first two: only an encoder that reads the order can tell."""
     torch.manual_seed(0)
-    captions = ["a red square moves to the right", "a blue circle shrinks", "the cross stays still",
-                "a big green disc turns clockwise", "a red square moves to the left", "a blue circle grows"]
+    captions = [
+        "a red square moves to the right",
+        "a blue circle shrinks",
+        "the cross stays still",
+        "a big green disc turns clockwise",
+        "a red square moves to the left",
+        "a blue circle grows",
+    ]
     vocab = Vocabulary.build(captions)
     x = torch.randn(4, 5, 10)
     x = torch.cat([x, x[:2].flip(1)])  # (6, 5, 10)
     mask = torch.ones(6, 5, dtype=torch.bool)
-    tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(vocab.encode(c, 20)) for c in captions], batch_first=True)
+    tokens = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(vocab.encode(c, 20)) for c in captions], batch_first=True
+    )
     model = CaptionModel(10, len(vocab), encoder=encoder, hidden_size=64, embed_dim=32, dropout=0.0)
     optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(150):
         logits = model(x, mask, tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=Vocabulary.PAD)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=Vocabulary.PAD
+        )
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -149,7 +195,10 @@ def captioner(trained_project, tmp_path_factory):
     from pipeline.train import cli_main
 
     root = tmp_path_factory.mktemp("captioner")
-    ids = [line.split(",")[0] for line in (trained_project / "videos" / "manifest.csv").read_text().splitlines()[1:]]
+    ids = [
+        line.split(",")[0]
+        for line in (trained_project / "videos" / "manifest.csv").read_text().splitlines()[1:]
+    ]
     rows = []
     for v in ids:
         side = "right" if v.startswith("right") else "left"
@@ -157,11 +206,27 @@ def captioner(trained_project, tmp_path_factory):
     write_captions(root, rows, {"right": ["right", "rightwards"], "left": ["left", "leftwards"]})
     previous = os.environ.get("VPIPE_ROOT")
     os.environ["VPIPE_ROOT"] = str(root)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri of an earlier fit in this process sets it
+    os.environ.pop(
+        "MLFLOW_TRACKING_URI", None
+    )  # mlflow.set_tracking_uri of an earlier fit in this process sets it
     try:
-        cli_main(["fit", "-c", str(ROOT / "configs/caption_gru.yaml"), "--data.init_args.features", str(trained_project / "features"),
-                  "--data.init_args.captions", str(root / "captions.csv"), "--data.init_args.batch_size", "4",
-                  "--trainer.max_epochs", "3", "--model.init_args.hidden_size", "32"])
+        cli_main(
+            [
+                "fit",
+                "-c",
+                str(ROOT / "configs/caption_gru.yaml"),
+                "--data.init_args.features",
+                str(trained_project / "features"),
+                "--data.init_args.captions",
+                str(root / "captions.csv"),
+                "--data.init_args.batch_size",
+                "4",
+                "--trainer.max_epochs",
+                "3",
+                "--model.init_args.hidden_size",
+                "32",
+            ]
+        )
     finally:
         os.environ.pop("VPIPE_ROOT") if previous is None else os.environ.__setitem__("VPIPE_ROOT", previous)
     return root
@@ -176,13 +241,17 @@ def test_fit_writes_metrics_samples_and_registers(captioner):
         assert {f"{prefix}/{k}" for k in ("bleu1", "bleu4", "rouge_l", "cider", "order")} <= set(metrics)
     assert 0 <= metrics["test/order"] <= 1 and metrics["test/nn_seq/bleu1"] > 0
     samples = (captioner / "plots" / "caption_gru" / "captions.csv").read_text().splitlines()
-    assert samples[0] == "video_id,label,generated,nn_mean,nn_seq,references" and len(samples) == 1 + 4  # 4 test clips
+    assert (
+        samples[0] == "video_id,label,generated,nn_mean,nn_seq,references" and len(samples) == 1 + 4
+    )  # 4 test clips
     client = mlflow.MlflowClient(f"sqlite:///{captioner / 'mlflow.db'}")
     version = client.get_model_version("caption_gru", "1")
     run = client.get_run(version.run_id)
     assert run.data.metrics["test/cider"] == pytest.approx(metrics["test/cider"])
     assert "captions.json" in [a.path for a in client.list_artifacts(version.run_id)]
-    checkpoint = torch.load(captioner / "models" / "caption_gru" / "best.ckpt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(
+        captioner / "models" / "caption_gru" / "best.ckpt", map_location="cpu", weights_only=True
+    )
     words = checkpoint["hyper_parameters"]["vocabulary"]
     assert words[:4] == Vocabulary.SPECIALS and "rightwards" in words  # built from the training captions
     assert "num_classes" not in checkpoint["vpipe"]["model"]["init_args"]  # only the model's own arguments
@@ -199,7 +268,9 @@ def test_vpipe_caption_on_a_clip_and_a_still_image(captioner, trained_project, t
     assert exit_.value.code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["video"] for r in lines] == [str(video), str(image)]
-    vocabulary = set(torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["vocabulary"])
+    vocabulary = set(
+        torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["vocabulary"]
+    )
     assert all(r["caption"] and set(r["caption"].split()) <= vocabulary for r in lines)
     # The registered version captions the same file the same way.
     monkeypatch.setenv("VPIPE_ROOT", str(captioner))
@@ -213,13 +284,24 @@ def test_vpipe_caption_names_bad_inputs(captioner, trained_project, tmp_path, ca
     ckpt = str(captioner / "models" / "caption_gru" / "best.ckpt")
     with pytest.raises(SystemExit, match=r"vpipe caption: .*missing.mp4: no such file"):
         main(["caption", str(tmp_path / "missing.mp4"), "--ckpt", ckpt])
-    with pytest.raises(SystemExit, match=r"gesture_gru/best.ckpt: a checkpoint of pipeline.tasks.Classifier, not of a Captioner"):
-        main(["caption", str(trained_project / "videos" / "right5.mp4"), "--ckpt",
-              str(trained_project / "models" / "gesture_gru" / "best.ckpt")])
+    with pytest.raises(
+        SystemExit,
+        match=r"gesture_gru/best.ckpt: a checkpoint of pipeline.classification.Classifier, not of a Captioner",
+    ):
+        main(
+            [
+                "caption",
+                str(trained_project / "videos" / "right5.mp4"),
+                "--ckpt",
+                str(trained_project / "models" / "gesture_gru" / "best.ckpt"),
+            ]
+        )
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00" * 500)
     with pytest.raises(SystemExit) as exit_:
         main(["caption", str(broken), str(trained_project / "videos" / "left5.mp4"), "--ckpt", ckpt])
     assert exit_.value.code == 1
     out, err = capsys.readouterr()
-    assert f"vpipe caption: {broken}: not a decodable video" in err and out.startswith(str(trained_project / "videos" / "left5.mp4"))
+    assert f"vpipe caption: {broken}: not a decodable video" in err and out.startswith(
+        str(trained_project / "videos" / "left5.mp4")
+    )

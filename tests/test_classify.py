@@ -21,7 +21,11 @@ def _classify(args: list[str], capsys) -> tuple[int, str, str]:
         main(["classify", *args])
     out, err = capsys.readouterr()
     code = done.value.code
-    return (code if isinstance(code, int) else 1 if code else 0), out, err if isinstance(code, int) or not code else code
+    return (
+        (code if isinstance(code, int) else 1 if code else 0),
+        out,
+        err if isinstance(code, int) or not code else code,
+    )
 
 
 def test_features_on_the_fly_equal_the_cached_ones(trained_project):
@@ -60,9 +64,24 @@ def test_text_json_and_registered_model(trained_project, tmp_path, capsys, monke
 
     # The same model through the MLflow registry: `latest` in a fresh process elsewhere (no state left by
     # training), a version number and a missing version in this one.
-    done = subprocess.run([sys.executable, "-m", "pipeline", "classify", video, "--model", "models:/gesture_gru/latest",
-                           "--topk", "2"], cwd=tmp_path, env={**os.environ, "VPIPE_ROOT": str(trained_project)},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "classify",
+            video,
+            "--model",
+            "models:/gesture_gru/latest",
+            "--topk",
+            "2",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "VPIPE_ROOT": str(trained_project)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and done.stdout == text, done.stderr[-2000:]
     monkeypatch.setenv("VPIPE_ROOT", str(trained_project))
     code, out, _ = _classify([video, "--model", "models:/gesture_gru/1", "--topk", "2"], capsys)
@@ -73,10 +92,14 @@ def test_text_json_and_registered_model(trained_project, tmp_path, capsys, monke
 
 def test_streaming_windows(trained_project, tmp_path, capsys):
     long = tmp_path / "long.mp4"
-    write_video(long, np.concatenate([moving_square(20, 48, 64, seed=1), moving_square(20, 48, 64, seed=2)[::-1]]), 25)
+    write_video(
+        long, np.concatenate([moving_square(20, 48, 64, seed=1), moving_square(20, 48, 64, seed=2)[::-1]]), 25
+    )
     ckpt = str(trained_project / "models" / "gesture_gru" / "best.ckpt")
     # 40 frames at 25 fps = 1.6 s → 16 frames at 10 fps; windows of 0.6 s (6 frames) every 0.2 s (2 frames): 6 windows.
-    code, out, _ = _classify([str(long), "--ckpt", ckpt, "--window", "0.6", "--stride", "0.2", "--json"], capsys)
+    code, out, _ = _classify(
+        [str(long), "--ckpt", ckpt, "--window", "0.6", "--stride", "0.2", "--json"], capsys
+    )
     assert code == 0
     spans = [(r["start_sec"], r["end_sec"]) for r in map(json.loads, out.splitlines())]
     assert spans == [(round(0.2 * i, 3), round(0.2 * i + 0.6, 3)) for i in range(6)]
@@ -106,10 +129,19 @@ def test_bad_inputs_fail_clearly_and_print_no_result(trained_project, tmp_path, 
 
     # A checkpoint of another task (e.g. a forecaster): its recipe names the task and has no classes.
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    checkpoint["vpipe"] = {**checkpoint["vpipe"], "task": "pipeline.tasks.FeatureForecaster", "classes": []}
+    checkpoint["vpipe"] = {
+        **checkpoint["vpipe"],
+        "task": "pipeline.forecasting.FeatureForecaster",
+        "classes": [],
+    }
     torch.save(checkpoint, tmp_path / "forecaster.ckpt")
     code, out, err = _classify([video, "--ckpt", str(tmp_path / "forecaster.ckpt")], capsys)
-    assert code == 1 and out == "" and "forecaster.ckpt: a checkpoint of pipeline.tasks.FeatureForecaster, not of a Classifier" in err
+    assert (
+        code == 1
+        and out == ""
+        and "forecaster.ckpt: a checkpoint of pipeline.forecasting.FeatureForecaster, not of a Classifier"
+        in err
+    )
 
     # One bad video among good ones: the good ones are classified, the bad one named, status 1.
     code, out, err = _classify([video, str(corrupt), video, "--ckpt", str(ckpt)], capsys)
@@ -126,8 +158,15 @@ def test_end_to_end_model_is_given_the_frames(trained_project, tmp_path, monkeyp
     from pipeline.video import decode
 
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
-    cli_main(["fit", "-c", str(ROOT / "tests" / "configs" / "lrcn_frames.yaml"), "--data.init_args.frames",
-              str(trained_project / "frames")])
+    cli_main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "tests" / "configs" / "lrcn_frames.yaml"),
+            "--data.init_args.frames",
+            str(trained_project / "frames"),
+        ]
+    )
     classifier = load(tmp_path / "models" / "lrcn" / "best.ckpt")
     assert classifier.encoder is None and classifier.size == (32, 32)  # the model encodes frames itself
     frames = decode(trained_project / "videos" / "right6.mp4", fps=10, size=(32, 32)).frames

@@ -27,7 +27,9 @@ def test_report_table(tmp_path, capsys):
     (tmp_path / "b.json").write_text('{"test/acc": 0.75}')
     main(["report", "--metrics", str(tmp_path), "--out", str(tmp_path / "summary.md")])
     out = capsys.readouterr().out
-    assert "| a | 0.5000 | 1.2500 |" in out and "| b | **0.7500** |  |" in out  # the best of a shared column in bold
+    assert (
+        "| a | 0.5000 | 1.2500 |" in out and "| b | **0.7500** |  |" in out
+    )  # the best of a shared column in bold
     assert (tmp_path / "summary.md").read_text().strip() == out.strip()
 
 
@@ -42,14 +44,18 @@ def test_report_orders_columns_marks_the_best_and_filters(tmp_path, capsys):
     header, _, *rows = out[2:6]
     assert header == "| experiment | test/acc | test/f1 | test/loss | epoch |"
     assert rows[0] == "| gru | **0.9000** | **0.8000** | **0.4000** | 3.0000 |"  # loss: lowest is best
-    forecast = out[out.index("Forecasting:") + 2:]
+    forecast = out[out.index("Forecasting:") + 2 :]
     assert forecast[0] == "| experiment | test/mse | test/mse_t1 | test/ssim |"
     assert forecast[2] == "| forecast | 0.0100 | 0.0020 | 0.7000 |"  # nothing to compare: no bold
     main(["report", "--metrics", str(tmp_path), "--out", "", "--columns", "test/acc", "test/mse*"])
     out = capsys.readouterr().out.splitlines()
     assert out[2] == "| experiment | test/acc |" and "| experiment | test/mse | test/mse_t1 |" in out
-    (tmp_path / "forecast2.json").write_text('{"test/mse": 0.02, "test/h01/mse": 0.001, "test/copy_last/mse": 0.05}')
-    (tmp_path / "forecast.json").write_text('{"test/mse": 0.01, "test/h01/mse": 0.002, "test/copy_last/mse": 0.05}')
+    (tmp_path / "forecast2.json").write_text(
+        '{"test/mse": 0.02, "test/h01/mse": 0.001, "test/copy_last/mse": 0.05}'
+    )
+    (tmp_path / "forecast.json").write_text(
+        '{"test/mse": 0.01, "test/h01/mse": 0.002, "test/copy_last/mse": 0.05}'
+    )
     main(["report", "--metrics", str(tmp_path), "--out", "", "--columns", "test/*mse"])
     header, _, *rows = capsys.readouterr().out.splitlines()
     assert header == "| experiment | test/copy_last/mse | test/mse |"  # per-step columns left out by default

@@ -32,24 +32,44 @@ class LearningRates(pl.Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize("limits", [{"max_epochs": -1, "max_steps": 12}, {"max_epochs": -1, "max_time": "00:00:10:00"},
-                                    {"max_epochs": 10, "max_steps": 12}], ids=["max_steps", "max_time", "epochs_and_steps"])
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_epochs": -1, "max_steps": 12},
+        {"max_epochs": -1, "max_time": "00:00:10:00"},
+        {"max_epochs": 10, "max_steps": 12},
+    ],
+    ids=["max_steps", "max_time", "epochs_and_steps"],
+)
 def test_warmup_reaches_the_peak_learning_rate_whatever_bounds_the_run(features, limits):
     """12 training clips in batches of 5: 3 steps per epoch, so a one-epoch warm-up ends at step 3."""
+    from pipeline.classification import Classifier
     from pipeline.data import FeatureDataModule
     from pipeline.heads import GRUHead
-    from pipeline.tasks import Classifier
 
     data = FeatureDataModule(str(features), num_segments=4, batch_size=5)
     lrs = LearningRates(stop_after=None if "max_steps" in limits else 9)
-    trainer = pl.Trainer(**limits, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[lrs], accelerator="cpu", limit_val_batches=0)
-    trainer.fit(Classifier(GRUHead, input_dim=data.input_dim, num_classes=data.num_classes, lr=0.01, warmup_epochs=1), data)
+    trainer = pl.Trainer(
+        **limits,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[lrs],
+        accelerator="cpu",
+        limit_val_batches=0,
+    )
+    trainer.fit(
+        Classifier(GRUHead, input_dim=data.input_dim, num_classes=data.num_classes, lr=0.01, warmup_epochs=1),
+        data,
+    )
     got = lrs.lrs
     assert got[:3] == pytest.approx([0.0025, 0.005, 0.0075])  # linear warm-up over the first epoch
     assert got[3] == pytest.approx(0.01)  # the peak, right after the warm-up
     if "max_steps" in limits:
-        assert len(got) == 12 and got[4:] == sorted(got[4:], reverse=True) and got[-1] < 0.001  # cosine to ~0 at max_steps
+        assert (
+            len(got) == 12 and got[4:] == sorted(got[4:], reverse=True) and got[-1] < 0.001
+        )  # cosine to ~0 at max_steps
     else:
         assert len(got) == 9 and got[3:] == pytest.approx([0.01] * 6)  # unbounded: constant after the warm-up
 
@@ -69,7 +89,9 @@ def test_evaluation_without_a_checkpoint_refuses_naming_it(command, features, tm
     with pytest.raises(SystemExit) as err:
         main([command, *_args(features)])
     message = str(err.value)
-    assert message.startswith(f"vpipe {command}: no checkpoint at {tmp_path / 'models' / 'gesture_gru' / 'best.ckpt'}")
+    assert message.startswith(
+        f"vpipe {command}: no checkpoint at {tmp_path / 'models' / 'gesture_gru' / 'best.ckpt'}"
+    )
     assert f"vpipe fit -c {CONFIG}" in message and "--ckpt_path" in message
     with pytest.raises(SystemExit, match=f"no checkpoint at {tmp_path / 'elsewhere.ckpt'}"):
         main([command, *_args(features, "--ckpt_path", str(tmp_path / "elsewhere.ckpt"))])
@@ -87,8 +109,12 @@ def test_test_validate_and_predict_default_to_the_best_checkpoint(features, tmp_
     metrics.unlink()
 
     cli_main(["test", *_args(features)])
-    assert json.loads(metrics.read_text()) == fitted  # the same weights: best.ckpt, not a fresh initialisation
-    assert cli_main(["validate", *_args(features)]).trainer.ckpt_path == str(tmp_path / "models/gesture_gru/best.ckpt")
+    assert (
+        json.loads(metrics.read_text()) == fitted
+    )  # the same weights: best.ckpt, not a fresh initialisation
+    assert cli_main(["validate", *_args(features)]).trainer.ckpt_path == str(
+        tmp_path / "models/gesture_gru/best.ckpt"
+    )
     last = cli_main(["test", *_args(features, "--ckpt_path", "last")])
     assert last.trainer.ckpt_path == str(tmp_path / "models/gesture_gru/last.ckpt")
 
@@ -97,14 +123,18 @@ def test_test_validate_and_predict_default_to_the_best_checkpoint(features, tmp_
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["video_id", "label", "predicted", "score"]
     assert [r["video_id"] for r in rows] == sorted(f"test{i}" for i in range(7))  # every test video, once
-    assert all(r["label"] == f"c{int(r['video_id'][4:]) % 3}" and r["predicted"] in ("c0", "c1", "c2") for r in rows)
+    assert all(
+        r["label"] == f"c{int(r['video_id'][4:]) % 3}" and r["predicted"] in ("c0", "c1", "c2") for r in rows
+    )
     assert all(1 / 3 <= float(r["score"]) <= 1 for r in rows)  # the top class's probability of three
     accuracy = sum(r["label"] == r["predicted"] for r in rows) / len(rows)
     assert accuracy == pytest.approx(fitted["test/acc"], abs=1e-6)  # the same predictions as the test
 
     cli_main(["predict", *_args(features, "--predict_split", "all")])
     lines = (tmp_path / "predictions" / "gesture_gru-all.csv").read_text().splitlines()
-    assert len(lines) == 1 + 12 + 6 + 7 and not list((tmp_path / "predictions").glob(".*"))  # no temporary file left
+    assert len(lines) == 1 + 12 + 6 + 7 and not list(
+        (tmp_path / "predictions").glob(".*")
+    )  # no temporary file left
 
 
 def test_predict_refuses_a_forecaster(features, tmp_path, monkeypatch):
@@ -115,9 +145,23 @@ def test_predict_refuses_a_forecaster(features, tmp_path, monkeypatch):
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
     torch.save({}, tmp_path / "forecaster.ckpt")
     with pytest.raises(CommandError, match="FeatureForecaster has no predict step.*vpipe forecast"):
-        cli_main(["predict", "-c", str(ROOT / "configs" / "nextfeature_gru.yaml"), "--data.init_args.features", str(features),
-                  "--data.init_args.context", "3", "--data.init_args.horizon", "2", "--trainer.logger", "false",
-                  "--ckpt_path", str(tmp_path / "forecaster.ckpt")])
+        cli_main(
+            [
+                "predict",
+                "-c",
+                str(ROOT / "configs" / "nextfeature_gru.yaml"),
+                "--data.init_args.features",
+                str(features),
+                "--data.init_args.context",
+                "3",
+                "--data.init_args.horizon",
+                "2",
+                "--trainer.logger",
+                "false",
+                "--ckpt_path",
+                str(tmp_path / "forecaster.ckpt"),
+            ]
+        )
 
 
 @pytest.mark.slow
@@ -130,10 +174,22 @@ def test_ddp_predict_writes_every_video_once(tmp_path):
     features = feature_store(tmp_path / "features")
     env = {**os.environ, "VPIPE_ROOT": str(tmp_path)}
     common = [sys.executable, "-m", "pipeline"]
-    for args in (["fit", *_args(features, "--trainer.max_epochs", "1")],
-                 ["predict", *_args(features), "-c", str(ROOT / "configs" / "trainer" / "ddp.yaml"),
-                  "--trainer.accelerator", "cpu", "--data.init_args.batch_size", "2"]):
-        done = subprocess.run([*common, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    for args in (
+        ["fit", *_args(features, "--trainer.max_epochs", "1")],
+        [
+            "predict",
+            *_args(features),
+            "-c",
+            str(ROOT / "configs" / "trainer" / "ddp.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--data.init_args.batch_size",
+            "2",
+        ],
+    ):
+        done = subprocess.run(
+            [*common, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stderr[-4000:]
     lines = (tmp_path / "predictions" / "gesture_gru-test.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == sorted(f"test{i}" for i in range(7))

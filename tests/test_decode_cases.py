@@ -66,7 +66,9 @@ def test_4k_scaled_down(tmp_path):
 @pytest.mark.parametrize("fps,duration", [(10, 2.0), (7, 2.0), (25, 1.2), (3, 3.0)])
 def test_resampling_counts(tmp_path, fps, duration):
     src_fps = 30
-    write_video(tmp_path / "v.mp4", moving_square(int(duration * src_fps), 32, 32), src_fps, preset="ultrafast")
+    write_video(
+        tmp_path / "v.mp4", moving_square(int(duration * src_fps), 32, 32), src_fps, preset="ultrafast"
+    )
     out = decode(tmp_path / "v.mp4", fps=fps)
     assert abs(len(out.frames) - duration * fps) <= 1
 
@@ -75,7 +77,9 @@ def test_variable_frame_rate(tmp_path):
     """Frames shown at 0, 0.1, 0.2, 0.8, 0.9 s: at 10 fps, 0.3–0.7 s hold the frame of 0.2 s."""
     frames = np.stack([np.full((16, 16, 3), 40 * i, np.uint8) for i in range(5)])
     pts = [0, 100, 200, 800, 900]  # milliseconds
-    write_video(tmp_path / "vfr.mkv", frames, 10, codec="ffv1", pix_fmt="bgr0", pts=pts, time_base=Fraction(1, 1000))
+    write_video(
+        tmp_path / "vfr.mkv", frames, 10, codec="ffv1", pix_fmt="bgr0", pts=pts, time_base=Fraction(1, 1000)
+    )
     out = decode(tmp_path / "vfr.mkv", fps=10).frames
     levels = [int(f[0, 0, 0]) for f in out]
     assert levels == [0, 40, 80, 80, 80, 80, 80, 80, 120, 160]
@@ -84,7 +88,9 @@ def test_variable_frame_rate(tmp_path):
 def test_timestamps_starting_late(tmp_path):
     frames = moving_square(10, 32, 32)
     pts = [5000 + 100 * i for i in range(10)]  # starts at 5 s
-    write_video(tmp_path / "late.mkv", frames, 10, codec="ffv1", pix_fmt="bgr0", pts=pts, time_base=Fraction(1, 1000))
+    write_video(
+        tmp_path / "late.mkv", frames, 10, codec="ffv1", pix_fmt="bgr0", pts=pts, time_base=Fraction(1, 1000)
+    )
     out = decode(tmp_path / "late.mkv", fps=10)
     np.testing.assert_array_equal(out.frames, frames)
     cut = decode(tmp_path / "late.mkv", fps=10, start_sec=0.3, end_sec=0.6).frames

@@ -13,15 +13,35 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED = ["gesture_gru", "gesture_lstm", "gesture_rnn", "gesture_transformer", "gesture_meanpool", "gesture_rowlstm",
-           "action_lstm", "action_gru", "gesture_gru_e2e"]
+TRAINED = [
+    "gesture_gru",
+    "gesture_lstm",
+    "gesture_rnn",
+    "gesture_transformer",
+    "gesture_meanpool",
+    "gesture_rowlstm",
+    "action_lstm",
+    "action_gru",
+    "gesture_gru_e2e",
+]
 BACKBONES = ["backbone_gestures", "backbone_actions"]
-FORECASTERS = ["nextframe_convlstm", "nextframe_convgru", "nextfeature_gru", "still_convlstm", "traffic_convlstm"]
+FORECASTERS = [
+    "nextframe_convlstm",
+    "nextframe_convgru",
+    "nextfeature_gru",
+    "still_convlstm",
+    "traffic_convlstm",
+]
 
 
 def copy_repository(dest: Path) -> None:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for name in filter(None, listed.split("\0")):
         if name.startswith(("dvc.lock", "data/", "models/", "metrics/", "plots/")):  # outputs of a local run
             continue
@@ -35,7 +55,9 @@ def shrink(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for item in params["synthetic"].values():
         item["count"] = 3
-    params["traffic"].update(days=16, val_days=1, test_days=1)  # two weeks of history before the evaluated days
+    params["traffic"].update(
+        days=16, val_days=1, test_days=1
+    )  # two weeks of history before the evaluated days
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     for name in TRAINED + BACKBONES + FORECASTERS:
         path = repo / "configs" / f"{name}.yaml"
@@ -59,13 +81,27 @@ def test_dvc_repro_runs_every_stage(tmp_path):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
     run(["git", "init", "-q"], repo, env)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty"], repo, env)
+    run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty"],
+        repo,
+        env,
+    )
     run(["git", "add", "-A"], repo, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], repo, env)
 
     log = run(["dvc", "repro"], repo, env)
-    for stage in ("synth@gestures", "extract@digits", "backbone@actions", "features@actions", "train@gesture_gru",
-                  "synth_traffic", "grids", "train@traffic_convlstm", "train@still_convlstm", "report"):
+    for stage in (
+        "synth@gestures",
+        "extract@digits",
+        "backbone@actions",
+        "features@actions",
+        "train@gesture_gru",
+        "synth_traffic",
+        "grids",
+        "train@traffic_convlstm",
+        "train@still_convlstm",
+        "report",
+    ):
         assert f"Running stage '{stage}'" in log
     traffic = json.loads((repo / "metrics" / "traffic_convlstm.json").read_text())
     assert {"test/rmse", "test/copy_last/rmse", "test/historical_average/rmse"} <= traffic.keys()
@@ -83,11 +119,19 @@ def test_dvc_repro_runs_every_stage(tmp_path):
         # The features come from the backbone stage's weights, in the modality it was trained on.
         card = json.loads((repo / "models" / f"backbone_{dataset}" / "backbone.json").read_text())
         meta = json.loads((repo / "data/features" / dataset / "meta.json").read_text())
-        assert meta["weights"]["weights_sha256"] == card["weights_sha256"] and meta["modality"] == card["modality"]
+        assert (
+            meta["weights"]["weights_sha256"] == card["weights_sha256"]
+            and meta["modality"] == card["modality"]
+        )
         assert card["frames_content_hash"] == meta["frames_hash"]
-        assert not any(k.startswith("test/") for k in json.loads((repo / "metrics" / f"backbone_{dataset}.json").read_text()))
+        assert not any(
+            k.startswith("test/")
+            for k in json.loads((repo / "metrics" / f"backbone_{dataset}.json").read_text())
+        )
     for name in TRAINED:
-        assert (repo / "models" / name / "best.ckpt").is_file() and (repo / "models" / name / "last.ckpt").is_file()
+        assert (repo / "models" / name / "best.ckpt").is_file() and (
+            repo / "models" / name / "last.ckpt"
+        ).is_file()
         metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
         assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
         epochs = (repo / "plots" / name / "epochs.csv").read_text().splitlines()
@@ -110,8 +154,12 @@ def test_dvc_repro_runs_every_stage(tmp_path):
         assert run_.data.tags["dvc_stage"] == f"train@{name}" and len(run_.data.tags["git_commit"]) == 40
         # Lineage: the input store's hash as dvc.lock recorded it when its stage finished, before train ran.
         lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-        recorded = {f"{out['md5']} ({stage})" for stage, entry in lock.items() for out in entry.get("outs", [])}
-        assert run_.data.tags.get("dvc.lock.features", run_.data.tags.get("dvc.lock.frames")) in recorded, name
+        recorded = {
+            f"{out['md5']} ({stage})" for stage, entry in lock.items() for out in entry.get("outs", [])
+        }
+        assert run_.data.tags.get("dvc.lock.features", run_.data.tags.get("dvc.lock.frames")) in recorded, (
+            name
+        )
         assert experiment.artifact_location.startswith((repo / "mlartifacts").as_uri())
         assert "config.yaml" in [a.path for a in client.list_artifacts(run_.info.run_id)]
         assert "test/confusion.png" in [a.path for a in client.list_artifacts(run_.info.run_id, "test")]

@@ -31,7 +31,9 @@ def test_dvc_experiments_land_in_mlflow(tmp_path):
     dvc_yaml["stages"] = {"train": dvc_yaml["stages"]["train"]}
     dvc_yaml.pop("plots", None)
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
-    config = yaml.safe_load((repo / "tests/configs/gru_features.yaml").read_text())  # features, whatever configs/ say
+    config = yaml.safe_load(
+        (repo / "tests/configs/gru_features.yaml").read_text()
+    )  # features, whatever configs/ say
     config["trainer"].update(max_epochs=1)
     (repo / "configs/gesture_gru.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     feature_store(repo / "data/features/gestures")
@@ -52,7 +54,22 @@ def test_dvc_experiments_land_in_mlflow(tmp_path):
     # Queued: a sweep over a config key plus a params.yaml key (`seed`: set, though no stage of this
     # cut-down pipeline reads it), each run in a temporary copy of the repository (the store copied
     # in: here it is no DVC output; after `dvc repro` it would come from the DVC cache).
-    run(["dvc", "exp", "run", "--queue", "-C", "data/features/gestures", "-S", f"{HIDDEN}=12,24", "-S", "seed=3"], repo, env)
+    run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-C",
+            "data/features/gestures",
+            "-S",
+            f"{HIDDEN}=12,24",
+            "-S",
+            "seed=3",
+        ],
+        repo,
+        env,
+    )
     run(["dvc", "exp", "run", "--run-all", "-j", "1"], repo, env)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
     experiments = {}
@@ -60,11 +77,20 @@ def test_dvc_experiments_land_in_mlflow(tmp_path):
         for exp in baseline.get("experiments") or []:
             for revision in exp["revs"]:
                 data = revision["data"]
-                hidden = data["params"]["configs/gesture_gru.yaml"]["data"]["model"]["init_args"]["head"]["init_args"]["hidden_size"]
+                hidden = data["params"]["configs/gesture_gru.yaml"]["data"]["model"]["init_args"]["head"][
+                    "init_args"
+                ]["hidden_size"]
                 seed = data["params"]["params.yaml"]["data"]["seed"]
                 assert seed == (0 if exp["name"] == "narrow" else 3), exp["name"]
-                experiments[exp["name"]] = (hidden, data["metrics"]["metrics/gesture_gru.json"]["data"]["test/acc"])
-    assert experiments["narrow"][0] == 8 and sorted(hidden for hidden, _ in experiments.values()) == [8, 12, 24]
+                experiments[exp["name"]] = (
+                    hidden,
+                    data["metrics"]["metrics/gesture_gru.json"]["data"]["test/acc"],
+                )
+    assert experiments["narrow"][0] == 8 and sorted(hidden for hidden, _ in experiments.values()) == [
+        8,
+        12,
+        24,
+    ]
 
     import mlflow
 
@@ -91,13 +117,17 @@ def test_dvc_yaml_names_exactly_the_experiments_of_params_yaml():
     """params.yaml is the experiment list; the report stage's inputs and the plots in dvc.yaml follow it."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    names = {*params["experiments"], *params["captioning"], *(f"backbone_{d}" for d in params["features"]["datasets"])}
+    names = {
+        *params["experiments"],
+        *params["captioning"],
+        *(f"backbone_{d}" for d in params["features"]["datasets"]),
+    }
     assert all((ROOT / "configs" / f"{name}.yaml").is_file() for name in names)
     reported = {Path(dep).stem for dep in dvc_yaml["stages"]["report"]["deps"] if dep.startswith("metrics/")}
     assert reported == names
     plotted = set()
     for entry in dvc_yaml["plots"]:
-        for key, spec in (entry.items() if isinstance(entry, dict) else [(entry, None)]):
+        for key, spec in entry.items() if isinstance(entry, dict) else [(entry, None)]:
             files = list(spec["y"]) if isinstance(spec, dict) and isinstance(spec.get("y"), dict) else [key]
             plotted |= {Path(f).parts[1] for f in files if str(f).startswith("plots/")}
     assert plotted and plotted <= names, plotted - names

@@ -21,23 +21,36 @@ def test_extract_writes_the_store(tiny_dataset, tmp_path):
         expected = decode(entry.path, fps=10, size=(32, 32)).frames
         np.testing.assert_array_equal(store.rows(entry.video_id), expected)
         row = next(r for r in store.index if r.video_id == entry.video_id)
-        assert (row.label, row.split, row.width, row.height, row.fps) == (entry.label, entry.split, 32, 32, 10.0)
-    assert store.meta["params"] == {"fps": 10, "size": [32, 32], "max_frames": None, "image_fps": 12.0} and "pyav" in store.meta
+        assert (row.label, row.split, row.width, row.height, row.fps) == (
+            entry.label,
+            entry.split,
+            32,
+            32,
+            10.0,
+        )
+    assert (
+        store.meta["params"] == {"fps": 10, "size": [32, 32], "max_frames": None, "image_fps": 12.0}
+        and "pyav" in store.meta
+    )
 
 
 def test_store_does_not_depend_on_workers(tiny_dataset, tmp_path):
     extract(tiny_dataset, tmp_path / "one", workers=1)
     extract(tiny_dataset, tmp_path / "two", workers=2)
-    assert FrameStore(tmp_path / "one").meta["content_hash"] == FrameStore(tmp_path / "two").meta["content_hash"]
+    assert (
+        FrameStore(tmp_path / "one").meta["content_hash"] == FrameStore(tmp_path / "two").meta["content_hash"]
+    )
 
 
 def test_bad_videos_are_recorded_and_the_rest_extracted(tiny_dataset, tmp_path):
     (tiny_dataset.parent / "empty.mp4").write_bytes(b"")
     (tiny_dataset.parent / "text.mp4").write_text("not a video")
     rows = list(csv.DictReader(open(tiny_dataset)))
-    rows += [{"video_id": "empty", "path": "empty.mp4", "label": "left", "split": "train"},
-             {"video_id": "text", "path": "text.mp4", "label": "left", "split": "train"},
-             {"video_id": "gone", "path": "missing.mp4", "label": "left", "split": "train"}]
+    rows += [
+        {"video_id": "empty", "path": "empty.mp4", "label": "left", "split": "train"},
+        {"video_id": "text", "path": "text.mp4", "label": "left", "split": "train"},
+        {"video_id": "gone", "path": "missing.mp4", "label": "left", "split": "train"},
+    ]
     write_manifest(tiny_dataset, rows)
     summary = extract(tiny_dataset, tmp_path / "frames", workers=2)
     assert (summary["extracted"], summary["failed"]) == (6, 3)
@@ -59,7 +72,9 @@ def test_bad_videos_are_recorded_and_the_rest_extracted(tiny_dataset, tmp_path):
 
 def _add_rows(manifest, extra):
     rows = list(csv.DictReader(open(manifest)))
-    write_manifest(manifest, rows + [{"video_id": v, "path": p, "label": "left", "split": "train"} for v, p in extra])
+    write_manifest(
+        manifest, rows + [{"video_id": v, "path": p, "label": "left", "split": "train"} for v, p in extra]
+    )
 
 
 def test_every_kind_of_bad_input_is_recorded(tiny_dataset, tmp_path):
@@ -69,7 +84,9 @@ def test_every_kind_of_bad_input_is_recorded(tiny_dataset, tmp_path):
 
     root = tiny_dataset.parent
     (root / "zero.mp4").write_bytes(b"")
-    (root / "random.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    (root / "random.mp4").write_bytes(
+        np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+    )
     (root / "text.mp4").write_text("this is a text file, not a video\n" * 100)
     good = (root / "videos/left0.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(good[: len(good) // 2])
@@ -87,10 +104,19 @@ def test_every_kind_of_bad_input_is_recorded(tiny_dataset, tmp_path):
 
     write_video(root / "full.mkv", moving_square(40, 48, 64), 25)
     mkv = (root / "full.mkv").read_bytes()
-    (root / "cut.mkv").write_bytes(mkv[: int(len(mkv) * 0.6)])  # truncated mid-stream, still decodable in part
+    (root / "cut.mkv").write_bytes(
+        mkv[: int(len(mkv) * 0.6)]
+    )  # truncated mid-stream, still decodable in part
 
-    bad = {"zero": "zero.mp4", "random": "random.mp4", "text": "text.mp4", "truncated": "truncated.mp4",
-           "audio": "audio.m4a", "missing": "missing.mp4", "noframes": "noframes.avi"}
+    bad = {
+        "zero": "zero.mp4",
+        "random": "random.mp4",
+        "text": "text.mp4",
+        "truncated": "truncated.mp4",
+        "audio": "audio.m4a",
+        "missing": "missing.mp4",
+        "noframes": "noframes.avi",
+    }
     _add_rows(tiny_dataset, [*bad.items(), ("cut", "cut.mkv")])
     summary = extract(tiny_dataset, tmp_path / "frames", workers=2)
     store = FrameStore(tmp_path / "frames")
@@ -98,7 +124,11 @@ def test_every_kind_of_bad_input_is_recorded(tiny_dataset, tmp_path):
     assert set(errors) == set(bad) and summary["failed"] == len(bad)
     for vid, name in bad.items():
         assert name in errors[vid], errors[vid]
-    assert "empty file" in errors["zero"] and "no video stream" in errors["audio"] and "no such file" in errors["missing"]
+    assert (
+        "empty file" in errors["zero"]
+        and "no video stream" in errors["audio"]
+        and "no such file" in errors["missing"]
+    )
     assert "no decodable video frame" in errors["noframes"]
     cut = next(r for r in store.index if r.video_id == "cut")
     assert 0 < cut.length < 40  # the frames before the cut are kept
@@ -111,22 +141,37 @@ def test_hanging_decoder_is_killed_after_timeout(tiny_dataset, tmp_path):
     summary = extract(tiny_dataset, tmp_path / "frames", workers=2, timeout=3)
     assert (summary["extracted"], summary["failed"]) == (6, 1)
     [error] = FrameStore(tmp_path / "frames").errors
-    assert error["video_id"] == "hangs" and "longer than 3 s" in error["error"] and "hangs.mp4" in error["error"]
+    assert (
+        error["video_id"] == "hangs" and "longer than 3 s" in error["error"] and "hangs.mp4" in error["error"]
+    )
 
 
 def test_parts_merged_equal_a_single_run(tiny_dataset, tmp_path):
     extract(tiny_dataset, tmp_path / "single", size="24", workers=1)
-    parts = [extract(tiny_dataset, tmp_path / f"part{i}", size="24", workers=1, num_shards=3, shard_index=i)["out"] for i in range(3)]
+    parts = [
+        extract(tiny_dataset, tmp_path / f"part{i}", size="24", workers=1, num_shards=3, shard_index=i)["out"]
+        for i in range(3)
+    ]
     merge(parts, tmp_path / "merged")
     single, merged = FrameStore(tmp_path / "single"), FrameStore(tmp_path / "merged")
     assert [r.video_id for r in merged.index] == [r.video_id for r in single.index]
     for a, b in zip(single.index, merged.index, strict=True):
         assert (a.label, a.split, a.length, a.width, a.fps) == (b.label, b.split, b.length, b.width, b.fps)
         np.testing.assert_array_equal(merged.rows(a.video_id), single.rows(a.video_id))
-    assert os.stat(tmp_path / "merged" / "frames-00000.npy").st_ino == os.stat(tmp_path / "part0" / "frames-00000.npy").st_ino
+    assert (
+        os.stat(tmp_path / "merged" / "frames-00000.npy").st_ino
+        == os.stat(tmp_path / "part0" / "frames-00000.npy").st_ino
+    )
     with pytest.raises(StoreError, match="different parameters"):
-        merge([parts[0], extract(tiny_dataset, tmp_path / "other", size="16", workers=1, num_shards=3, shard_index=1)["out"]],
-              tmp_path / "bad")
+        merge(
+            [
+                parts[0],
+                extract(tiny_dataset, tmp_path / "other", size="16", workers=1, num_shards=3, shard_index=1)[
+                    "out"
+                ],
+            ],
+            tmp_path / "bad",
+        )
 
 
 def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, make_video):
@@ -136,7 +181,18 @@ def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, make_vi
         rows.append({"video_id": f"v{i}", "path": f"v/{i}.mp4", "label": "a", "split": "train"})
     write_manifest(tmp_path / "m.csv", rows)
     out = tmp_path / "store"
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--manifest", str(tmp_path / "m.csv"), "--out", str(out), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        "--manifest",
+        str(tmp_path / "m.csv"),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".store.tmp-*/spill/*")) and time.time() < deadline:
@@ -160,13 +216,33 @@ def test_mixed_formats_in_one_run(tmp_path):
 
     clips = {
         "avi": ("a.avi", dict(codec="mpeg4", options={"qscale": "2"}), (48, 64)),
-        "webm": ("b.webm", dict(codec="libvpx-vp9", options={"deadline": "realtime", "cpu-used": "8"}), (48, 64)),
-        "hevc": ("c.mp4", dict(codec="libx265", options={"preset": "ultrafast", "x265-params": "log-level=error"}), (48, 64)),
+        "webm": (
+            "b.webm",
+            dict(codec="libvpx-vp9", options={"deadline": "realtime", "cpu-used": "8"}),
+            (48, 64),
+        ),
+        "hevc": (
+            "c.mp4",
+            dict(codec="libx265", options={"preset": "ultrafast", "x265-params": "log-level=error"}),
+            (48, 64),
+        ),
         "mjpeg": ("d.avi", dict(codec="mjpeg", pix_fmt="yuvj420p"), (48, 64)),
         "odd": ("e.mkv", dict(codec="ffv1", pix_fmt="bgr0"), (17, 33)),
         "rotated": ("f.mp4", dict(rotation=90), (48, 64)),
-        "vfr": ("g.mkv", dict(codec="ffv1", pix_fmt="bgr0", pts=[0, 10, 20, 50, 51, 52, 53, 54], time_base=Fraction(1, 100)), (48, 64)),
-        "late": ("h.mkv", dict(codec="ffv1", pix_fmt="bgr0", pts=[900 + 4 * i for i in range(8)], time_base=Fraction(1, 100)), (48, 64)),
+        "vfr": (
+            "g.mkv",
+            dict(
+                codec="ffv1", pix_fmt="bgr0", pts=[0, 10, 20, 50, 51, 52, 53, 54], time_base=Fraction(1, 100)
+            ),
+            (48, 64),
+        ),
+        "late": (
+            "h.mkv",
+            dict(
+                codec="ffv1", pix_fmt="bgr0", pts=[900 + 4 * i for i in range(8)], time_base=Fraction(1, 100)
+            ),
+            (48, 64),
+        ),
         "4k": ("i.mp4", dict(preset="ultrafast"), (2160, 3840)),
     }
     rows = []

@@ -13,9 +13,10 @@ import pytest
 
 from conftest import moving_square
 from pipeline import video
+from pipeline.atomic import clean_stale
 from pipeline.extract import extract
 from pipeline.manifest import read_manifest, write_manifest
-from pipeline.stores import FrameStore, NpyAppender, StoreWriter, clean_stale, fingerprint
+from pipeline.stores import FrameStore, NpyAppender, StoreWriter, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,20 @@ def test_worker_killed_mid_video_costs_that_video_only(tmp_path, make_video, mon
     manifest = _manifest(tmp_path, make_video, 6, frames=60)
     # The worker decoding v2 sends itself SIGKILL after its fifth frame.
     monkeypatch.setenv("VPIPE_FAULT", "decode-v2")
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--manifest", str(manifest), "--out", str(tmp_path / "store"),
-           "--workers", "2", "--on-error", "skip"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp_path / "store"),
+        "--workers",
+        "2",
+        "--on-error",
+        "skip",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
@@ -48,8 +61,8 @@ def test_worker_killed_mid_video_costs_that_video_only(tmp_path, make_video, mon
 def test_a_worker_that_died_while_idle_is_replaced(tmp_path, make_video):
     """SIGKILL to a worker between two videos: the next video goes to a fresh worker (the parent's
     send used to raise BrokenPipeError and end the run)."""
-    from pipeline.extract import Job, _context, _Slot
     from pipeline.manifest import Entry
+    from pipeline.workers import Job, _context, _Slot
 
     clip = make_video("a.mp4", frames=20)
     slot = _Slot(_context(), (10.0, (16, 16), 12.0))
@@ -65,21 +78,42 @@ def test_a_worker_that_died_while_idle_is_replaced(tmp_path, make_video):
 
 def _write_store(out: Path, value: int) -> None:
     with StoreWriter(out, "frames") as writer:
-        writer.add(np.full((3, 4, 4, 3), value, np.uint8), video_id="x", label="a", split="train",
-                   src_fps=1.0, fps=1.0, width=4, height=4, duration_sec=3.0)
+        writer.add(
+            np.full((3, 4, 4, 3), value, np.uint8),
+            video_id="x",
+            label="a",
+            split="train",
+            src_fps=1.0,
+            fps=1.0,
+            width=4,
+            height=4,
+            duration_sec=3.0,
+        )
         writer.finish({"kind": "frames", "value": value})
 
 
 _WRITER = "import sys; from pathlib import Path; sys.path.insert(0, {tests!r}); from test_extract_safety import _write_store; _write_store(Path({out!r}), 2)"
 
 
-@pytest.mark.parametrize("faults", ["store-written", "store-swapped", "no-exchange,store-written", "no-exchange,store-moved-old",
-                                    "no-exchange,store-swapped"])
+@pytest.mark.parametrize(
+    "faults",
+    [
+        "store-written",
+        "store-swapped",
+        "no-exchange,store-written",
+        "no-exchange,store-moved-old",
+        "no-exchange,store-swapped",
+    ],
+)
 def test_store_replacement_survives_a_kill_at_every_step(tmp_path, faults):
     out = tmp_path / "store"
     _write_store(out, 1)
     env = {**os.environ, "VPIPE_FAULT": faults}
-    done = subprocess.run([sys.executable, "-c", _WRITER.format(tests=str(Path(__file__).parent), out=str(out))], env=env, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITER.format(tests=str(Path(__file__).parent), out=str(out))],
+        env=env,
+        cwd=ROOT,
+    )
     assert done.returncode == -9  # killed at the step
     step = faults.split(",")[-1]
     values = {"store-written": 1, "store-swapped": 2, "store-moved-old": None}
@@ -155,7 +189,8 @@ def test_incremental_extraction_under_dvc_repro(tmp_path, make_video):
     _manifest(tmp_path, make_video, 3)
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n  extract:\n    cmd: vpipe extract --manifest m.csv --out frames --fps 10 --size 24 --workers 1\n"
-        "    deps: [m.csv, v]\n    outs:\n      - frames:\n          persist: true\n")
+        "    deps: [m.csv, v]\n    outs:\n      - frames:\n          persist: true\n"
+    )
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
@@ -196,7 +231,9 @@ def _vfr_clip(path: Path) -> None:
 def test_skipping_unused_frames_gives_the_frames_of_full_decoding(tmp_path, kind):
     clip = tmp_path / f"{kind}.mp4"
     if kind == "bframes":
-        video.write_video(clip, moving_square(150, 48, 64, seed=4), 30)  # libx264 veryfast: 3 B-frames, pyramid
+        video.write_video(
+            clip, moving_square(150, 48, 64, seed=4), 30
+        )  # libx264 veryfast: 3 B-frames, pyramid
     else:
         _vfr_clip(clip)
     for fps in (10, 7, 2.5):
@@ -215,23 +252,57 @@ def test_tree_import_gives_unique_ids_when_stems_collide(tmp_path, make_video):
         make_video(f"data/left/{name}")
         make_video(f"data/right/{name}", seed=1)
     out = tmp_path / "data" / "manifest.csv"
-    done = subprocess.run([sys.executable, "-m", "data_scripts.importers", "tree", str(tmp_path / "data"), "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "data_scripts.importers", "tree", str(tmp_path / "data"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     ids = sorted(e.video_id for e in read_manifest(out))
     assert ids == ["left/a.avi", "left/a.mp4", "left/b", "right/a.avi", "right/a.mp4", "right/b"]
 
 
 def test_importer_problems_are_one_line_errors(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "data_scripts.importers", "tree", str(tmp_path / "nowhere"), "--out",
-                           str(tmp_path / "m.csv")], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_scripts.importers",
+            "tree",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "m.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert done.stderr.strip().startswith("error:") and "nowhere" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert (
+        done.stderr.strip().startswith("error:")
+        and "nowhere" in done.stderr
+        and len(done.stderr.strip().splitlines()) == 1
+    )
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "trainlist01.txt").write_text("A/v_A_g01_c01.avi 1\nB/v_A_g01_c01.avi 2\n")
     (tmp_path / "lists" / "testlist01.txt").write_text("")
-    done = subprocess.run([sys.executable, "-m", "data_scripts.importers", "ucf101", str(tmp_path), "--splits", str(tmp_path / "lists"),
-                           "--out", str(tmp_path / "m.csv")], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_scripts.importers",
+            "ucf101",
+            str(tmp_path),
+            "--splits",
+            str(tmp_path / "lists"),
+            "--out",
+            str(tmp_path / "m.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode != 0 and "Traceback" not in done.stderr and "v_A_g01_c01" in done.stderr
     assert not (tmp_path / "m.csv").exists()
 

@@ -26,8 +26,17 @@ def frames(tmp_path_factory):
 
 @pytest.mark.parametrize("pool", ["avg", "grid"])
 def test_feature_store_mirrors_frames(frames, tmp_path, pool):
-    compute(str(frames), str(tmp_path / "f"), name="test_resnet", pool=pool, grid=2, input_size=32, batch_size=4, num_workers=0,
-            accelerator="cpu")
+    compute(
+        str(frames),
+        str(tmp_path / "f"),
+        name="test_resnet",
+        pool=pool,
+        grid=2,
+        input_size=32,
+        batch_size=4,
+        num_workers=0,
+        accelerator="cpu",
+    )
     feats, store = FeatureStore(tmp_path / "f"), FrameStore(frames)
     model, _ = backbone.create("test_resnet")
     width = model.num_features
@@ -47,9 +56,24 @@ def test_feature_store_mirrors_frames(frames, tmp_path, pool):
 def test_weights_file_round_trip(frames, tmp_path):
     model, _ = backbone.create("test_resnet", seed=123)
     torch.save(model.state_dict(), tmp_path / "w.pth")
-    compute(str(frames), str(tmp_path / "a"), name="test_resnet", seed=123, input_size=32, num_workers=0, accelerator="cpu")
-    compute(str(frames), str(tmp_path / "b"), name="test_resnet", weights=str(tmp_path / "w.pth"), input_size=32, num_workers=0,
-            accelerator="cpu")
+    compute(
+        str(frames),
+        str(tmp_path / "a"),
+        name="test_resnet",
+        seed=123,
+        input_size=32,
+        num_workers=0,
+        accelerator="cpu",
+    )
+    compute(
+        str(frames),
+        str(tmp_path / "b"),
+        name="test_resnet",
+        weights=str(tmp_path / "w.pth"),
+        input_size=32,
+        num_workers=0,
+        accelerator="cpu",
+    )
     a, b = FeatureStore(tmp_path / "a"), FeatureStore(tmp_path / "b")
     np.testing.assert_array_equal(a.shard(0), b.shard(0))
     assert a.cache_key != b.cache_key and b.meta["weights"]["weights_file"] == "w.pth"
@@ -59,7 +83,11 @@ def test_preprocessing_follows_the_model():
     model, identity = backbone.create("test_resnet", seed=3)
     prep = backbone.preprocessing(model)
     cfg = model.pretrained_cfg
-    assert prep.input_size == tuple(cfg["input_size"][1:]) and prep.mean == tuple(cfg["mean"]) and identity == {"random_init_seed": 3}
+    assert (
+        prep.input_size == tuple(cfg["input_size"][1:])
+        and prep.mean == tuple(cfg["mean"])
+        and identity == {"random_init_seed": 3}
+    )
 
 
 def test_unknown_backbone_lists_close_names():
@@ -71,13 +99,19 @@ def test_different_key_is_refused_unless_overwrite(frames, tmp_path, capsys):
     out = tmp_path / "f"
     compute(str(frames), str(out), name="test_resnet", input_size=32, accelerator="cpu")
     first = FeatureStore(out).cache_key
-    compute(str(frames), str(out), name="test_resnet", input_size=32, accelerator="cpu")  # same key: nothing to do
+    compute(
+        str(frames), str(out), name="test_resnet", input_size=32, accelerator="cpu"
+    )  # same key: nothing to do
     assert "is up to date" in capsys.readouterr().err
     with pytest.raises(FeatureCacheError, match=f"holds features with cache key {first}.*--overwrite"):
         compute(str(frames), str(out), name="test_resnet", input_size=32, seed=1, accelerator="cpu")
     assert FeatureStore(out).cache_key == first  # untouched
-    compute(str(frames), str(out), name="test_resnet", input_size=32, seed=1, accelerator="cpu", overwrite=True)
-    assert FeatureStore(out).cache_key != first and FeatureStore(out).meta["weights"] == {"random_init_seed": 1}
+    compute(
+        str(frames), str(out), name="test_resnet", input_size=32, seed=1, accelerator="cpu", overwrite=True
+    )
+    assert FeatureStore(out).cache_key != first and FeatureStore(out).meta["weights"] == {
+        "random_init_seed": 1
+    }
 
 
 def test_damaged_frame_store_is_named(frames, tmp_path):
@@ -99,31 +133,81 @@ def test_two_ddp_processes_equal_one(frames, tmp_path):
     import subprocess
     import sys
 
-    args = ["--frames", str(frames), "--backbone", "test_resnet", "--input-size", "32", "--batch-size", "3",
-            "--pool", "grid", "--grid", "2", "--accelerator", "cpu"]
-    env = {**__import__("os").environ, "VPIPE_ROOT": str(tmp_path)}  # each job's MLflow run goes to tmp_path/mlflow.db
+    args = [
+        "--frames",
+        str(frames),
+        "--backbone",
+        "test_resnet",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "3",
+        "--pool",
+        "grid",
+        "--grid",
+        "2",
+        "--accelerator",
+        "cpu",
+    ]
+    env = {
+        **__import__("os").environ,
+        "VPIPE_ROOT": str(tmp_path),
+    }  # each job's MLflow run goes to tmp_path/mlflow.db
     env.pop("MLFLOW_TRACKING_URI", None)
-    one = subprocess.run([sys.executable, "-m", "pipeline", "features", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=300, env=env)
+    one = subprocess.run(
+        [sys.executable, "-m", "pipeline", "features", *args, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "pipeline", "features", *args, "--out", str(tmp_path / "two"), "--devices", "2",
-                          "--strategy", "ddp", "--no-system-metrics"], capture_output=True, text=True, timeout=300, env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "features",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp",
+            "--no-system-metrics",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "on 2 process(es)" in two.stderr
     a, b = FeatureStore(tmp_path / "one"), FeatureStore(tmp_path / "two")
     assert a.cache_key == b.cache_key and b.meta["world_size"] == 2
     for shard in {r.shard for r in a.index}:
-        np.testing.assert_allclose(a.shard(shard).astype(np.float32), b.shard(shard).astype(np.float32), rtol=1e-2, atol=1e-3)
+        np.testing.assert_allclose(
+            a.shard(shard).astype(np.float32), b.shard(shard).astype(np.float32), rtol=1e-2, atol=1e-3
+        )
     assert not list(tmp_path.glob(".two.*"))
     # One MLflow run per job (rank zero only): the frame store in, the feature store out, system metrics unless off.
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("features").experiment_id])}
-    assert sorted(runs) == ["features-one", "features-two"] and all(r.info.status == "FINISHED" for r in runs.values())
+    runs = {
+        r.info.run_name: r
+        for r in client.search_runs([client.get_experiment_by_name("features").experiment_id])
+    }
+    assert sorted(runs) == ["features-one", "features-two"] and all(
+        r.info.status == "FINISHED" for r in runs.values()
+    )
     contexts = {(i.dataset.name, i.tags[0].value) for i in runs["features-two"].inputs.dataset_inputs}
     assert contexts == {(f"frames/{frames.name}", "features"), ("features/two", "output")}
-    assert runs["features-two"].data.params["devices"] == "2" and runs["features-two"].data.tags["data.features.cache_key"] == b.cache_key
+    assert (
+        runs["features-two"].data.params["devices"] == "2"
+        and runs["features-two"].data.tags["data.features.cache_key"] == b.cache_key
+    )
     assert any(k.startswith("system/") for k in runs["features-one"].data.metrics)
     assert not any(k.startswith("system/") for k in runs["features-two"].data.metrics)
 
@@ -140,5 +224,7 @@ def test_safetensors_weights_and_pretrained_offline(frames, tmp_path):
     with pytest.raises(backbone.BackboneError, match="no_such.pth: weights file not found"):
         backbone.create("test_resnet", weights=str(tmp_path / "no_such.pth"))
     # The model hub is unreachable here (HF_HUB_OFFLINE=1): a clear message, not a stack of hub errors.
-    with pytest.raises(backbone.BackboneError, match="pretrained weights could not be fetched.*--weights FILE"):
+    with pytest.raises(
+        backbone.BackboneError, match="pretrained weights could not be fetched.*--weights FILE"
+    ):
         backbone.create("resnet18", pretrained=True)

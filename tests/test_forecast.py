@@ -18,15 +18,25 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import heads
+from pipeline import cores
 from pipeline.stores import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
 FRAME_CONFIGS = ["nextframe_convlstm", "nextframe_convgru"]
 # Small and fast: 4 frames in, 3 out, one thin layer; everything else from the config under test.
-TINY_FRAMES = ["--data.init_args.context", "4", "--data.init_args.horizon", "3", "--data.init_args.batch_size", "4",
-               "--model.init_args.hidden_channels", "[8]", "--trainer.accelerator", "cpu"]
+TINY_FRAMES = [
+    "--data.init_args.context",
+    "4",
+    "--data.init_args.horizon",
+    "3",
+    "--data.init_args.batch_size",
+    "4",
+    "--model.init_args.hidden_channels",
+    "[8]",
+    "--trainer.accelerator",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +59,22 @@ def drifting_features(folder: Path, test_videos: int = 5) -> Path:
             for i in range(n):
                 length = int(rng.integers(12, 16))
                 start, velocity = rng.normal(0, 1, (4, 2, 2)), rng.normal(0, 0.3, (4, 2, 2))
-                feats = start + velocity * np.arange(length)[:, None, None, None] + rng.normal(0, 0.01, (length, 4, 2, 2))
-                writer.add(feats.astype(np.float16), video_id=f"{split}{i}", label="x", split=split, src_fps=10.0, fps=10.0,
-                           width=16, height=16, duration_sec=1.0)
+                feats = (
+                    start
+                    + velocity * np.arange(length)[:, None, None, None]
+                    + rng.normal(0, 0.01, (length, 4, 2, 2))
+                )
+                writer.add(
+                    feats.astype(np.float16),
+                    video_id=f"{split}{i}",
+                    label="x",
+                    split=split,
+                    src_fps=10.0,
+                    fps=10.0,
+                    width=16,
+                    height=16,
+                    duration_sec=1.0,
+                )
         writer.finish({"kind": "features", "cache_key": "test", "feature_shape": [4, 2, 2]})
     return folder
 
@@ -74,7 +97,7 @@ def fit(args: list[str], root: Path, monkeypatch) -> dict:
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_conv_forecaster_shapes(cell):
-    core = heads.ConvRecurrentForecaster(1, cell, hidden_channels=[8, 6], kernel_sizes=[3, 5], patch_size=4)
+    core = cores.ConvRecurrentCore(1, cell, hidden_channels=[8, 6], kernel_sizes=[3, 5], patch_size=4)
     frame, state = torch.rand(2, 1, 16, 24), None
     for t in range(3):
         frame, state = core.step(frame, state, forecasting=t == 2)
@@ -83,11 +106,11 @@ def test_conv_forecaster_shapes(cell):
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         core.step(torch.rand(2, 1, 18, 24), None, False)
     with pytest.raises(ValueError, match="kernel sizes"):
-        heads.ConvRecurrentForecaster(1, cell, hidden_channels=[8, 6], kernel_sizes=[3])
+        cores.ConvRecurrentCore(1, cell, hidden_channels=[8, 6], kernel_sizes=[3])
 
 
 def test_untrained_feature_core_is_copy_last():
-    core = heads.FeatureRecurrentCore(6, "lstm", hidden_size=5)
+    core = cores.FeatureRecurrentCore(6, "lstm", hidden_size=5)
     x = torch.randn(3, 4, 6)
     pred, state = core(x)
     torch.testing.assert_close(pred, x)
@@ -95,8 +118,9 @@ def test_untrained_feature_core_is_copy_last():
 
 
 def test_residual_conv_core_starts_as_copy_last_and_reads_covariates():
-    core = heads.ConvRecurrentForecaster(3, "gru", hidden_channels=[8], kernel_sizes=3, patch_size=2, output="residual",
-                                         covariates=2)
+    core = cores.ConvRecurrentCore(
+        3, "gru", hidden_channels=[8], kernel_sizes=3, patch_size=2, output="residual", covariates=2
+    )
     frame = torch.rand(2, 3, 8, 8)
     values, grids = torch.rand(2, 2), torch.rand(2, 2, 8, 8)
     for cond in (values, grids):
@@ -107,18 +131,20 @@ def test_residual_conv_core_starts_as_copy_last_and_reads_covariates():
     b, _ = core.step(frame, None, True, values + 1)
     assert not torch.allclose(a, b)  # the covariates reach the prediction
     with pytest.raises(ValueError, match="output must be"):
-        heads.ConvRecurrentForecaster(1, output="linear")
+        cores.ConvRecurrentCore(1, output="linear")
 
 
 def test_mirror_augmentation_only_mirrors(digits):
-    from pipeline.data import Sequences
+    from pipeline.sequences import Sequences
     from pipeline.stores import FrameStore
 
     store = FrameStore(digits["frames"])
     rows = store.split("train")[:1]
     video = store.rows(rows[0].video_id)
     plain = Sequences(store, rows, window=int(rows[0].length), train=False, grayscale=False)
-    mirrored = Sequences(store, rows, window=int(rows[0].length), train=True, grayscale=False, augment="mirror", seed=3)
+    mirrored = Sequences(
+        store, rows, window=int(rows[0].length), train=True, grayscale=False, augment="mirror", seed=3
+    )
     original = plain.__getitems__([0])["x"]
     seen = set()
     for _ in range(12):
@@ -136,15 +162,25 @@ def test_mirror_augmentation_only_mirrors(digits):
 
 def _models(tbptt):
     """A feature and a frame forecaster reading 5 context steps, then their own predictions."""
-    from pipeline.tasks import FeatureForecaster, FrameForecaster
+    from pipeline.conv_forecasting import FrameForecaster
+    from pipeline.forecasting import FeatureForecaster
 
     torch.manual_seed(0)
-    feature = FeatureForecaster(input_dim=8, context=5, horizon=4, hidden_size=8, tbptt_steps=tbptt, teacher_forcing=0.0)
+    feature = FeatureForecaster(
+        input_dim=8, context=5, horizon=4, hidden_size=8, tbptt_steps=tbptt, teacher_forcing=0.0
+    )
     torch.nn.init.normal_(feature.core.out.weight, std=0.1)  # not zero: predictions depend on the state
     feature.core.calibrate(torch.tensor(1.0))
     torch.manual_seed(0)
-    frame = FrameForecaster(context=5, horizon=4, hidden_channels=[4], kernel_sizes=3, patch_size=2, tbptt_steps=tbptt,
-                            teacher_forcing=0.0)
+    frame = FrameForecaster(
+        context=5,
+        horizon=4,
+        hidden_channels=[4],
+        kernel_sizes=3,
+        patch_size=2,
+        tbptt_steps=tbptt,
+        teacher_forcing=0.0,
+    )
     return [(feature, torch.randn(2, 10, 8)), (frame, torch.rand(2, 10, 1, 8, 8))]
 
 
@@ -173,7 +209,7 @@ def test_no_gradient_crosses_a_chunk_boundary(which):
 
 def test_full_chunk_equals_full_bptt_reference():
     """k ≥ the sequence: the one chunk's gradients equal an independent full-sequence forward."""
-    from pipeline.tasks import FeatureForecaster
+    from pipeline.forecasting import FeatureForecaster
 
     torch.manual_seed(0)
     model = FeatureForecaster(input_dim=8, context=3, horizon=6, hidden_size=8, tbptt_steps=50)
@@ -192,17 +228,32 @@ def test_tbptt_in_training_steps_per_chunk(digits):
     k = 5 takes 4 optimiser steps and ends elsewhere."""
     import pytorch_lightning as pl
 
-    from pipeline.data import SequenceDataModule
-    from pipeline.tasks import FrameForecaster
+    from pipeline.conv_forecasting import FrameForecaster
+    from pipeline.sequences import SequenceDataModule
 
     weights, steps = {}, {}
     for tbptt in (None, 19, 5):
         pl.seed_everything(0)
         data = SequenceDataModule(frames=str(digits["frames"]), context=10, horizon=10, batch_size=4)
-        model = FrameForecaster(input_dim=1, context=10, horizon=10, hidden_channels=[8], kernel_sizes=3, tbptt_steps=tbptt,
-                                warmup_epochs=0)
-        trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        model = FrameForecaster(
+            input_dim=1,
+            context=10,
+            horizon=10,
+            hidden_channels=[8],
+            kernel_sizes=3,
+            tbptt_steps=tbptt,
+            warmup_epochs=0,
+        )
+        trainer = pl.Trainer(
+            max_epochs=1,
+            limit_train_batches=1,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
         trainer.fit(model, data)
         weights[tbptt], steps[tbptt] = model.state_dict(), trainer.global_step
     assert steps == {None: 1, 19: 1, 5: 4}
@@ -215,7 +266,7 @@ def test_tbptt_in_training_steps_per_chunk(digits):
 
 
 def test_frame_metrics_units():
-    from pipeline.tasks import FrameForecaster
+    from pipeline.conv_forecasting import FrameForecaster
 
     model = FrameForecaster(hidden_channels=[4], patch_size=2)
     truth = torch.zeros(2, 3, 1, 8, 8)
@@ -223,7 +274,9 @@ def test_frame_metrics_units():
     pred[..., :4, :] = 0.5  # half the pixels off by 0.5
     values = dict(zip(model.METRICS, model.sample_metrics(pred, truth).unbind(-1), strict=True))
     torch.testing.assert_close(values["mse"], torch.full((2, 3), 0.125))
-    torch.testing.assert_close(values["mse_frame"], torch.full((2, 3), 0.125 * 64))  # summed over the 8×8 frame
+    torch.testing.assert_close(
+        values["mse_frame"], torch.full((2, 3), 0.125 * 64)
+    )  # summed over the 8×8 frame
     torch.testing.assert_close(values["mae_frame"], torch.full((2, 3), 0.25 * 64))
     torch.testing.assert_close(values["psnr"], torch.full((2, 3), 10 * np.log10(1 / 0.125)).float())
     same = dict(zip(model.METRICS, model.sample_metrics(truth + 0.3, truth + 0.3).unbind(-1), strict=True))
@@ -233,20 +286,40 @@ def test_frame_metrics_units():
 def test_loss_ssim_equals_torchmetrics():
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    from pipeline.tasks import gaussian_ssim
+    from pipeline.conv_forecasting import gaussian_ssim
 
     torch.manual_seed(0)
     pred, target = torch.rand(3, 1, 24, 20), (torch.rand(3, 1, 24, 20) > 0.7).float()
     for a, b in ((pred, target), (target, target), (0.5 * target, target)):
-        torch.testing.assert_close(gaussian_ssim(a, b), structural_similarity_index_measure(a, b, data_range=1.0))
+        torch.testing.assert_close(
+            gaussian_ssim(a, b), structural_similarity_index_measure(a, b, data_range=1.0)
+        )
 
 
 def test_feature_forecaster_beats_copy_last(features, tmp_path, monkeypatch):
     """Constant-velocity features: a trained GRU extrapolates, copy-last cannot."""
-    metrics = fit(["-c", str(ROOT / "configs/nextfeature_gru.yaml"), "--data.init_args.features", str(features),
-                   "--data.init_args.batch_size", "8", "--trainer.max_epochs", "15", "--trainer.logger", "false",
-                   "--model.init_args.hidden_size", "32", "--model.init_args.lr", "0.01", "--trainer.accelerator", "cpu"],
-                  tmp_path, monkeypatch)
+    metrics = fit(
+        [
+            "-c",
+            str(ROOT / "configs/nextfeature_gru.yaml"),
+            "--data.init_args.features",
+            str(features),
+            "--data.init_args.batch_size",
+            "8",
+            "--trainer.max_epochs",
+            "15",
+            "--trainer.logger",
+            "false",
+            "--model.init_args.hidden_size",
+            "32",
+            "--model.init_args.lr",
+            "0.01",
+            "--trainer.accelerator",
+            "cpu",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     horizons = 4
     for name in ("mse", "cos"):
         assert {f"test/h{k:02d}/{name}" for k in range(1, horizons + 1)} <= metrics.keys()
@@ -262,8 +335,19 @@ def test_feature_forecaster_beats_copy_last(features, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", FRAME_CONFIGS)
 def test_frame_configs_run(name, digits, tmp_path, monkeypatch):
-    metrics = fit(["-c", str(ROOT / "configs" / f"{name}.yaml"), "-c", DEBUG, "--data.init_args.frames", str(digits["frames"]),
-                   *TINY_FRAMES], tmp_path, monkeypatch)
+    metrics = fit(
+        [
+            "-c",
+            str(ROOT / "configs" / f"{name}.yaml"),
+            "-c",
+            DEBUG,
+            "--data.init_args.frames",
+            str(digits["frames"]),
+            *TINY_FRAMES,
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     for metric in ("mse", "mse_frame", "mae", "mae_frame", "ssim", "psnr"):
         for prefix in ("test/", "test/copy_last/"):
             assert {f"{prefix}{metric}", f"{prefix}h01/{metric}", f"{prefix}h03/{metric}"} <= metrics.keys()
@@ -275,27 +359,67 @@ def test_frame_configs_run(name, digits, tmp_path, monkeypatch):
     with Image.open(plots / "rollout.gif") as gif:
         assert gif.n_frames == 4 + 3
     checkpoint = torch.load(tmp_path / "models" / name / "best.ckpt", map_location="cpu", weights_only=True)
-    assert checkpoint["hyper_parameters"]["video_format"] == {"fps": 0.0, "rate": 10.0, "width": 32, "height": 32, "grayscale": True}
+    assert checkpoint["hyper_parameters"]["video_format"] == {
+        "fps": 0.0,
+        "rate": 10.0,
+        "width": 32,
+        "height": 32,
+        "grayscale": True,
+    }
 
 
 def test_nextfeature_config_runs_on_grid_features(features, tmp_path, monkeypatch):
-    metrics = fit(["-c", str(ROOT / "configs/nextfeature_gru.yaml"), "-c", DEBUG, "--data.init_args.features", str(features),
-                   "--data.init_args.pool", "flatten", "--trainer.accelerator", "cpu"], tmp_path, monkeypatch)
+    metrics = fit(
+        [
+            "-c",
+            str(ROOT / "configs/nextfeature_gru.yaml"),
+            "-c",
+            DEBUG,
+            "--data.init_args.features",
+            str(features),
+            "--data.init_args.pool",
+            "flatten",
+            "--trainer.accelerator",
+            "cpu",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     assert {"test/mse", "test/cos", "test/copy_last/mse", "test/h04/cos"} <= metrics.keys()
 
 
 def test_pictures_logged_to_mlflow_at_test_and_every_n_epochs(digits, tmp_path, monkeypatch):
     import mlflow
 
-    fit(["-c", str(ROOT / "configs/nextframe_convlstm.yaml"), "--data.init_args.frames", str(digits["frames"]), *TINY_FRAMES,
-         "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--model.init_args.picture_every_n_epochs", "2",
-         "--model.init_args.pictures", "2"],
-        tmp_path, monkeypatch)
+    fit(
+        [
+            "-c",
+            str(ROOT / "configs/nextframe_convlstm.yaml"),
+            "--data.init_args.frames",
+            str(digits["frames"]),
+            *TINY_FRAMES,
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.check_val_every_n_epoch",
+            "1",
+            "--model.init_args.picture_every_n_epochs",
+            "2",
+            "--model.init_args.pictures",
+            "2",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("nextframe_convlstm").experiment_id])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "test")} >= {
-        "test/rollout.png", "test/rollout.gif", "test/horizons.csv"}
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "epochs")} == {"epochs/epoch_001"}  # epoch 2 of 2
+        "test/rollout.png",
+        "test/rollout.gif",
+        "test/horizons.csv",
+    }
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "epochs")} == {
+        "epochs/epoch_001"
+    }  # epoch 2 of 2
     assert "test/copy_last/ssim" in run.data.metrics and "val/loss" in run.data.metrics
 
 
@@ -309,8 +433,18 @@ def frame_checkpoint(digits, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     os.environ["VPIPE_ROOT"] = str(root)
     try:
-        cli_main(["fit", "-c", str(ROOT / "configs/nextframe_convgru.yaml"), "-c", DEBUG, "--data.init_args.frames",
-                  str(digits["frames"]), *TINY_FRAMES])
+        cli_main(
+            [
+                "fit",
+                "-c",
+                str(ROOT / "configs/nextframe_convgru.yaml"),
+                "-c",
+                DEBUG,
+                "--data.init_args.frames",
+                str(digits["frames"]),
+                *TINY_FRAMES,
+            ]
+        )
     finally:
         del os.environ["VPIPE_ROOT"]
     return root / "models" / "nextframe_convgru" / "best.ckpt"
@@ -323,12 +457,27 @@ def test_forecast_writes_context_then_prediction(suffix, digits, frame_checkpoin
 
     out = tmp_path / f"rollout{suffix}"
     video = digits["raw"] / "videos" / "seq_00000.mp4"
-    main(["forecast", str(video), "--ckpt", str(frame_checkpoint), "--context", "6", "--steps", "5", "--out", str(out)])
+    main(
+        [
+            "forecast",
+            str(video),
+            "--ckpt",
+            str(frame_checkpoint),
+            "--context",
+            "6",
+            "--steps",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert "6 context + 5 predicted frames" in capsys.readouterr().out
     frames = decode(out).frames
     assert frames.shape == (11, 32, 32, 3)
     source = decode(video, size=(32, 32)).frames[:6].astype(float) @ [0.299, 0.587, 0.114]
-    assert np.abs(frames[:6, ..., 0].astype(float) - source).mean() < 8  # the context, as the model saw it (codec loss aside)
+    assert (
+        np.abs(frames[:6, ..., 0].astype(float) - source).mean() < 8
+    )  # the context, as the model saw it (codec loss aside)
 
 
 def test_forecast_errors_name_the_file(digits, frame_checkpoint, features, tmp_path):
@@ -338,9 +487,11 @@ def test_forecast_errors_name_the_file(digits, frame_checkpoint, features, tmp_p
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(video.read_bytes()[:600])
     feature_ckpt = tmp_path / "feature.ckpt"
-    from pipeline.tasks import FeatureForecaster
+    from pipeline.forecasting import FeatureForecaster
 
-    torch.save({"state_dict": {}, "hyper_parameters": dict(FeatureForecaster(input_dim=4).hparams)}, feature_ckpt)
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": dict(FeatureForecaster(input_dim=4).hparams)}, feature_ckpt
+    )
     cases = [
         ([str(tmp_path / "missing.mp4"), "--ckpt", str(frame_checkpoint)], "missing.mp4: no such file"),
         ([str(broken), "--ckpt", str(frame_checkpoint)], "broken.mp4"),
@@ -364,9 +515,26 @@ def test_forecast_from_one_still_image(digits, frame_checkpoint, tmp_path, monke
     from pipeline.cli import main
     from pipeline.video import decode
 
-    fit(["-c", str(ROOT / "configs/still_convlstm.yaml"), "-c", DEBUG, "--data.init_args.frames", str(digits["frames"]),
-         "--data.init_args.size", "16", "--data.init_args.horizon", "3", "--model.init_args.hidden_channels", "[8]",
-         "--trainer.accelerator", "cpu"], tmp_path, monkeypatch)
+    fit(
+        [
+            "-c",
+            str(ROOT / "configs/still_convlstm.yaml"),
+            "-c",
+            DEBUG,
+            "--data.init_args.frames",
+            str(digits["frames"]),
+            "--data.init_args.size",
+            "16",
+            "--data.init_args.horizon",
+            "3",
+            "--model.init_args.hidden_channels",
+            "[8]",
+            "--trainer.accelerator",
+            "cpu",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     ckpt = tmp_path / "models" / "still_convlstm" / "best.ckpt"
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["video_format"]["width"] == 16
     still = decode(digits["raw"] / "videos" / "seq_00000.mp4").frames[0]  # 64×64 RGB
@@ -382,7 +550,18 @@ def test_forecast_from_one_still_image(digits, frame_checkpoint, tmp_path, monke
     assert np.abs(first - shrunk).mean() < 12  # the still itself, at the model's size (GIF palette aside)
     with pytest.raises(SystemExit, match="still.png: a still image is one frame of context, not 3"):
         main(["forecast", str(png), "--ckpt", str(ckpt), "--context", "3", "--out", str(tmp_path / "x.gif")])
-    main(["forecast", str(png), "--ckpt", str(frame_checkpoint), "--steps", "2", "--out", str(tmp_path / "y.gif")])
+    main(
+        [
+            "forecast",
+            str(png),
+            "--ckpt",
+            str(frame_checkpoint),
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "y.gif"),
+        ]
+    )
     assert "trained on 4 context frames" in capsys.readouterr().err
 
 
@@ -400,16 +579,30 @@ def test_ddp_forecaster_metrics_equal_single_process(digits, frame_checkpoint, t
     """3 test windows over 2 ranks: every one counted once, one MLflow run."""
     from pipeline.train import cli_main
 
-    common = ["-c", str(ROOT / "configs/nextframe_convgru.yaml"), "--data.init_args.frames", str(digits["frames"]), *TINY_FRAMES,
-              "--data.init_args.batch_size", "2", "--ckpt_path", str(frame_checkpoint)]
+    common = [
+        "-c",
+        str(ROOT / "configs/nextframe_convgru.yaml"),
+        "--data.init_args.frames",
+        str(digits["frames"]),
+        *TINY_FRAMES,
+        "--data.init_args.batch_size",
+        "2",
+        "--ckpt_path",
+        str(frame_checkpoint),
+    ]
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
     cli_main(["test", *common, "--trainer.logger", "false"])
     metrics = tmp_path / "metrics" / "nextframe_convgru.json"
     single = json.loads(metrics.read_text())
     metrics.unlink()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "test", *common, "-c", str(ROOT / "configs/trainer/ddp.yaml")],
-                          cwd=tmp_path, env={**os.environ, "VPIPE_ROOT": str(tmp_path)}, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "test", *common, "-c", str(ROOT / "configs/trainer/ddp.yaml")],
+        cwd=tmp_path,
+        env={**os.environ, "VPIPE_ROOT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     ddp = json.loads(metrics.read_text())
     assert ddp.keys() == single.keys()
@@ -426,8 +619,21 @@ def test_ddp_forecaster_metrics_equal_single_process(digits, frame_checkpoint, t
 def test_a_fit_that_never_validates_tests_its_last_weights(digits, tmp_path, monkeypatch):
     """max_epochs below check_val_every_n_epoch: no best checkpoint, so the last one is tested (not a crash)."""
     with pytest.warns(UserWarning, match="no validation ran"):
-        metrics = fit(["-c", str(ROOT / "configs/nextframe_convgru.yaml"), "-c", DEBUG, "--data.init_args.frames",
-                       str(digits["frames"]), *TINY_FRAMES, "--trainer.check_val_every_n_epoch", "2"], tmp_path, monkeypatch)
+        metrics = fit(
+            [
+                "-c",
+                str(ROOT / "configs/nextframe_convgru.yaml"),
+                "-c",
+                DEBUG,
+                "--data.init_args.frames",
+                str(digits["frames"]),
+                *TINY_FRAMES,
+                "--trainer.check_val_every_n_epoch",
+                "2",
+            ],
+            tmp_path,
+            monkeypatch,
+        )
     assert "test/mse" in metrics
     assert (tmp_path / "models" / "nextframe_convgru" / "last.ckpt").is_file()
     assert not (tmp_path / "models" / "nextframe_convgru" / "best.ckpt").exists()

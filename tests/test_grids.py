@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from data_scripts import traffic
-from pipeline.grids import GridDataModule, GridStore, import_grids
+from pipeline.grid_data import GridDataModule
+from pipeline.grids import GridStore, import_grids
 from pipeline.stores import StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,9 @@ def test_generator_events_raise_inflow_around_their_spot():
     for e in events:
         slot = e["day"] * 48 + int(e["start_hour"] * 2)
         spot = np.s_[e["row"] - 1 : e["row"] + 2, e["col"] - 1 : e["col"] + 2]
-        usual = np.mean([flows[slot + k * 48, 0][spot].mean() for k in (-7, 7) if 0 <= slot + k * 48 < len(flows)])
+        usual = np.mean(
+            [flows[slot + k * 48, 0][spot].mean() for k in (-7, 7) if 0 <= slot + k * 48 < len(flows)]
+        )
         assert flows[slot, 0][spot].mean() > usual + 20
 
 
@@ -95,19 +98,33 @@ def test_import_joins_files_sorts_slots_and_splits_by_day(tmp_path):
     first = write_h5(tmp_path / "a.h5", data[:7], names[:7])
     second = write_h5(tmp_path / "b.h5", data[8:][::-1], names[8:][::-1])
     meta = import_grids([second, first], tmp_path / "store", val_days=2, test_days=3, slots_per_day=4)
-    assert meta["kind"] == "grids" and meta["shape"] == [2, 4, 4] and meta["slots"] == {"train": 19, "val": 8, "test": 12}
+    assert (
+        meta["kind"] == "grids"
+        and meta["shape"] == [2, 4, 4]
+        and meta["slots"] == {"train": 19, "val": 8, "test": 12}
+    )
     store = GridStore(tmp_path / "store")
     expected = np.concatenate([data[:7], data[8:]]).astype(np.float32)
     assert np.array_equal(store.grids, expected)
     assert list(store.slot[:9]) == [0, 1, 2, 3, 4, 5, 6, 8, 9]  # the gap stays visible
     with open(tmp_path / "store" / "slots.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert rows[0] == {"row": "0", "date": "2024010101", "time": "2024-01-01T00:00", "slot": "0", "split": "train"}
+    assert rows[0] == {
+        "row": "0",
+        "date": "2024010101",
+        "time": "2024-01-01T00:00",
+        "slot": "0",
+        "split": "train",
+    }
     assert rows[-1]["time"] == "2024-01-10T18:00" and rows[-1]["split"] == "test"
     assert {r["split"] for r in rows if r["date"].startswith("20240106")} == {"val"}
     # Covariates: time of day on a circle, weekend flag (2024-01-06 was a Saturday).
     known = store.covariates()
-    assert known.shape == (39, 3) and known[0, 2] == 0 and known[[r["date"].startswith("20240106") for r in rows]][:, 2].all()
+    assert (
+        known.shape == (39, 3)
+        and known[0, 2] == 0
+        and known[[r["date"].startswith("20240106") for r in rows]][:, 2].all()
+    )
 
 
 @pytest.mark.parametrize("case", ["duplicate", "no_date", "bad_date", "shape", "too_short", "not_hdf5"])
@@ -147,7 +164,18 @@ def test_vpipe_grids_command(tmp_path, capsys):
     from pipeline.cli import main
 
     traffic.write(tmp_path / "raw", days=5, seed=0)
-    main(["grids", str(tmp_path / "raw" / "flows.h5"), "--out", str(tmp_path / "grids"), "--val-days", "1", "--test-days", "1"])
+    main(
+        [
+            "grids",
+            str(tmp_path / "raw" / "flows.h5"),
+            "--out",
+            str(tmp_path / "grids"),
+            "--val-days",
+            "1",
+            "--test-days",
+            "1",
+        ]
+    )
     assert "240 slots of 2×32×32 grids (144 train, 48 val, 48 test)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="vpipe grids: .*missing.h5: no such file"):
         main(["grids", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "other")])
@@ -173,7 +201,9 @@ def test_windows_history_and_known_values(city):
     assert dm.scale == pytest.approx(np.asarray(store.grids)[store.split == "train"].std(), rel=1e-5)
     # Training windows need a week before every slot; evaluation windows' targets lie in their split.
     assert dm._starts["train"].min() == 7 * 48
-    assert (store.split[dm._starts["val"] + 3] == "val").all() and (store.split[dm._starts["test"] + 4] == "test").all()
+    assert (store.split[dm._starts["val"] + 3] == "val").all() and (
+        store.split[dm._starts["test"] + 4] == "test"
+    ).all()
     dataset = dm._dataset("test")
     batch = dataset.__getitems__([0, 5])
     assert batch["x"].shape == (2, 5, 2, 32, 32) and batch["cond"].shape == (2, 4, 7, 32, 32)
@@ -183,7 +213,9 @@ def test_windows_history_and_known_values(city):
     expected = (values[target - 7 * 48] + values[target - 14 * 48]) / 2
     assert torch.allclose(batch["history"][1, 4], torch.from_numpy(expected), atol=1e-6)
     # cond at step t: slot t + 1's time and day type, then the historical averages of slots t and t + 1.
-    assert torch.allclose(batch["cond"][1, 3, 3:5], batch["history"][1, 3]) and torch.allclose(batch["cond"][1, 3, 5:], batch["history"][1, 4])
+    assert torch.allclose(batch["cond"][1, 3, 3:5], batch["history"][1, 3]) and torch.allclose(
+        batch["cond"][1, 3, 5:], batch["history"][1, 4]
+    )
     assert torch.allclose(batch["cond"][1, 0, :3, 0, 0], torch.from_numpy(store.covariates()[start + 1]))
     examples = dm.examples(2)
     first_target = examples["x"].shape[1] - 2
@@ -191,10 +223,12 @@ def test_windows_history_and_known_values(city):
 
 
 def test_untrained_grid_forecaster_carries_the_anomaly_forward(city):
-    from pipeline.tasks import GridForecaster
+    from pipeline.conv_forecasting import GridForecaster
 
     dm = GridDataModule(str(city), context=3, horizon=2, history_weeks=1)
-    model = GridForecaster(input_dim=dm.input_dim, covariates=dm.covariates, scale=dm.scale, context=3, horizon=2)
+    model = GridForecaster(
+        input_dim=dm.input_dim, covariates=dm.covariates, scale=dm.scale, context=3, horizon=2
+    )
     batch = dm._dataset("val").__getitems__([0, 1, 2])
     with torch.no_grad():
         pred = model.rollout(batch["x"][:, :3], 2, batch["cond"])
@@ -210,9 +244,27 @@ def test_grid_config_trains_and_reports_flows(city, tmp_path, monkeypatch):
     from pipeline.train import cli_main
 
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
-    cli_main(["fit", "-c", str(ROOT / "configs" / "traffic_convlstm.yaml"), "--data.init_args.grids", str(city),
-              "--data.init_args.history_weeks", "2", "--model.init_args.hidden_channels", "[8]", "--trainer.accelerator", "cpu",
-              "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--system_metrics", "false"])
+    cli_main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "configs" / "traffic_convlstm.yaml"),
+            "--data.init_args.grids",
+            str(city),
+            "--data.init_args.history_weeks",
+            "2",
+            "--model.init_args.hidden_channels",
+            "[8]",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "3",
+            "--system_metrics",
+            "false",
+        ]
+    )
     metrics = json.loads((tmp_path / "metrics" / "traffic_convlstm.json").read_text())
     for prefix in ("test/", "test/copy_last/", "test/historical_average/"):
         assert {f"{prefix}rmse", f"{prefix}mae", f"{prefix}h01/rmse", f"{prefix}h04/mae"} <= metrics.keys()
@@ -224,7 +276,9 @@ def test_grid_config_trains_and_reports_flows(city, tmp_path, monkeypatch):
     dm = GridDataModule(str(city), history_weeks=2)
     targets = dm._starts["test"] + 4
     ha = np.stack([(flows[targets - 7 * 48] + flows[targets - 14 * 48]) / 2])
-    assert metrics["test/historical_average/h01/rmse"] == pytest.approx(np.sqrt(((flows[targets] - ha[0]) ** 2).mean()), rel=1e-3)
+    assert metrics["test/historical_average/h01/rmse"] == pytest.approx(
+        np.sqrt(((flows[targets] - ha[0]) ** 2).mean()), rel=1e-3
+    )
     plots = tmp_path / "plots" / "traffic_convlstm"
     with open(plots / "horizons.csv") as fh:
         header = fh.readline().strip().split(",")
@@ -232,5 +286,8 @@ def test_grid_config_trains_and_reports_flows(city, tmp_path, monkeypatch):
     assert (plots / "rollout.png").read_bytes()[:4] == b"\x89PNG"
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("traffic_convlstm").experiment_id])
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "test")} >= {"test/rollout.png", "test/rollout.gif"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "test")} >= {
+        "test/rollout.png",
+        "test/rollout.gif",
+    }
     assert run.data.tags.get("data.grids") == str(city)

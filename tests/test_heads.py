@@ -5,8 +5,14 @@ import torch
 
 from pipeline import heads
 
-HEADS = [heads.RNNHead, heads.LSTMHead, heads.GRUHead, heads.TransformerHead, heads.MeanPoolHead,
-         lambda d, c: heads.RowLSTMHead(d, c, grid=2, row_hidden=8, temporal="lstm")]
+HEADS = [
+    heads.RNNHead,
+    heads.LSTMHead,
+    heads.GRUHead,
+    heads.TransformerHead,
+    heads.MeanPoolHead,
+    lambda d, c: heads.RowLSTMHead(d, c, grid=2, row_hidden=8, temporal="lstm"),
+]
 
 
 @pytest.mark.parametrize("cls", HEADS)
@@ -23,7 +29,9 @@ def test_padding_is_ignored(cls):
     x = torch.randn(2, 4, 16)
     padded = torch.cat([x, torch.randn(2, 3, 16) * 100], dim=1)
     mask = torch.tensor([[True] * 4 + [False] * 3] * 2)
-    torch.testing.assert_close(head(padded, mask), head(x, torch.ones(2, 4, dtype=torch.bool)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        head(padded, mask), head(x, torch.ones(2, 4, dtype=torch.bool)), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("cls", [heads.RNNHead, heads.LSTMHead, heads.GRUHead])

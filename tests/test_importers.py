@@ -20,8 +20,10 @@ from pipeline.video import write_video
 
 def clip(path: Path, seed: int = 0, frames: int = 6) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    codec = {".webm": dict(codec="libvpx-vp9", options={"deadline": "realtime", "cpu-used": "8"}),
-             ".avi": dict(codec="mpeg4")}.get(path.suffix, {})
+    codec = {
+        ".webm": dict(codec="libvpx-vp9", options={"deadline": "realtime", "cpu-used": "8"}),
+        ".avi": dict(codec="mpeg4"),
+    }.get(path.suffix, {})
     write_video(path, moving_square(frames, 32, 32, seed), 25, **codec)
     return path
 
@@ -60,8 +62,20 @@ def test_ucf101(tmp_path):
             (train if group > 1 else test).append(rel)
     (lists / "trainlist01.txt").write_text("".join(f"{r} 1\n" for r in train))
     (lists / "testlist01.txt").write_text("".join(f"{r}\n" for r in test))
-    importers.main(["ucf101", str(root), "--splits", str(lists), "--split", "1", "--out", str(root / "manifest.csv"),
-                    "--val-fraction", "0.25"])
+    importers.main(
+        [
+            "ucf101",
+            str(root),
+            "--splits",
+            str(lists),
+            "--split",
+            "1",
+            "--out",
+            str(root / "manifest.csv"),
+            "--val-fraction",
+            "0.25",
+        ]
+    )
     entries = read_manifest(root / "manifest.csv")
     splits = {e.video_id: e.split for e in entries}
     assert splits["v_Archery_g01_c01"] == "test" and list(splits.values()).count("val") == 2
@@ -77,7 +91,18 @@ def test_hmdb51(tmp_path):
             clip(root / label / f"{label}_{i}.avi", seed=i)
             lines.append(f"{label}_{i}.avi {role}")
         (lists / f"{label}_test_split1.txt").write_text("\n".join(lines) + "\n")
-    importers.main(["hmdb51", str(root), "--splits", str(lists), "--out", str(root / "manifest.csv"), "--val-fraction", "0.3"])
+    importers.main(
+        [
+            "hmdb51",
+            str(root),
+            "--splits",
+            str(lists),
+            "--out",
+            str(root / "manifest.csv"),
+            "--val-fraction",
+            "0.3",
+        ]
+    )
     entries = read_manifest(root / "manifest.csv")
     assert len(entries) == 8  # role 0 (unused in this split) left out
     assert [e.split for e in entries if e.label == "cartwheel"].count("test") == 1
@@ -123,13 +148,31 @@ def test_something_something(tmp_path):
     items = {"train": [], "validation": []}
     for vid in range(1, 7):
         clip(root / f"{vid}.webm", seed=vid)
-        template = "Pushing [something] from left to right" if vid % 2 else "Pulling [something] from right to left"
-        items["validation" if vid > 4 else "train"].append({"id": str(vid), "template": template, "placeholders": ["a cup"]})
+        template = (
+            "Pushing [something] from left to right" if vid % 2 else "Pulling [something] from right to left"
+        )
+        items["validation" if vid > 4 else "train"].append(
+            {"id": str(vid), "template": template, "placeholders": ["a cup"]}
+        )
     for name, data in items.items():
         (labels / f"something-something-v2-{name}.json").write_text(json.dumps(data))
-    importers.main(["something", str(root), "--labels", str(labels), "--out", str(root / "manifest.csv"), "--val-fraction", "0"])
+    importers.main(
+        [
+            "something",
+            str(root),
+            "--labels",
+            str(labels),
+            "--out",
+            str(root / "manifest.csv"),
+            "--val-fraction",
+            "0",
+        ]
+    )
     entries = read_manifest(root / "manifest.csv")
-    assert {e.label for e in entries} == {"Pushing something from left to right", "Pulling something from right to left"}
+    assert {e.label for e in entries} == {
+        "Pushing something from left to right",
+        "Pulling something from right to left",
+    }
     assert len(extracted(root / "manifest.csv", tmp_path)) == 6
 
 
@@ -138,24 +181,34 @@ def test_kinetics_trimmed_and_whole(tmp_path):
     clip(root / "train" / "abseiling" / "aaa_000002_000004.mp4", seed=1)  # already trimmed
     clip(root / "raw" / "bbb.mp4", seed=2, frames=100)  # a whole video: 4 s at 25 fps
     clip(root / "raw" / "ccc.mp4", seed=3, frames=100)
-    (tmp_path / "k.csv").write_text("youtube_id,time_start,time_end,label,split\n"
-                                    "aaa,2,4,abseiling,train\nbbb,1,3,abseiling,train\nccc,0,2,abseiling,validate\n"
-                                    "gone,0,10,abseiling,train\nddd,0,10,,test\n")
-    importers.main(["kinetics", str(root), "--csv", str(tmp_path / "k.csv"), "--out", str(root / "manifest.csv")])
+    (tmp_path / "k.csv").write_text(
+        "youtube_id,time_start,time_end,label,split\n"
+        "aaa,2,4,abseiling,train\nbbb,1,3,abseiling,train\nccc,0,2,abseiling,validate\n"
+        "gone,0,10,abseiling,train\nddd,0,10,,test\n"
+    )
+    importers.main(
+        ["kinetics", str(root), "--csv", str(tmp_path / "k.csv"), "--out", str(root / "manifest.csv")]
+    )
     entries = {e.video_id: e for e in read_manifest(root / "manifest.csv")}
     assert set(entries) == {"aaa_000002_000004", "bbb_000001_000003", "ccc_000000_000002"}
     assert entries["aaa_000002_000004"].start_sec is None and entries["bbb_000001_000003"].start_sec == 1
     assert entries["ccc_000000_000002"].split == "val"
     store = extracted(root / "manifest.csv", tmp_path)
-    assert next(r for r in store.index if r.video_id == "bbb_000001_000003").length == 50  # 1 s … 3 s at 25 fps
+    assert (
+        next(r for r in store.index if r.video_id == "bbb_000001_000003").length == 50
+    )  # 1 s … 3 s at 25 fps
 
 
 def test_validation_report(tmp_path, capsys):
     clip(tmp_path / "a.mp4")
-    rows = [{"video_id": "a", "path": "a.mp4", "label": "x", "split": "train"},
-            {"video_id": "b", "path": "../outside.mp4", "label": "x", "split": "train"},
-            {"video_id": "c", "path": "c.mp4", "label": "y", "split": "test"}]
-    rows += [{"video_id": f"m{i}", "path": f"missing{i}.mp4", "label": "x", "split": "train"} for i in range(7)]
+    rows = [
+        {"video_id": "a", "path": "a.mp4", "label": "x", "split": "train"},
+        {"video_id": "b", "path": "../outside.mp4", "label": "x", "split": "train"},
+        {"video_id": "c", "path": "c.mp4", "label": "y", "split": "test"},
+    ]
+    rows += [
+        {"video_id": f"m{i}", "path": f"missing{i}.mp4", "label": "x", "split": "train"} for i in range(7)
+    ]
     write_manifest(tmp_path / "m.csv", rows)
     report = validate(read_manifest(tmp_path / "m.csv"), tmp_path / "m.csv", show=3)
     text = str(report)

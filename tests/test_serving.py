@@ -42,26 +42,45 @@ def test_training_run_shows_its_datasets_and_system_metrics(project_store, train
     version = project_store.get_model_version("gesture_gru", "1")
     run = project_store.get_run(version.run_id)
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
-    assert set(inputs) == {"features/features", "frames/frames"}  # the feature store and the frame store it came from
+    assert set(inputs) == {
+        "features/features",
+        "frames/frames",
+    }  # the feature store and the frame store it came from
     features = json.loads((trained_project / "features" / "meta.json").read_text())
     assert inputs["features/features"].dataset.digest == features["content_hash"][:32]
     profile = json.loads(inputs["frames/frames"].dataset.profile)
-    assert profile["train_videos"] == 6 and profile["test_videos"] == 4 and profile["classes"] == ["left", "right"]
-    assert json.loads(inputs["features/features"].dataset.source)["uri"] == (trained_project / "features").as_uri()
+    assert (
+        profile["train_videos"] == 6
+        and profile["test_videos"] == 4
+        and profile["classes"] == ["left", "right"]
+    )
+    assert (
+        json.loads(inputs["features/features"].dataset.source)["uri"]
+        == (trained_project / "features").as_uri()
+    )
     assert {t.key: t.value for t in inputs["features/features"].tags}["mlflow.data.context"] == "training"
     assert any(k.startswith("system/cpu_utilization_percentage") for k in run.data.metrics)
     assert any(k.startswith("system/system_memory_usage_megabytes") for k in run.data.metrics)
 
 
-def test_registered_version_is_a_pyfunc_model_with_the_numbers_of_vpipe_classify(project_store, trained_project):
+def test_registered_version_is_a_pyfunc_model_with_the_numbers_of_vpipe_classify(
+    project_store, trained_project
+):
     version = project_store.get_model_version("gesture_gru", "1")
     logged = project_store.get_logged_model(version.source.removeprefix("models:/"))
-    assert [(v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])] == [("gesture_gru", "1")]  # linked both ways
+    assert [(v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])] == [
+        ("gesture_gru", "1")
+    ]  # linked both ways
     assert logged.source_run_id == version.run_id
     model = mlflow.pyfunc.load_model("models:/gesture_gru/1")
     assert {c.name for c in model.metadata.get_input_schema().inputs} == {"video", "video_b64", "filename"}
     video = trained_project / "videos" / "right5.mp4"
-    frame = pd.DataFrame([{"video": str(video)}, {"video_b64": base64.b64encode(video.read_bytes()).decode(), "filename": "x.mp4"}])
+    frame = pd.DataFrame(
+        [
+            {"video": str(video)},
+            {"video_b64": base64.b64encode(video.read_bytes()).decode(), "filename": "x.mp4"},
+        ]
+    )
     out = model.predict(frame, params={"top_k": 2})
     expected = _classify(video, trained_project / "models" / "gesture_gru" / "best.ckpt")
     assert list(out["label"]) == [expected[0]["label"]] * 2
@@ -82,7 +101,15 @@ def test_classify_reads_versions_registered_as_bare_checkpoints(project_store, t
     version = project_store.create_model_version("gesture_gru_bare", source, run_id=run_id)
     lines: list[str] = []
     video = trained_project / "videos" / "left5.mp4"
-    assert classify.run([str(video)], model_uri=f"models:/gesture_gru_bare/{version.version}", as_json=True, out=lines.append) == 0
+    assert (
+        classify.run(
+            [str(video)],
+            model_uri=f"models:/gesture_gru_bare/{version.version}",
+            as_json=True,
+            out=lines.append,
+        )
+        == 0
+    )
     assert json.loads(lines[0])["top"] == _classify(video, ckpt)
 
 
@@ -95,12 +122,34 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_the_top_k_of_vpipe_classify(project_store, trained_project):
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{trained_project / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
-           # The server runs `uvicorn` from the environment's bin folder.
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gesture_gru/latest",
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{trained_project / 'mlflow.db'}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        # The server runs `uvicorn` from the environment's bin folder.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/gesture_gru/latest",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -112,10 +161,16 @@ def test_mlflow_models_serve_answers_with_the_top_k_of_vpipe_classify(project_st
                     pytest.fail(f"mlflow models serve did not start: {server.stdout.read().decode()[-3000:]}")
                 time.sleep(1)
         video = trained_project / "videos" / "right6.mp4"
-        body = json.dumps({"dataframe_records": [{"video_b64": base64.b64encode(video.read_bytes()).decode(),
-                                                  "filename": video.name}]}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "dataframe_records": [
+                    {"video_b64": base64.b64encode(video.read_bytes()).decode(), "filename": video.name}
+                ]
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
         row = answer["predictions"][0]
         expected = _classify(video, trained_project / "models" / "gesture_gru" / "best.ckpt")
@@ -129,7 +184,10 @@ def test_ui_urls_open_the_runs_tables(project_store):
     found = dict(ui.urls("http://127.0.0.1:5000"))
     assert found["experiments"] == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
     experiment = project_store.get_experiment_by_name("gesture_gru")
-    assert found["gesture_gru"] == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    assert (
+        found["gesture_gru"]
+        == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    )
     assert "Default" not in found
 
 

@@ -21,7 +21,13 @@ def test_round_trip_across_shards(tmp_path):
     assert len({r.shard for r in store.index}) > 1
     for vid, frames in videos.items():
         np.testing.assert_array_equal(store.rows(vid), frames)
-    assert store.errors == [{"video_id": "bad", "path": "/data/bad.mp4", "error": "ValueError: /data/bad.mp4: no video stream second line"}]
+    assert store.errors == [
+        {
+            "video_id": "bad",
+            "path": "/data/bad.mp4",
+            "error": "ValueError: /data/bad.mp4: no video stream second line",
+        }
+    ]
     meta = json.loads((tmp_path / "store" / "meta.json").read_text())
     assert len(meta["content_hash"]) == 64
     names = {p.name for p in (tmp_path / "store").iterdir()}

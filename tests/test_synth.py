@@ -28,7 +28,9 @@ def test_every_file_decodes_as_planned(generated):
         assert video.frames.shape == expected.shape, row["video_id"]
         assert video.fps == pytest.approx(synth.fps_of(synth.DATASETS[name], params))
         # Lossy H.264, but close to what was rendered.
-        assert np.abs(video.frames.astype(np.int16) - expected).mean() < 10, row["video_id"]  # lossy H.264 smooths the noise
+        assert np.abs(video.frames.astype(np.int16) - expected).mean() < 10, row[
+            "video_id"
+        ]  # lossy H.264 smooths the noise
     splits = {r["split"] for r in rows}
     assert splits == {"train", "val", "test"}
 
@@ -103,10 +105,20 @@ def test_captions_describe_what_was_rendered(generated):
         assert all(named_motion(text, keywords) == item["label"] for text in refs), (item["label"], refs)
         if name == "gestures":
             p = item["params"]
-            shapes = {"circle": "circle disc", "square": "square box", "triangle": "triangle", "diamond": "diamond",
-                      "cross": "cross plus"}[p.shape].split()
+            shapes = {
+                "circle": "circle disc",
+                "square": "square box",
+                "triangle": "triangle",
+                "diamond": "diamond",
+                "cross": "cross plus",
+            }[p.shape].split()
             assert all(any(s in text.split() for s in shapes) for text in refs)
             colours = {gestures.colour_name(p.colour)}
-            assert all(colours & set(text.split()) or not set(text.split()) & {"red", "green", "blue", "grey", "white"}
-                       for text in refs)
-    assert synth.reference_captions(name, plan, 7) == [(v, c) for v, refs in captions.items() for c in refs]  # deterministic
+            assert all(
+                colours & set(text.split())
+                or not set(text.split()) & {"red", "green", "blue", "grey", "white"}
+                for text in refs
+            )
+    assert synth.reference_captions(name, plan, 7) == [
+        (v, c) for v, refs in captions.items() for c in refs
+    ]  # deterministic

@@ -53,16 +53,42 @@ def postgres(tmp_path):
     data.mkdir()
     if os.geteuid() == 0:
         shutil.chown(data, "postgres", "postgres")
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "vpipe", "--auth", "trust"]), check=True,
-                   capture_output=True)
-    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"), "-o",
-                                 f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "vpipe", "--auth", "trust"]),
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        _as_postgres(
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-w",
+                "-l",
+                str(data / "log"),
+                "-o",
+                f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
     try:
-        subprocess.run(_as_postgres([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "vpipe", "mlflow"]),
-                       check=True, capture_output=True)
+        subprocess.run(
+            _as_postgres(
+                [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "vpipe", "mlflow"]
+            ),
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql://vpipe@127.0.0.1:{port}/mlflow"
     finally:
-        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True)
+        subprocess.run(
+            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+            capture_output=True,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -71,16 +97,43 @@ def server(postgres, tmp_path):
     """`mlflow server` with the basic-auth app over that database; yields (url, admin credentials)."""
     port = _free_port()
     auth = tmp_path / "auth.ini"
-    auth.write_text("[mlflow]\ndefault_permission = READ\n"
-                    f"database_uri = sqlite:///{tmp_path / 'auth.db'}\n"
-                    "admin_username = admin\nadmin_password = admin-secret-7733\n"
-                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    auth.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+        "admin_username = admin\nadmin_password = admin-secret-7733\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(auth),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres, "--artifacts-destination",
-                             str(tmp_path / "artifacts"), "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port),
-                             "--app-name", "basic-auth", "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            postgres,
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--app-name",
+            "basic-auth",
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -91,7 +144,9 @@ def server(postgres, tmp_path):
             except requests.ConnectionError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield url, ("admin", "admin-secret-7733")
     finally:
@@ -108,8 +163,18 @@ def test_team_server_on_postgres_with_logins(server, tmp_path, trained_project, 
 
     url, (admin, admin_password) = server
     # No credentials: refused, and nothing is written.
-    assert requests.get(f"{url}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=10).status_code == 401
-    assert requests.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": "intruder"}, timeout=10).status_code == 401
+    assert (
+        requests.get(
+            f"{url}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=10
+        ).status_code
+        == 401
+    )
+    assert (
+        requests.post(
+            f"{url}/api/2.0/mlflow/experiments/create", json={"name": "intruder"}, timeout=10
+        ).status_code
+        == 401
+    )
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin_password)
@@ -122,14 +187,47 @@ def test_team_server_on_postgres_with_logins(server, tmp_path, trained_project, 
     # Training with 2 processes through the server, as the trainer.
     root = tmp_path / "project"
     root.mkdir()
-    env = {**os.environ, "VPIPE_ROOT": str(root), "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "trainer",
-           "MLFLOW_TRACKING_PASSWORD": PASSWORD, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {
+        **os.environ,
+        "VPIPE_ROOT": str(root),
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_TRACKING_USERNAME": "trainer",
+        "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-         str(_free_port()), "-m", "pipeline", "fit", "-c", str(ROOT / "tests/configs/gru_features.yaml"), "-c",
-         str(ROOT / "configs/trainer/ddp.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-         "--data.init_args.features", str(trained_project / "features"), "--data.init_args.batch_size", "2"],
-        env=env, cwd=root, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "pipeline",
+            "fit",
+            "-c",
+            str(ROOT / "tests/configs/gru_features.yaml"),
+            "-c",
+            str(ROOT / "configs/trainer/ddp.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--data.init_args.features",
+            str(trained_project / "features"),
+            "--data.init_args.batch_size",
+            "2",
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert PASSWORD not in done.stdout + done.stderr
 
@@ -144,8 +242,23 @@ def test_team_server_on_postgres_with_logins(server, tmp_path, trained_project, 
 
     # `vpipe classify --model models:/NAME/latest` loads the version from the server.
     video = trained_project / "videos" / "right5.mp4"
-    done = subprocess.run([sys.executable, "-m", "pipeline", "classify", str(video), "--model", "models:/gesture_gru/latest",
-                           "--json"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "classify",
+            str(video),
+            "--model",
+            "models:/gesture_gru/latest",
+            "--json",
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert '"label"' in done.stdout and str(video) in done.stdout
 

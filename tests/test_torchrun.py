@@ -42,8 +42,28 @@ def _launch(cmd: list[str], env: dict, cwd: Path) -> subprocess.Popen:
 
 def _torchrun(args: list[str], env: dict, cwd: Path) -> None:
     """``python -m pipeline ARGS`` under ``torchrun --nproc-per-node 2`` on 127.0.0.1."""
-    _succeeds([_launch([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                        "--master-port", str(_free_port()), "-m", "pipeline", *args], env, cwd)])
+    _succeeds(
+        [
+            _launch(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc-per-node",
+                    "2",
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    str(_free_port()),
+                    "-m",
+                    "pipeline",
+                    *args,
+                ],
+                env,
+                cwd,
+            )
+        ]
+    )
 
 
 def _one_finished_run(root: Path, name: str):
@@ -61,14 +81,39 @@ def _single_process_test(args: list[str], name: str, root: Path, tmp_path: Path,
     single_root = tmp_path / "single"
     single_root.mkdir()
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
-    _succeeds([_launch([sys.executable, "-m", "pipeline", "test", *args, "--trainer.logger", "false", "--ckpt_path",
-                        str(root / "models" / name / "best.ckpt")], {**env, "VPIPE_ROOT": str(single_root)}, single_root)])
+    _succeeds(
+        [
+            _launch(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "test",
+                    *args,
+                    "--trainer.logger",
+                    "false",
+                    "--ckpt_path",
+                    str(root / "models" / name / "best.ckpt"),
+                ],
+                {**env, "VPIPE_ROOT": str(single_root)},
+                single_root,
+            )
+        ]
+    )
     return json.loads((single_root / "metrics" / f"{name}.json").read_text())
 
 
 def _gru_features(features: Path) -> list[str]:
-    return ["-c", str(ROOT / "tests/configs/gru_features.yaml"), "--data.init_args.features", str(features),
-            "--data.init_args.batch_size", "2", "--trainer.accelerator", "cpu"]
+    return [
+        "-c",
+        str(ROOT / "tests/configs/gru_features.yaml"),
+        "--data.init_args.features",
+        str(features),
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+    ]
 
 
 DDP = ["-c", str(ROOT / "configs/trainer/ddp.yaml")]
@@ -79,7 +124,11 @@ def test_torchrun_fit_on_a_fresh_store_creates_it_once(tmp_path):
     """Every rank used to create the new SQLite store's schema at once (duplicate-column errors); now rank
     zero alone opens the store, and the job leaves one FINISHED run with its test metrics."""
     root, env = _fresh_root(tmp_path)
-    _torchrun(["fit", *_gru_features(feature_store(tmp_path / "features")), *DDP, "--trainer.devices", "2"], env, root)
+    _torchrun(
+        ["fit", *_gru_features(feature_store(tmp_path / "features")), *DDP, "--trainer.devices", "2"],
+        env,
+        root,
+    )
     client, run = _one_finished_run(root, "gesture_gru")
     metrics = json.loads((root / "metrics" / "gesture_gru.json").read_text())
     assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
@@ -100,10 +149,24 @@ def _task(kind: str, tmp_path: Path, trained_project: Path) -> tuple[str, list[s
     from test_forecast import TINY_FRAMES, drifting_features
     from test_training import frame_store
 
-    few = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "1"]
+    few = [
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+    ]
     if kind == "end-to-end classifier":
-        return "lrcn", ["-c", str(ROOT / "tests/configs/lrcn_frames.yaml"), "--data.init_args.frames",
-                        str(frame_store(tmp_path / "frames", test_videos=7)), "--trainer.logger", "true", *few]
+        return "lrcn", [
+            "-c",
+            str(ROOT / "tests/configs/lrcn_frames.yaml"),
+            "--data.init_args.frames",
+            str(frame_store(tmp_path / "frames", test_videos=7)),
+            "--trainer.logger",
+            "true",
+            *few,
+        ]
     if kind == "frame forecaster, truncated BPTT":
         from data_scripts.synth import generate
         from pipeline.extract import extract
@@ -111,19 +174,49 @@ def _task(kind: str, tmp_path: Path, trained_project: Path) -> tuple[str, list[s
         raw = generate("digits", tmp_path / "raw", count=13, seed=0, workers=1)
         extract(raw / "manifest.csv", tmp_path / "frames", size="32", workers=1)
         # Chunks of 2 steps over 4 + 3: the first chunks never reach the forecasting stack.
-        return "nextframe_convgru", ["-c", str(ROOT / "configs/nextframe_convgru.yaml"), "--data.init_args.frames",
-                                     str(tmp_path / "frames"), *TINY_FRAMES, "--model.init_args.tbptt_steps", "2",
-                                     "--data.init_args.batch_size", "2", *few]
+        return "nextframe_convgru", [
+            "-c",
+            str(ROOT / "configs/nextframe_convgru.yaml"),
+            "--data.init_args.frames",
+            str(tmp_path / "frames"),
+            *TINY_FRAMES,
+            "--model.init_args.tbptt_steps",
+            "2",
+            "--data.init_args.batch_size",
+            "2",
+            *few,
+        ]
     if kind == "feature forecaster":
-        return "nextfeature_gru", ["-c", str(ROOT / "configs/nextfeature_gru.yaml"), "--data.init_args.features",
-                                   str(drifting_features(tmp_path / "features")), "--trainer.accelerator", "cpu", *few]
-    return "caption_gru", ["-c", str(ROOT / "configs/caption_gru.yaml"), "--data.init_args.features", str(trained_project / "features"),
-                           "--data.init_args.captions", str(_captions(trained_project, tmp_path)), "--data.init_args.batch_size", "2",
-                           "--model.init_args.hidden_size", "16", "--trainer.accelerator", "cpu", *few]
+        return "nextfeature_gru", [
+            "-c",
+            str(ROOT / "configs/nextfeature_gru.yaml"),
+            "--data.init_args.features",
+            str(drifting_features(tmp_path / "features")),
+            "--trainer.accelerator",
+            "cpu",
+            *few,
+        ]
+    return "caption_gru", [
+        "-c",
+        str(ROOT / "configs/caption_gru.yaml"),
+        "--data.init_args.features",
+        str(trained_project / "features"),
+        "--data.init_args.captions",
+        str(_captions(trained_project, tmp_path)),
+        "--data.init_args.batch_size",
+        "2",
+        "--model.init_args.hidden_size",
+        "16",
+        "--trainer.accelerator",
+        "cpu",
+        *few,
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["end-to-end classifier", "frame forecaster, truncated BPTT", "feature forecaster", "captioner"])
+@pytest.mark.parametrize(
+    "kind", ["end-to-end classifier", "frame forecaster, truncated BPTT", "feature forecaster", "captioner"]
+)
 def test_torchrun_fit_of_every_task(kind, tmp_path, trained_project):
     """Two processes (gloo) on an empty root: the job finishes, leaves one FINISHED run, and the test
     metrics it logged are those one process computes from the same checkpoint."""
@@ -142,9 +235,33 @@ def test_torchrun_fit_of_every_task(kind, tmp_path, trained_project):
 def _two_nodes(args: list[str], env: dict, cwd: Path) -> None:
     """Run ``python -m pipeline ARGS`` as two one-process "nodes" on 127.0.0.1 (two torchrun launchers)."""
     port = str(_free_port())
-    _succeeds([_launch([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
-                        "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port, "-m", "pipeline", *args],
-                       env, cwd) for rank in (0, 1)])
+    _succeeds(
+        [
+            _launch(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    str(rank),
+                    "--nproc-per-node",
+                    "1",
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    port,
+                    "-m",
+                    "pipeline",
+                    *args,
+                ],
+                env,
+                cwd,
+            )
+            for rank in (0, 1)
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -157,14 +274,34 @@ def test_two_nodes_extract_features_and_fit_like_one_process(tmp_path, trained_p
     from pipeline.stores import FeatureStore
 
     root, env = _fresh_root(tmp_path)
-    features = ["features", "--frames", str(trained_project / "frames"), "--backbone", "test_resnet", "--pool", "grid",
-                "--grid", "2", "--input-size", "32", "--batch-size", "16", "--accelerator", "cpu", "--no-system-metrics"]
+    features = [
+        "features",
+        "--frames",
+        str(trained_project / "frames"),
+        "--backbone",
+        "test_resnet",
+        "--pool",
+        "grid",
+        "--grid",
+        "2",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--accelerator",
+        "cpu",
+        "--no-system-metrics",
+    ]
     _two_nodes([*features, "--out", str(tmp_path / "two"), "--num-nodes", "2", "--devices", "1"], env, root)
-    _succeeds([_launch([sys.executable, "-m", "pipeline", *features, "--out", str(tmp_path / "one")], env, root)])
+    _succeeds(
+        [_launch([sys.executable, "-m", "pipeline", *features, "--out", str(tmp_path / "one")], env, root)]
+    )
     one, two = FeatureStore(tmp_path / "one"), FeatureStore(tmp_path / "two")
     assert [r.video_id for r in two.index] == [r.video_id for r in one.index]
     for row in one.index:
-        np.testing.assert_allclose(two.rows(row.video_id).astype(np.float32), one.rows(row.video_id).astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(
+            two.rows(row.video_id).astype(np.float32), one.rows(row.video_id).astype(np.float32), atol=2e-3
+        )
 
     fit = _gru_features(tmp_path / "two")
     _two_nodes(["fit", *fit, *DDP, "--trainer.num_nodes", "2", "--trainer.devices", "1"], env, root)
@@ -182,10 +319,26 @@ def test_slurm_style_launch_on_a_fresh_store(tmp_path, trained_project):
     Had Lightning not joined them, each task would have launched a 2-process job of its own: two runs."""
     root, env = _fresh_root(tmp_path)
     fit = _gru_features(trained_project / "features")
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-             "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "vpipe", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    _succeeds([_launch([sys.executable, "-m", "pipeline", "fit", *fit, *DDP, "--trainer.devices", "2"],
-                       {**env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}, root) for i in range(2)])
+    slurm = {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "vpipe",
+        "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    _succeeds(
+        [
+            _launch(
+                [sys.executable, "-m", "pipeline", "fit", *fit, *DDP, "--trainer.devices", "2"],
+                {**env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+                root,
+            )
+            for i in range(2)
+        ]
+    )
     _one_finished_run(root, "gesture_gru")
     logged = json.loads((root / "metrics" / "gesture_gru.json").read_text())
     single = _single_process_test(fit, "gesture_gru", root, tmp_path, env)

@@ -28,7 +28,9 @@ def free_port() -> int:
 
 
 def get(url: str, **query) -> dict | str:
-    with urllib.request.urlopen(f"{url}?{urllib.parse.urlencode(query)}" if query else url, timeout=30) as response:
+    with urllib.request.urlopen(
+        f"{url}?{urllib.parse.urlencode(query)}" if query else url, timeout=30
+    ) as response:
         body = response.read().decode()
     return json.loads(body) if response.headers.get_content_type() == "application/json" else body
 
@@ -44,9 +46,14 @@ def ui_server(trained_project, tmp_path):
     """`vpipe ui` on a free port over the trained project's store; always stopped (its whole process group)."""
     port = free_port()
     log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=tmp_path, stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "VPIPE_ROOT": str(trained_project)},
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "ui", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VPIPE_ROOT": str(trained_project)},
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -104,7 +111,9 @@ def test_ui_server_over_a_real_store(ui_server, trained_project):
     version = get(f"{api}/model-versions/get", name="gesture_gru", version="1")["model_version"]
     version_tags = {t["key"]: t["value"] for t in version["tags"]}
     metrics = json.loads((trained_project / "metrics" / "gesture_gru.json").read_text())
-    assert version["run_id"] == info["run_id"] and float(version_tags["test/acc"]) == pytest.approx(metrics["test/acc"])
+    assert version["run_id"] == info["run_id"] and float(version_tags["test/acc"]) == pytest.approx(
+        metrics["test/acc"]
+    )
     # The version is the run's logged (pyfunc) model, which the run page lists under "Logged models".
     assert version["source"].startswith("models:/m-")
 
@@ -129,8 +138,15 @@ def fit_args(tmp_path, monkeypatch) -> list[str]:
 
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
     features = feature_store(tmp_path / "features")
-    return ["fit", "-c", str(ROOT / "tests" / "configs" / "gru_features.yaml"), "--data.init_args.features", str(features),
-            "--trainer.max_epochs", "3"]
+    return [
+        "fit",
+        "-c",
+        str(ROOT / "tests" / "configs" / "gru_features.yaml"),
+        "--data.init_args.features",
+        str(features),
+        "--trainer.max_epochs",
+        "3",
+    ]
 
 
 @pytest.mark.parametrize("error", ["RuntimeError", "KeyboardInterrupt"])
@@ -157,7 +173,9 @@ def test_unreachable_tracking_server_stops_before_training(fit_args, tmp_path, m
     started = time.monotonic()
     with pytest.raises(SystemExit) as err:
         main(fit_args)
-    assert f"MLflow tracking server {uri} does not answer" in str(err.value) and "MLFLOW_TRACKING_URI" in str(err.value)
+    assert f"MLflow tracking server {uri} does not answer" in str(err.value) and "MLFLOW_TRACKING_URI" in str(
+        err.value
+    )
     assert not (tmp_path / "models").exists() and not (tmp_path / "mlflow.db").exists()
     assert time.monotonic() - started < 120  # not MLflow's minutes of retries
 
@@ -166,27 +184,39 @@ def test_lineage_tags_read_dvc_lock_only_inside_a_stage(tmp_path, monkeypatch):
     import yaml
     from test_training import feature_store
 
-    from pipeline.tracking import lineage_tags
+    from pipeline.inputs import lineage_tags
 
     monkeypatch.chdir(tmp_path)
     feature_store(tmp_path / "data/features/gestures")
     meta = json.loads((tmp_path / "data/features/gestures/meta.json").read_text())
     (tmp_path / "data/frames/gestures").mkdir(parents=True)
-    (tmp_path / "data/frames/gestures/meta.json").write_text(json.dumps({"content_hash": "f" * 64, "params": {"fps": 10.0}}))
-    meta.update(frames="data/frames/gestures", frames_hash="e" * 64)  # the frames the features were computed from
+    (tmp_path / "data/frames/gestures/meta.json").write_text(
+        json.dumps({"content_hash": "f" * 64, "params": {"fps": 10.0}})
+    )
+    meta.update(
+        frames="data/frames/gestures", frames_hash="e" * 64
+    )  # the frames the features were computed from
     (tmp_path / "data/features/gestures/meta.json").write_text(json.dumps(meta))
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs/x.yaml").write_text("name: x\n")
-    lock = {"schema": "2.0", "stages": {
-        "extract@gestures": {"outs": [{"path": "data/frames/gestures", "hash": "md5", "md5": "aaa.dir"}]},
-        "features@gestures": {"outs": [{"path": "data/features/gestures", "hash": "md5", "md5": "bbb.dir"}]}}}
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "extract@gestures": {"outs": [{"path": "data/frames/gestures", "hash": "md5", "md5": "aaa.dir"}]},
+            "features@gestures": {
+                "outs": [{"path": "data/features/gestures", "hash": "md5", "md5": "bbb.dir"}]
+            },
+        },
+    }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
 
     monkeypatch.delenv("DVC_STAGE", raising=False)
     outside = lineage_tags("data/features/gestures", None, ["configs/x.yaml"])
     assert outside["data.features.cache_key"] == "test" and outside["data.frames"] == "data/frames/gestures"
     assert outside["data.frames.content_hash"] == "e" * 64 and outside["data.frames.params"] == "fps=10.0"
-    assert outside["config"] == "configs/x.yaml" and outside["config.md5"] == "5cb9b2eb121adc70727209d5fda6fe4e"
+    assert (
+        outside["config"] == "configs/x.yaml" and outside["config.md5"] == "5cb9b2eb121adc70727209d5fda6fe4e"
+    )
     assert not any(k.startswith("dvc.lock") for k in outside)  # a lock of some earlier repro proves nothing
 
     monkeypatch.setenv("DVC_STAGE", "train@x")
@@ -199,8 +229,12 @@ def test_git_dirty_ignores_what_dvc_repro_rewrites(tmp_path, monkeypatch):
     from pipeline.tracking import run_tags
 
     def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+        )
 
     for name in ("metrics/x.json", "configs/x.yaml", "params.yaml"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -212,7 +246,9 @@ def test_git_dirty_ignores_what_dvc_repro_rewrites(tmp_path, monkeypatch):
     git("commit", "-q", "-m", "start")
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
     assert run_tags()["git_dirty"] == "False"
-    (tmp_path / "dvc.lock").write_text(lock.format("b" * 32))  # what a repro of this commit writes as its stages finish
+    (tmp_path / "dvc.lock").write_text(
+        lock.format("b" * 32)
+    )  # what a repro of this commit writes as its stages finish
     (tmp_path / "metrics/x.json").write_text("a: 2\n")
     assert run_tags()["git_dirty"] == "False"
     (tmp_path / "params.yaml").write_text("a: 2\n")  # `dvc exp run -S` in the workspace, or a hand edit
@@ -226,10 +262,28 @@ def test_sigterm_ends_the_run_failed_with_a_nonzero_status(tmp_path):
 
     features = feature_store(tmp_path / "features")
     last = tmp_path / "models" / "gesture_gru" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "fit", "-c", str(ROOT / "tests" / "configs" / "gru_features.yaml"),
-                             "--data.init_args.features", str(features), "--data.init_args.batch_size", "2",
-                             "--trainer.max_epochs", "500", "--trainer.accelerator", "cpu"], cwd=tmp_path,
-                            env={**os.environ, "VPIPE_ROOT": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "fit",
+            "-c",
+            str(ROOT / "tests" / "configs" / "gru_features.yaml"),
+            "--data.init_args.features",
+            str(features),
+            "--data.init_args.batch_size",
+            "2",
+            "--trainer.max_epochs",
+            "500",
+            "--trainer.accelerator",
+            "cpu",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "VPIPE_ROOT": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 180
         while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:

@@ -15,8 +15,11 @@ from pipeline.stores import StoreWriter
 ROOT = Path(__file__).resolve().parents[1]
 # The classification configs (the forecasters' are smoke-tested in test_forecast.py).
 # Backbone-stage configs (export_backbone: no test) are tested in test_backbone_stage.py.
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
-                 if "pipeline.tasks.Classifier" in p.read_text() and "export_backbone: true" not in p.read_text())
+CONFIGS = sorted(
+    p
+    for p in (ROOT / "configs").glob("*.yaml")
+    if "pipeline.classification.Classifier" in p.read_text() and "export_backbone: true" not in p.read_text()
+)
 
 
 def feature_store(folder: Path, test_videos: int = 7) -> Path:
@@ -27,8 +30,17 @@ def feature_store(folder: Path, test_videos: int = 7) -> Path:
             for i in range(n):
                 label = i % 3
                 feats = (rng.normal(0, 1, (int(rng.integers(5, 12)), 4, 2, 2)) + label).astype(np.float16)
-                writer.add(feats, video_id=f"{split}{i}", label=f"c{label}", split=split, src_fps=10.0, fps=10.0, width=16,
-                           height=16, duration_sec=1.0)
+                writer.add(
+                    feats,
+                    video_id=f"{split}{i}",
+                    label=f"c{label}",
+                    split=split,
+                    src_fps=10.0,
+                    fps=10.0,
+                    width=16,
+                    height=16,
+                    duration_sec=1.0,
+                )
         writer.finish({"kind": "features", "cache_key": "test", "feature_shape": [4, 2, 2]})
     return folder
 
@@ -41,8 +53,17 @@ def frame_store(folder: Path, test_videos: int = 7, size: int = 32) -> Path:
             for i in range(n):
                 label = i % 3
                 frames = rng.integers(0, 100, (int(rng.integers(5, 12)), size, size, 3)) + 60 * label
-                writer.add(frames.astype(np.uint8), video_id=f"{split}{i}", label=f"c{label}", split=split, src_fps=10.0,
-                           fps=10.0, width=size, height=size, duration_sec=1.0)
+                writer.add(
+                    frames.astype(np.uint8),
+                    video_id=f"{split}{i}",
+                    label=f"c{label}",
+                    split=split,
+                    src_fps=10.0,
+                    fps=10.0,
+                    width=size,
+                    height=size,
+                    duration_sec=1.0,
+                )
         writer.finish({"kind": "frames", "content_hash": "test"})
     return folder
 
@@ -71,8 +92,18 @@ def test_every_config_runs(config, features, frames, tmp_path, monkeypatch):
     from pipeline.train import cli_main
 
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
-    cli_main(["fit", "-c", str(config), "-c", str(ROOT / "configs/debug.yaml"), *store_argument(config, features, frames),
-              "--data.init_args.batch_size", "4"])
+    cli_main(
+        [
+            "fit",
+            "-c",
+            str(config),
+            "-c",
+            str(ROOT / "configs/debug.yaml"),
+            *store_argument(config, features, frames),
+            "--data.init_args.batch_size",
+            "4",
+        ]
+    )
     name = config.stem
     assert (tmp_path / "models" / name / "best.ckpt").is_file()
     metrics = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
@@ -87,8 +118,14 @@ def test_every_config_runs(config, features, frames, tmp_path, monkeypatch):
 
 
 def _vpipe(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "VPIPE_ROOT": str(cwd)})
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "VPIPE_ROOT": str(cwd)},
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -98,15 +135,27 @@ def test_ddp_test_metrics_equal_single_process(tmp_path):
     """7 test clips over 2 ranks: a padding sampler would count one twice; ours counts each once."""
     features = feature_store(tmp_path / "features", test_videos=7)
     config = ROOT / "configs" / "gesture_gru.yaml"
-    common = ["-c", str(config), "--data.init_args.features", str(features), "--data.init_args.batch_size", "2",
-              "--trainer.logger", "false", "--trainer.accelerator", "cpu"]
+    common = [
+        "-c",
+        str(config),
+        "--data.init_args.features",
+        str(features),
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.logger",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+    ]
     _vpipe(["fit", *common, "--trainer.max_epochs", "3"], tmp_path)
     ckpt = tmp_path / "models" / "gesture_gru" / "best.ckpt"
     single = json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
     (tmp_path / "metrics" / "gesture_gru.json").unlink()
     # With MLflow on (the project's SQLite store under tmp_path): exactly one run for the 2-process job.
     ddp_args = [a for a in common if a not in ("--trainer.logger", "false")]
-    _vpipe(["test", *ddp_args, "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--ckpt_path", str(ckpt)], tmp_path)
+    _vpipe(
+        ["test", *ddp_args, "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--ckpt_path", str(ckpt)], tmp_path
+    )
     ddp = json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
     assert ddp.keys() == single.keys()
     for key in single:
@@ -130,11 +179,25 @@ def test_killed_fit_resumes_the_same_mlflow_run(tmp_path):
     import torch
 
     features = feature_store(tmp_path / "features")
-    args = ["fit", "-c", str(ROOT / "configs" / "gesture_gru.yaml"), "--data.init_args.features", str(features),
-            "--data.init_args.batch_size", "2", "--trainer.accelerator", "cpu"]
+    args = [
+        "fit",
+        "-c",
+        str(ROOT / "configs" / "gesture_gru.yaml"),
+        "--data.init_args.features",
+        str(features),
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+    ]
     last = tmp_path / "models" / "gesture_gru" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--trainer.max_epochs", "200"], cwd=tmp_path,
-                            env={**os.environ, "VPIPE_ROOT": str(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args, "--trainer.max_epochs", "200"],
+        cwd=tmp_path,
+        env={**os.environ, "VPIPE_ROOT": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not last.is_file() and time.time() < deadline:
         time.sleep(0.1)
@@ -169,10 +232,14 @@ def test_clip_sampling_and_augmentation(features):
     for _ in range(20):
         idx = segment_indices(16, 4, rng)
         assert all(4 * k <= i < 4 * (k + 1) for k, i in enumerate(idx))  # one frame from each segment
-    assert segment_indices(3, 5, None).tolist() == sorted(segment_indices(3, 5, None).tolist())  # short clips repeat, in order
+    assert segment_indices(3, 5, None).tolist() == sorted(
+        segment_indices(3, 5, None).tolist()
+    )  # short clips repeat, in order
 
     plain = FeatureDataModule(str(features), num_segments=4, batch_size=4)
-    augmented = FeatureDataModule(str(features), num_segments=4, batch_size=4, feature_noise=0.5, feature_dropout=0.5)
+    augmented = FeatureDataModule(
+        str(features), num_segments=4, batch_size=4, feature_noise=0.5, feature_dropout=0.5
+    )
     batch = next(iter(plain.train_dataloader()))
     assert batch["x"].shape == (4, 4, 16) and batch["mask"].all() and batch["y"].dtype == torch.int64
     x = next(iter(augmented.train_dataloader()))["x"]
@@ -196,7 +263,9 @@ def test_worker_processes_read_the_same_clips(features):
     x = torch.cat([b["x"] for b in inline])
     assert x.dtype == torch.float32 and x.shape == (7, 4, 16)
     for clip, row in zip(x, data.store.split("test"), strict=True):
-        expected = np.asarray(data.store.rows(row.video_id))[segment_indices(row.length, 4, None)].reshape(4, -1)
+        expected = np.asarray(data.store.rows(row.video_id))[segment_indices(row.length, 4, None)].reshape(
+            4, -1
+        )
         torch.testing.assert_close(clip, torch.from_numpy(expected.astype(np.float32)))
 
     data.num_workers = 2
@@ -213,10 +282,10 @@ def test_training_epoch_values_cover_every_step(features, tmp_path):
     import pytorch_lightning as pl
     import torch
 
+    from pipeline.callbacks import EpochCSV
+    from pipeline.classification import Classifier
     from pipeline.data import FeatureDataModule
     from pipeline.heads import GRUHead
-    from pipeline.tasks import Classifier
-    from pipeline.train import EpochCSV
 
     class StepLosses(pl.Callback):
         def __init__(self):
@@ -230,8 +299,15 @@ def test_training_epoch_values_cover_every_step(features, tmp_path):
 
     data = FeatureDataModule(str(features), num_segments=4, batch_size=5)
     steps, csv_path = StepLosses(), tmp_path / "epochs.csv"
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[steps, EpochCSV(csv_path)], accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[steps, EpochCSV(csv_path)],
+        accelerator="cpu",
+    )
     trainer.fit(Classifier(GRUHead, input_dim=data.input_dim, num_classes=data.num_classes), data)
     assert [n for _, n in steps.epochs[0]] == [5, 5, 2]
     last = steps.epochs[-1]
@@ -242,8 +318,12 @@ def test_training_epoch_values_cover_every_step(features, tmp_path):
     assert {"train/loss", "train/acc", "train/f1", "val/loss", "val/acc"} <= set(header) and len(rows) == 3
     first = dict(zip(header, rows[1].split(","), strict=True))
     epoch0 = sum(loss * n for loss, n in steps.epochs[0]) / 12
-    assert float(first["train/loss"]) == pytest.approx(epoch0, abs=1e-5) and 0 <= float(first["train/acc"]) <= 1
-    assert not torch.isclose(torch.tensor(epoch0), torch.tensor(expected))  # each epoch its own value (reset between)
+    assert (
+        float(first["train/loss"]) == pytest.approx(epoch0, abs=1e-5) and 0 <= float(first["train/acc"]) <= 1
+    )
+    assert not torch.isclose(
+        torch.tensor(epoch0), torch.tensor(expected)
+    )  # each epoch its own value (reset between)
 
 
 def test_test_metrics_keep_top1_and_top5_apart():
@@ -252,42 +332,59 @@ def test_test_metrics_keep_top1_and_top5_apart():
     import torch
     from sklearn.metrics import f1_score
 
+    from pipeline.classification import Classifier
     from pipeline.heads import GRUHead
-    from pipeline.tasks import Classifier
 
     model = Classifier(GRUHead, input_dim=4, num_classes=10)
     metrics = model.metrics["test_metrics"]
     y = torch.arange(10)
     right = torch.nn.functional.one_hot(y, 10).float()
-    wrong = torch.nn.functional.one_hot(torch.zeros_like(y), 10).float() + 0.5 * torch.nn.functional.one_hot(y, 10)
+    wrong = torch.nn.functional.one_hot(torch.zeros_like(y), 10).float() + 0.5 * torch.nn.functional.one_hot(
+        y, 10
+    )
     metrics.update(right, y)
     metrics.update(wrong, y)
     values = {k: float(v) for k, v in metrics.compute().items()}
     expected = f1_score(torch.cat([y, y]), torch.cat([right, wrong]).argmax(-1), average="macro")
     assert values["test/acc"] == pytest.approx(11 / 20) and values["test/acc_top5"] == pytest.approx(1.0)
-    assert values["test/f1"] == pytest.approx(expected) and expected == pytest.approx((2 / 11 * 2 / (2 / 11 + 1) + 9 * 2 / 3) / 10)
+    assert values["test/f1"] == pytest.approx(expected) and expected == pytest.approx(
+        (2 / 11 * 2 / (2 / 11 + 1) + 9 * 2 / 3) / 10
+    )
 
 
 def test_end_to_end_classifier_trains_its_backbone(frames, features):
     import torch
 
+    from pipeline.classification import Classifier
     from pipeline.data import FeatureDataModule, FrameDataModule
     from pipeline.heads import GRUHead
-    from pipeline.tasks import Classifier
 
     data = FrameDataModule(str(frames), num_segments=4, batch_size=3)
     batch = next(iter(data.train_dataloader()))
-    assert batch["x"].dtype == torch.uint8 and batch["x"].shape == (3, 4, 32, 32, 3)  # frames stay uint8 until the model
+    assert batch["x"].dtype == torch.uint8 and batch["x"].shape == (
+        3,
+        4,
+        32,
+        32,
+        3,
+    )  # frames stay uint8 until the model
     assert data.num_classes == 3 and data.input_dim == 0 and data.cache_key == data.store_meta["content_hash"]
 
-    model = Classifier(GRUHead, input_dim=data.input_dim, num_classes=data.num_classes, backbone="test_resnet",
-                       backbone_input_size=32)
+    model = Classifier(
+        GRUHead,
+        input_dim=data.input_dim,
+        num_classes=data.num_classes,
+        backbone="test_resnet",
+        backbone_input_size=32,
+    )
     assert model.hparams.backbone == "test_resnet" and model.encoder.output_dim > 0
     logits = model(batch["x"], batch["mask"])
     assert logits.shape == (3, 3)
     torch.nn.functional.cross_entropy(logits, batch["y"]).backward()
     grads = [p.grad for p in model.encoder.parameters() if p.requires_grad]
-    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)  # trained jointly
+    assert (
+        grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    )  # trained jointly
 
     with pytest.raises(ValueError, match="uint8 frames"):
         model(torch.zeros(3, 4, 16), batch["mask"])
@@ -301,8 +398,17 @@ def test_end_to_end_classifier_trains_its_backbone(frames, features):
 def test_frame_data_module_needs_one_frame_size(tmp_path):
     with StoreWriter(tmp_path / "frames", "frames") as writer:
         for i, size in enumerate((16, 24)):
-            writer.add(np.zeros((4, size, size, 3), np.uint8), video_id=f"v{i}", label="a", split="train", src_fps=10.0,
-                       fps=10.0, width=size, height=size, duration_sec=0.4)
+            writer.add(
+                np.zeros((4, size, size, 3), np.uint8),
+                video_id=f"v{i}",
+                label="a",
+                split="train",
+                src_fps=10.0,
+                fps=10.0,
+                width=size,
+                height=size,
+                duration_sec=0.4,
+            )
         writer.finish({"kind": "frames"})
     from pipeline.data import FrameDataModule
 
@@ -318,17 +424,23 @@ def test_rgb_difference_modality_matches_between_training_and_classify(frames):
 
     a = np.array([[0, 100, 255]], np.uint8)
     assert rgb_difference(a, a).tolist() == [[128, 128, 128]]  # nothing moved: grey
-    assert rgb_difference(a, a[:, ::-1]).tolist() == [[255, 128, 0]]  # (255 - 0) // 2 + 128, 0, (0 - 255) // 2 + 128
+    assert rgb_difference(a, a[:, ::-1]).tolist() == [
+        [255, 128, 0]
+    ]  # (255 - 0) // 2 + 128, 0, (0 - 255) // 2 + 128
 
     data = FrameDataModule(str(frames), num_segments=4, batch_size=50, modality="rgb_diff")
     batch = next(iter(data.test_dataloader()))
     store = FrameStore(frames)
-    for clip, row in zip(batch["x"], store.split("test"), strict=True):  # evaluation: segment centres, every time
+    for clip, row in zip(
+        batch["x"], store.split("test"), strict=True
+    ):  # evaluation: segment centres, every time
         video = np.asarray(store.rows(row.video_id))
         expected = clip_frames(video, 4, "rgb_diff")
         np.testing.assert_array_equal(clip.numpy(), expected)
         steps = np.array([len(video) * (2 * k + 1) // 8 for k in range(4)])
-        np.testing.assert_array_equal(expected, rgb_difference(video[steps], video[np.minimum(steps + 1, len(video) - 1)]))
+        np.testing.assert_array_equal(
+            expected, rgb_difference(video[steps], video[np.minimum(steps + 1, len(video) - 1)])
+        )
     rgb = next(iter(FrameDataModule(str(frames), num_segments=4, batch_size=50).test_dataloader()))["x"]
     assert not torch.equal(rgb, batch["x"])
     with pytest.raises(ValueError, match="modality"):

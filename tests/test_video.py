@@ -40,7 +40,9 @@ def test_decode_cuts_start_and_end(make_video):
     np.testing.assert_array_equal(cut, full[5:15])
 
 
-@pytest.mark.parametrize("text,expected", [("112", (112, 112)), ("160x120", (160, 120)), (None, None), ("0", None)])
+@pytest.mark.parametrize(
+    "text,expected", [("112", (112, 112)), ("160x120", (160, 120)), (None, None), ("0", None)]
+)
 def test_parse_size(text, expected):
     assert video.parse_size(text) == expected
 

@@ -1,0 +1,217 @@
+"""What each ``vpipe`` command does once its arguments are parsed (:mod:`pipeline.cli` parses them).
+Heavy libraries are imported inside each command, so ``vpipe --help`` needs no torch."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def run_extract(args: argparse.Namespace) -> None:
+    from pipeline.extract import ExtractError, extract, merge
+    from pipeline.manifest import ManifestError
+    from pipeline.stores import StoreError
+
+    try:
+        if args.merge:
+            merge(args.merge, args.out)
+        elif not args.manifest:
+            sys.exit("vpipe extract: give --manifest (or --merge PART...)")
+        else:
+            extract(
+                args.manifest,
+                args.out,
+                fps=args.fps,
+                size=args.size,
+                max_frames=args.max_frames,
+                workers=args.workers,
+                on_error=args.on_error,
+                timeout=args.timeout or None,
+                shard_mb=args.shard_mb,
+                num_shards=args.num_shards,
+                shard_index=args.shard_index,
+                image_fps=args.image_fps,
+                root=args.root,
+            )
+    except (ExtractError, ManifestError, StoreError) as err:
+        sys.exit(f"vpipe extract: {err}")
+
+
+def run_check(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pipeline.captions import CAPTIONS, check_captions
+    from pipeline.manifest import ManifestError, read_manifest, validate
+
+    try:
+        entries = read_manifest(args.manifest)
+    except ManifestError as err:
+        sys.exit(f"vpipe check: {err}")
+    report = validate(
+        entries, args.manifest, root=args.root, min_per_class=args.min_per_class, show=args.show
+    )
+    counts = {s: sum(e.split == s for e in entries) for s in ("train", "val", "test")}
+    print(
+        f"{args.manifest}: {len(entries)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+        f"{len({e.label for e in entries})} classes"
+    )
+    for line in report.lines():
+        print(f"  {line}")
+    ok = report.ok
+    captions = Path(args.captions) if args.captions else Path(args.manifest).with_name(CAPTIONS)
+    if args.captions or captions.is_file():
+        errors, warnings = check_captions(captions, {e.video_id: e.label for e in entries}, show=args.show)
+        print(f"{captions}: {f'{len(errors)} problem(s)' if errors else 'ok'}")
+        for line in [*(f"error: {e}" for e in errors), *(f"warning: {w}" for w in warnings)]:
+            print(f"  {line}")
+        ok = ok and not errors
+    if not ok:
+        sys.exit(1)
+
+
+def run_features(args: argparse.Namespace) -> None:
+    from pipeline import inputs, tracking
+    from pipeline.backbone import BackboneError
+    from pipeline.features import FeatureCacheError, compute
+    from pipeline.stores import StoreError
+
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    params = {k: v for k, v in vars(args).items() if k not in ("command", "system_metrics") and v is not None}
+    try:
+        with tracking.job_run(
+            "features",
+            f"features-{os.path.basename(os.path.normpath(args.out))}",
+            params,
+            [args.frames],
+            "features",
+            args.system_metrics,
+        ) as run:
+            started = time.perf_counter()
+            meta = compute(
+                args.frames,
+                args.out,
+                name=args.backbone,
+                weights=args.weights,
+                pretrained=args.pretrained,
+                pool=args.pool,
+                grid=args.grid,
+                input_size=args.input_size,
+                modality=args.modality,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                accelerator=args.accelerator,
+                devices=devices,
+                num_nodes=args.num_nodes,
+                strategy=args.strategy,
+                precision=args.precision,
+                seed=args.seed,
+                overwrite=args.overwrite,
+            )
+            if run is not None and meta:
+                client, run_id = run
+                client.log_metric(run_id, "seconds", time.perf_counter() - started)
+                client.set_tag(run_id, "data.features.cache_key", meta.get("cache_key", ""))
+                inputs.log_datasets(client, run_id, [args.out], "output", with_sources=False)
+    except (BackboneError, StoreError, FeatureCacheError, tracking.TrackingError) as err:
+        sys.exit(f"vpipe features: {err}")
+
+
+def run_grids(args: argparse.Namespace) -> None:
+    from pipeline.grids import import_grids
+    from pipeline.stores import StoreError
+
+    try:
+        meta = import_grids(
+            args.files,
+            args.out,
+            args.val_days,
+            args.test_days,
+            args.slots_per_day,
+            tuple(args.channels.split(",")),
+        )
+    except StoreError as err:
+        sys.exit(f"vpipe grids: {err}")
+    counts = ", ".join(f"{n} {split}" for split, n in meta["slots"].items())
+    print(
+        f"{args.out}: {sum(meta['slots'].values())} slots of {'×'.join(map(str, meta['shape']))} grids ({counts})"
+    )
+
+
+def run_forecast(args: argparse.Namespace) -> None:
+    from pipeline.forecast import ForecastError, forecast
+
+    try:
+        done = forecast(args.video, args.ckpt, args.out, context=args.context, steps=args.steps)
+    except ForecastError as err:
+        sys.exit(f"vpipe forecast: {err}")
+    if done["note"]:
+        print(f"vpipe forecast: note: {done['note']}", file=sys.stderr)
+    print(
+        f"{done['out']}: {done['context']} context + {done['steps']} predicted frames at {done['fps']:g} fps"
+    )
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from pipeline.report import report
+
+    print(report(args.metrics, args.out or None, args.columns, args.all, timings=not args.no_timings))
+
+
+def run_ui(args: argparse.Namespace) -> None:
+    from pipeline import ui
+
+    ui.serve(args.host, args.port, args.workers)
+
+
+def run_caption(args: argparse.Namespace) -> None:
+    from pipeline.captioning import run as caption
+    from pipeline.classify import ClassifyError
+
+    try:
+        status = caption(
+            args.videos,
+            ckpt=args.ckpt,
+            model_uri=args.model,
+            beam=args.beam,
+            as_json=args.json,
+            weights=args.weights,
+            device=args.device,
+        )
+    except ClassifyError as err:
+        sys.exit(f"vpipe caption: {err}")
+    sys.exit(status)
+
+
+def run_classify(args: argparse.Namespace) -> None:
+    from pipeline.classify import ClassifyError, run
+
+    try:
+        status = run(
+            args.videos,
+            ckpt=args.ckpt,
+            model_uri=args.model,
+            topk=args.topk,
+            as_json=args.json,
+            window=args.window,
+            stride=args.stride,
+            weights=args.weights,
+            device=args.device,
+        )
+    except ClassifyError as err:
+        sys.exit(f"vpipe classify: {err}")
+    sys.exit(status)
+
+
+COMMANDS = {
+    "extract": run_extract,
+    "check": run_check,
+    "features": run_features,
+    "grids": run_grids,
+    "forecast": run_forecast,
+    "report": run_report,
+    "ui": run_ui,
+    "caption": run_caption,
+    "classify": run_classify,
+}
