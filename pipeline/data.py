@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.loaders import batch_loader, process_generator, read_rows
+from pipeline.loaders import SplitLoaders, batch_loader, process_generator, read_rows
 from pipeline.stores import FeatureStore, FrameStore, IndexRow
 
 
@@ -179,7 +179,7 @@ class NamedClips(Dataset):
         return {**self.clips.__getitems__(items), "video_id": [self.clips.rows[i].video_id for i in items]}
 
 
-class FeatureDataModule(pl.LightningDataModule):
+class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
     """Cached features of one dataset, for classification.
 
     Args:
@@ -210,7 +210,8 @@ class FeatureDataModule(pl.LightningDataModule):
         if not 0 <= feature_dropout < 1:
             raise ValueError(f"feature_dropout must be in [0, 1), got {feature_dropout}")
         self.feature_noise, self.feature_dropout = feature_noise, feature_dropout
-        self.features, self.num_segments, self.batch_size = features, num_segments, batch_size
+        self.inputs = {self.store_type.prefix: str(features)}  # {"features": path}, or {"frames": path}
+        self.num_segments, self.batch_size = num_segments, batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.store = store = self.store_type(features)  # reads index and meta; shards are mapped on first use
         self.classes = sorted({r.label for r in store.split("train")})
@@ -244,20 +245,6 @@ class FeatureDataModule(pl.LightningDataModule):
             self.feature_noise,
             self.feature_dropout,
         )
-
-    def _loader(self, split: str) -> DataLoader:
-        return batch_loader(
-            self._dataset(split), split == "train", self.batch_size, self.num_workers, self.pin_memory
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
     # The split `vpipe predict --predict_split` reads: train, val, test or all (the three, in that order).
     predict_split: Literal["train", "val", "test", "all"] = "test"

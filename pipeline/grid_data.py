@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pipeline.grids import GridStore
-from pipeline.loaders import batch_loader
+from pipeline.loaders import SplitLoaders
 
 
 class GridWindows(Dataset):
@@ -37,7 +37,7 @@ class GridWindows(Dataset):
         return {"x": x, "history": history, "cond": torch.cat([known, history[:, :-1], history[:, 1:]], 2)}
 
 
-class GridDataModule(pl.LightningDataModule):
+class GridDataModule(SplitLoaders, pl.LightningDataModule):
     """Windows of a grid store for multi-step forecasting: the last ``context`` slots, the next
     ``horizon``. A window belongs to the split of its target slots (all in one split; the context may
     reach into the days before); windows across a gap in the series are left out.
@@ -77,7 +77,8 @@ class GridDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"context, horizon and history_weeks must be at least 1, got {context}, {horizon}, {history_weeks}"
             )
-        self.grids, self.context, self.horizon, self.history_weeks = grids, context, horizon, history_weeks
+        self.inputs = {"grids": str(grids)}
+        self.context, self.horizon, self.history_weeks = context, horizon, history_weeks
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.store = store = GridStore(grids)
         values = np.asarray(store.grids, dtype=np.float32)
@@ -116,20 +117,6 @@ class GridDataModule(pl.LightningDataModule):
         return GridWindows(
             self.values, self.average, self.known, self._starts[split], self.context + self.horizon
         )
-
-    def _loader(self, split: str) -> DataLoader:
-        return batch_loader(
-            self._dataset(split), split == "train", self.batch_size, self.num_workers, self.pin_memory
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
     def examples(self, count: int) -> dict:
         """Test windows for pictures, the same every time: on the first ``count`` test days, the

@@ -18,17 +18,9 @@ from pipeline.tracking import workspace
 
 
 def data_inputs(datamodule) -> tuple[str | None, str | None]:
-    """``(feature store, frame store)`` a data module reads, told apart by their ``meta.json`` kind
-    (a frame-store data module may keep its folder under any attribute name)."""
-    features = frames = None
-    for attribute in ("features", "frames", "root"):
-        path = getattr(datamodule, attribute, None)
-        kind = read_meta(path).get("kind") if isinstance(path, str | os.PathLike) else None
-        if kind == "features":
-            features = features or str(path)
-        elif kind == "frames":
-            frames = frames or str(path)
-    return features, frames
+    """``(feature store, frame store)`` a data module reads (its ``inputs``, by kind)."""
+    inputs = getattr(datamodule, "inputs", {})
+    return inputs.get("features"), inputs.get("frames")
 
 
 def store_dataset(path: str | os.PathLike):

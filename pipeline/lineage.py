@@ -60,7 +60,7 @@ class RunInputs(Callback):
                 s
                 for s in (
                     *inputs.data_inputs(trainer.datamodule),
-                    getattr(trainer.datamodule, "grids", None),
+                    getattr(trainer.datamodule, "inputs", {}).get("grids"),
                 )
                 if s
             ]

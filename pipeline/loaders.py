@@ -49,6 +49,34 @@ def batch_loader(
     )
 
 
+class SplitLoaders:
+    """The train, val and test DataLoaders of a LightningDataModule that builds one dataset per split
+    (``_dataset(split)``) and has ``batch_size``, ``num_workers`` and ``pin_memory``; ``inputs`` names
+    the stores it reads by kind (``{"features": path}``, ``{"frames": path}``, ``{"grids": path}``)."""
+
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    inputs: dict[str, str]
+
+    def _dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def _loader(self, split: str) -> DataLoader:
+        return batch_loader(
+            self._dataset(split), split == "train", self.batch_size, self.num_workers, self.pin_memory
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
 def process_generator(seed: int) -> np.random.Generator:
     """A generator for this process: torch gives each DataLoader worker its own seed
     (``seed_everything(workers=True)``), so workers draw different numbers, reproducibly."""

@@ -10,10 +10,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
-from pipeline.loaders import batch_loader, process_generator, read_rows
+from pipeline.loaders import SplitLoaders, process_generator, read_rows
 from pipeline.stores import FeatureStore, FrameStore, IndexRow
 
 
@@ -131,7 +131,7 @@ class Sequences(Dataset):
         return video
 
 
-class SequenceDataModule(pl.LightningDataModule):
+class SequenceDataModule(SplitLoaders, pl.LightningDataModule):
     """Windows of ``context + horizon`` consecutive frames of a frame store, or feature vectors of a
     feature store, for next-step forecasting (no labels; every split's videos long enough are used).
 
@@ -182,7 +182,7 @@ class SequenceDataModule(pl.LightningDataModule):
             raise ValueError("give either frames (a frame store) or features (a feature store)")
         if context < 1 or horizon < 1:
             raise ValueError(f"context and horizon must be at least 1, got {context} and {horizon}")
-        self.frames, self.features = frames, features
+        self.inputs = {"frames": str(frames)} if frames else {"features": str(features)}
         self.context, self.horizon, self.grayscale, self.augment, self.pool = (
             context,
             horizon,
@@ -257,20 +257,6 @@ class SequenceDataModule(pl.LightningDataModule):
             getattr(self, "stats", None),
             self.size,
         )
-
-    def _loader(self, split: str) -> DataLoader:
-        return batch_loader(
-            self._dataset(split), split == "train", self.batch_size, self.num_workers, self.pin_memory
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
     def examples(self, count: int) -> SequenceBatch:
         """``count`` test windows spread evenly over the test videos (so over their classes), the same

@@ -177,7 +177,7 @@ class VPipeCLI(LightningCLI):
                 **inputs.lineage_tags(
                     *inputs.data_inputs(self.datamodule),
                     configs,
-                    grids=getattr(self.datamodule, "grids", None),
+                    grids=getattr(self.datamodule, "inputs", {}).get("grids"),
                 ),
             )
             run_id = self._resumed_run_id(root / "models" / name) if self.subcommand == "fit" else None

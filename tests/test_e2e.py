@@ -13,25 +13,17 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED = [
-    "gesture_gru",
-    "gesture_lstm",
-    "gesture_rnn",
-    "gesture_transformer",
-    "gesture_meanpool",
-    "gesture_rowlstm",
-    "action_lstm",
-    "action_gru",
-    "gesture_gru_e2e",
-]
-BACKBONES = ["backbone_gestures", "backbone_actions"]
-FORECASTERS = [
-    "nextframe_convlstm",
-    "nextframe_convgru",
-    "nextfeature_gru",
-    "still_convlstm",
-    "traffic_convlstm",
-]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+BACKBONES = [f"backbone_{name}" for name in PARAMS["features"]["datasets"]]
+
+
+def _model_class(name: str) -> str:
+    return yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["model"]["class_path"]
+
+
+# The experiments of params.yaml, by kind: classifiers (test/acc) and forecasters.
+TRAINED = [name for name in PARAMS["experiments"] if _model_class(name).endswith(".Classifier")]
+FORECASTERS = [name for name in PARAMS["experiments"] if name not in TRAINED]
 
 
 def copy_repository(dest: Path) -> None:
