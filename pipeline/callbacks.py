@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -146,46 +147,47 @@ class ConfusionReport(Callback):
             writer.writerow(["actual", "predicted"])
             for i, j in zip(*matrix.nonzero(), strict=True):
                 writer.writerows([[classes[i], classes[j]]] * matrix[i, j])
-        with open(self.folder / "per_class.csv", "w", newline="") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["class", "precision", "recall", "f1", "support"])
-            for i, name in enumerate(classes):
-                tp, predicted, support = matrix[i, i], matrix[:, i].sum(), matrix[i].sum()
-                precision = tp / predicted if predicted else 0.0
-                recall = tp / support if support else 0.0
-                f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-                writer.writerow([name, f"{precision:.4f}", f"{recall:.4f}", f"{f1:.4f}", support])
+        self._per_class(matrix, classes)
         self._png(matrix, classes)
         if (logger := tracking.run_logger(trainer)) is not None:
             for name in ("confusion.png", "per_class.csv", "predictions.csv"):
                 logger.experiment.log_artifact(logger.run_id, str(self.folder / name), "test")
 
+    def _per_class(self, matrix, classes) -> None:
+        """``per_class.csv``: torchmetrics' precision, recall and F1 of each class (``average=None``)."""
+        from torchmetrics.functional.classification import (
+            multiclass_f1_score,
+            multiclass_precision,
+            multiclass_recall,
+        )
+
+        counts = torch.from_numpy(matrix).flatten()
+        target = torch.arange(len(classes)).repeat_interleave(len(classes)).repeat_interleave(counts)
+        preds = torch.arange(len(classes)).repeat(len(classes)).repeat_interleave(counts)
+        values = [
+            metric(preds, target, num_classes=len(classes), average=None, zero_division=0).tolist()
+            for metric in (multiclass_precision, multiclass_recall, multiclass_f1_score)
+        ]
+        with open(self.folder / "per_class.csv", "w", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["class", "precision", "recall", "f1", "support"])
+            for i, name in enumerate(classes):
+                writer.writerow([name, *(f"{v[i]:.4f}" for v in values), int(matrix[i].sum())])
+
     def _png(self, matrix, classes) -> None:
+        """``confusion.png``: torchmetrics' own drawing of the matrix (rows actual, columns predicted)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from torchmetrics.classification import MulticlassConfusionMatrix
 
         size = 2 + 0.45 * len(classes)
         fig, ax = plt.subplots(figsize=(size + 1, size))
-        image = ax.imshow(matrix, cmap="Blues")
-        ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(len(classes)), classes, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("actual")
-        for i in range(len(classes)):
-            for j in range(len(classes)):
-                if matrix[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        str(matrix[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if matrix[i, j] > matrix.max() / 2 else "black",
-                    )
-        fig.colorbar(image, ax=ax, fraction=0.046)
+        MulticlassConfusionMatrix(num_classes=len(classes)).plot(
+            torch.from_numpy(matrix), ax=ax, labels=classes
+        )
+        ax.tick_params(axis="x", labelrotation=60)
         fig.tight_layout()
         fig.savefig(self.folder / "confusion.png", dpi=100)
         plt.close(fig)

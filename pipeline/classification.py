@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.data import Batch, PredictBatch
-from pipeline.optim import adamw_warmup_cosine
+from pipeline.optim import adamw_warmup_cosine, decay_groups
 
 
 class Classifier(pl.LightningModule):
@@ -181,10 +181,10 @@ class Classifier(pl.LightningModule):
         return {"video_id": batch["video_id"], "y": batch["y"], "predicted": predicted, "score": score}
 
     def configure_optimizers(self):
-        groups = [{"params": [p for n, p in self.named_parameters() if not n.startswith("encoder.")]}]
+        groups = decay_groups(self.head, self.hparams.weight_decay)
         if self.encoder is not None:
-            groups.append(
-                {"params": list(self.encoder.parameters()), "lr": self.hparams.backbone_lr or self.hparams.lr}
+            groups += decay_groups(
+                self.encoder, self.hparams.weight_decay, self.hparams.backbone_lr or self.hparams.lr
             )
         return adamw_warmup_cosine(
             self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_epochs, groups

@@ -31,7 +31,7 @@ class ClassifyError(RuntimeError):
 
 
 @dataclass
-class Classifier:
+class LoadedModel:
     """A loaded classifier and what it needs: decoding parameters and, for feature models, the backbone."""
 
     model: torch.nn.Module
@@ -150,7 +150,7 @@ def load(
     source: str | None = None,
     task: str = "Classifier",
     command: str = "vpipe classify",
-) -> Classifier:
+) -> LoadedModel:
     """A model of ``task`` (the LightningModule's class name) from a ``vpipe fit`` checkpoint, with its
     decoding and feature recipe.
 
@@ -201,7 +201,7 @@ def load(
         )  # what the cached features were computed from
     params = recipe["frames_meta"].get("params") or {}
     size = params.get("size")
-    return Classifier(
+    return LoadedModel(
         model.eval().to(device),
         list(recipe["classes"]),
         int(recipe["num_segments"]),

@@ -173,6 +173,10 @@ class TransformerHead(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.fc = nn.Sequential(nn.LayerNorm(d_model), nn.Dropout(dropout), nn.Linear(d_model, num_classes))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters weight decay leaves alone (timm's convention): decay would pull the positions to zero."""
+        return {"pos"}
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.proj(x) + self.pos[:, : x.shape[1]]
         h = self.encoder(h, src_key_padding_mask=~mask)

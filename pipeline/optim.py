@@ -1,4 +1,5 @@
-"""The optimiser every training system uses: AdamW with a linear warm-up and a cosine decay."""
+"""The optimiser every training system uses: AdamW with a linear warm-up and a cosine decay; weight
+decay on weight matrices and kernels only (timm's parameter groups)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,23 @@ import math
 
 import pytorch_lightning as pl
 import torch
+
+
+def decay_groups(module: torch.nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """``module``'s parameters as AdamW groups (timm's ``param_groups_weight_decay``): biases, norm scales
+    and other 1-D parameters, and every name a submodule lists in its ``no_weight_decay()`` (such as the
+    Transformer head's positions), get no weight decay; ``lr``, when given, is the groups' own rate."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, child in module.named_modules()
+        if hasattr(child, "no_weight_decay")
+        for name in child.no_weight_decay()
+    }
+    groups = param_groups_weight_decay(module, weight_decay, no_weight_decay_list=skip)
+    groups = [g for g in groups if g["params"]]
+    return [{**g, "lr": lr} for g in groups] if lr is not None else groups
 
 
 def adamw_warmup_cosine(
@@ -16,7 +34,8 @@ def adamw_warmup_cosine(
     params: list[dict] | None = None,
 ) -> dict:
     """AdamW with a linear warm-up over ``warmup_epochs`` then a cosine decay to zero, stepped per batch,
-    over ``params`` (parameter groups, each may set its own ``lr``; default: all of ``module``'s).
+    over ``params`` (parameter groups, each may set its own ``lr``; default: :func:`decay_groups` of
+    ``module``).
 
     An epoch is the optimiser steps of one pass over the training loader (its batches, after
     ``limit_train_batches``, over ``accumulate_grad_batches``). The decay ends at the run's last step:
@@ -24,9 +43,8 @@ def adamw_warmup_cosine(
     (``max_epochs: -1`` without ``max_steps``, e.g. stopped by ``max_time`` or early stopping) has no
     last step to decay towards: after the warm-up the learning rate stays constant at its peak.
     """
-    optimizer = torch.optim.AdamW(
-        module.parameters() if params is None else params, lr=lr, weight_decay=weight_decay
-    )
+    groups = decay_groups(module, weight_decay) if params is None else params
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     trainer = module.trainer
     if trainer.train_dataloader is None:
         trainer.fit_loop.setup_data()  # what estimated_stepping_batches does; needed for the epoch length

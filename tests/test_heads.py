@@ -84,3 +84,19 @@ def test_row_lstm_reads_rows_in_order():
 def test_row_lstm_in_front_of_any_head(temporal):
     head = heads.RowLSTMHead(8 * 2 * 2, 4, grid=2, row_hidden=8, temporal=temporal, hidden_size=8)
     assert head(torch.randn(3, 6, 32), torch.ones(3, 6, dtype=torch.bool)).shape == (3, 4)
+
+
+def test_weight_decay_spares_biases_norms_and_positions():
+    """AdamW's groups (timm's param_groups_weight_decay): decay on weight matrices only; the Transformer
+    head's learned positions, the biases and the LayerNorm scales are left alone."""
+    from pipeline.optim import decay_groups
+
+    head = heads.TransformerHead(16, 4, d_model=32, num_layers=1, nhead=2)
+    names = {id(p): n for n, p in head.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in decay_groups(head, 0.05)}
+    assert set(groups) == {0.0, 0.05}
+    assert {"pos", "proj.0.weight", "proj.0.bias", "fc.0.weight", "fc.2.bias"} <= groups[0.0]
+    assert {"proj.1.weight", "fc.2.weight"} <= groups[0.05]
+    assert all(head.get_parameter(n).ndim >= 2 for n in groups[0.05])
+    assert groups[0.0] | groups[0.05] == set(names.values()) and not groups[0.0] & groups[0.05]
+    assert {g["lr"] for g in decay_groups(head, 0.05, lr=1e-4)} == {1e-4}
