@@ -1,14 +1,13 @@
-"""Forecasts for people: rollout pictures and per-horizon tables after training, and ``vpipe forecast``.
+"""Forecasts for people: rollout pictures, and ``vpipe forecast``.
 
-- :class:`ForecastReport` (a callback of every ``vpipe fit``/``test``; it does nothing for other
-  models): after testing a forecaster, ``plots/NAME/horizons.csv`` (each metric per predicted step,
-  model beside its baselines); for a forecaster that draws (``pictures`` > 0: frames, or traffic
-  flows as heat maps) also ``plots/NAME/rollout.png`` (for a fixed set of test windows, rows: input,
-  truth, prediction) and ``plots/NAME/rollout.gif`` (truth on the left, context then prediction on
-  the right), all logged to MLflow under ``test/``; every ``picture_every_n_epochs`` validations the
-  pictures go to MLflow under ``epochs/epoch_NNN/``.
-- :func:`forecast`: decode the first frames of a video the way a frame forecaster was trained
-  (frame rate, size, grayscale, all kept in its checkpoint), roll out, write context + prediction.
+- :func:`draw_rollouts`: for a fixed set of test windows, ``rollout.png`` (rows: input, truth,
+  prediction) and ``rollout.gif`` (truth on the left, context then prediction on the right), each
+  step drawn by the forecaster's ``render`` (frames, or traffic flows as heat maps:
+  :func:`heat_map`). :class:`pipeline.callbacks.ForecastReport` draws them after testing and every
+  ``picture_every_n_epochs`` validations, beside the per-step table ``horizons.csv``.
+- :func:`forecast`: decode the first frames of a video (or one still image) the way a frame
+  forecaster was trained (frame rate, size, grayscale, all kept in its checkpoint), roll out, write
+  context + prediction.
 """
 
 from __future__ import annotations

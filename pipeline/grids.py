@@ -1,5 +1,5 @@
-"""Grid stores: series of float grids (city traffic flows), their TaxiBJ importer, and the data module
-the grid forecaster reads.
+"""Grid stores: series of float grids (city traffic flows) and their TaxiBJ importer; the windows the
+grid forecaster reads are :mod:`pipeline.grid_data`'s.
 
 A grid store is a folder (``vpipe grids``, replaced atomically as the frame and feature stores are):
 
