@@ -86,8 +86,22 @@ def _one_line(err: BaseException, path: Path) -> str:
     return f"{type(err).__name__}: {message}"
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the extract process dies, even by SIGKILL (a forked
+    worker holds a copy of the parent's end of its pipe, so it would never see the pipe close)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _worker(conn, fps: float, size, image_fps: float) -> None:
     """Worker process: receive jobs until None, answer (number, info, error)."""
+    _die_with_parent()
     while (job := conn.recv()) is not None:
         try:
             conn.send((job.number, _decode_to_spill(job, fps, size, image_fps), None))

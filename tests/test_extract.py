@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +175,21 @@ def test_parts_merged_equal_a_single_run(tiny_dataset, tmp_path):
         )
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (forked workers keep their parent's)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            data = cmdline.read_bytes()
+            state = (cmdline.parent / "stat").read_text().split(") ", 1)[1][0]
+        except (OSError, IndexError):
+            continue
+        if text.encode() in data and state != "Z":
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, make_video):
     rows = []
     for i in range(12):
@@ -200,6 +216,10 @@ def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, make_vi
     proc.kill()
     proc.wait()
     assert not out.exists() and list(tmp_path.glob(".store.tmp-*"))  # killed mid-way: only a temporary folder
+    deadline = time.time() + 10  # its decoding worker dies with it
+    while _processes_mentioning(str(out)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _processes_mentioning(str(out))
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
     assert len(FrameStore(out).index) == 12
     assert not list(tmp_path.glob(".store.tmp-*"))  # the killed run's leftovers are gone
