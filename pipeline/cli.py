@@ -23,6 +23,14 @@ def _model_options(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
 
 
+def _root_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--root",
+        default=None,
+        help="dataset root that every path must stay inside (default: the manifest's folder)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -78,21 +86,13 @@ def _parser() -> argparse.ArgumentParser:
         default=12.0,
         help="frame rate of image-sequence folders without an fps column",
     )
-    p.add_argument(
-        "--root",
-        default=None,
-        help="dataset root that every path must stay inside (default: the manifest's folder)",
-    )
+    _root_option(p)
 
     p = sub.add_parser(
         "check", help="validate a manifest and the files it names before any work", formatter_class=fmt
     )
     p.add_argument("--manifest", required=True)
-    p.add_argument(
-        "--root",
-        default=None,
-        help="dataset root that every path must stay inside (default: the manifest's folder)",
-    )
+    _root_option(p)
     p.add_argument(
         "--min-per-class", type=int, default=2, help="warn about classes with fewer training examples"
     )

@@ -165,43 +165,36 @@ def run_ui(args: argparse.Namespace) -> None:
     ui.serve(args.host, args.port, args.workers)
 
 
-def run_caption(args: argparse.Namespace) -> None:
-    from pipeline.captioning import run as caption
+def _on_files(command: str, run, args: argparse.Namespace, **options) -> None:
+    """A trained model over the files of ``args.videos`` with the options every such command shares
+    (``cli._model_options``); exits with its status, or with the message of a ClassifyError."""
     from pipeline.classify import ClassifyError
-
-    try:
-        status = caption(
-            args.videos,
-            ckpt=args.ckpt,
-            model_uri=args.model,
-            beam=args.beam,
-            as_json=args.json,
-            weights=args.weights,
-            device=args.device,
-        )
-    except ClassifyError as err:
-        sys.exit(f"vpipe caption: {err}")
-    sys.exit(status)
-
-
-def run_classify(args: argparse.Namespace) -> None:
-    from pipeline.classify import ClassifyError, run
 
     try:
         status = run(
             args.videos,
             ckpt=args.ckpt,
             model_uri=args.model,
-            topk=args.topk,
             as_json=args.json,
-            window=args.window,
-            stride=args.stride,
             weights=args.weights,
             device=args.device,
+            **options,
         )
     except ClassifyError as err:
-        sys.exit(f"vpipe classify: {err}")
+        sys.exit(f"vpipe {command}: {err}")
     sys.exit(status)
+
+
+def run_caption(args: argparse.Namespace) -> None:
+    from pipeline.captioning import run
+
+    _on_files("caption", run, args, beam=args.beam)
+
+
+def run_classify(args: argparse.Namespace) -> None:
+    from pipeline.classify import run
+
+    _on_files("classify", run, args, topk=args.topk, window=args.window, stride=args.stride)
 
 
 COMMANDS = {
