@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_scripts.clips import article, distinct, noisy_frame
+
 CLASSES = ["walking", "jogging", "running", "boxing", "handwaving", "handclapping"]
 SIZES = [(160, 120), (176, 132), (192, 144)]
 # Gait: (cycles per second, thigh swing degrees, knee flexion degrees, speed in body heights per second,
@@ -148,10 +150,7 @@ def render(name: str, p: Params) -> np.ndarray:
         for a, b in segments:
             draw.line([a, b], fill=p.colour, width=width)
         draw.ellipse([head[0] - radius, head[1] - radius, head[0] + radius, head[1] + radius], fill=p.colour)
-        frame = np.asarray(image, np.float32)
-        if p.noise:
-            frame += rng.normal(0.0, p.noise, frame.shape).astype(np.float32)
-        frames[i] = np.clip(frame, 0, 255).astype(np.uint8)
+        frames[i] = noisy_frame(image, p.noise, rng)
     return frames
 
 
@@ -178,12 +177,10 @@ SUBJECTS = ["person", "figure", "stick figure", "someone"]
 def captions(name: str, p: Params, rng: np.random.Generator, count: int = 12) -> list[str]:
     """``count`` different descriptions of the clip ``render(name, p)`` draws: who, the action, the
     direction the figure faces or moves, and its tempo."""
-    from data_scripts.gestures import article
-
     side = "right" if p.facing > 0 else "left"
     tempo = "slowly" if p.tempo < 0.95 else "briskly" if p.tempo > 1.05 else ""
-    out: list[str] = []
-    for _ in range(20 * count):
+
+    def draw() -> str:
         subject = SUBJECTS[rng.integers(len(SUBJECTS))]
         action = ACTION_PHRASES[name][rng.integers(len(ACTION_PHRASES[name]))]
         if name in GAITS:
@@ -192,13 +189,8 @@ def captions(name: str, p: Params, rng: np.random.Generator, count: int = 12) ->
             where = [f"facing {side}", f"facing to the {side}", ""][rng.integers(3)]
         words = [action, where, tempo if rng.random() < 0.7 else ""]
         caption = " ".join(w for w in words if w)
-        caption = (
-            f"someone {caption}"
-            if subject == "someone"
-            else article(f"{subject} {caption}", rng.random() >= 0.7)
-        )
-        if caption not in out:
-            out.append(caption)
-        if len(out) == count:
-            break
-    return out
+        if subject == "someone":
+            return f"someone {caption}"
+        return article(f"{subject} {caption}", rng.random() >= 0.7)
+
+    return distinct(draw, count)

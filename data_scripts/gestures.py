@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_scripts.clips import article, distinct, noisy_frame
+
 CLASSES = [
     "swipe_left",
     "swipe_right",
@@ -179,10 +181,7 @@ def render(name: str, p: Params) -> np.ndarray:
             sprite = sprite.rotate(-angle, resample=Image.BILINEAR, expand=True)
         image = background.copy()
         image.paste(sprite, (int(round(x - sprite.width / 2)), int(round(y - sprite.height / 2))), sprite)
-        frame = np.asarray(image, np.float32)
-        if p.noise:
-            frame += rng.normal(0.0, p.noise, frame.shape).astype(np.float32)
-        frames[i] = np.clip(frame, 0, 255).astype(np.uint8)
+        frames[i] = noisy_frame(image, p.noise, rng)
     return frames
 
 
@@ -279,11 +278,6 @@ def colour_name(rgb: tuple[int, int, int]) -> str:
     return "red"
 
 
-def article(phrase: str, definite: bool) -> str:
-    """``phrase`` after "the", or after "a"/"an" as its first sound needs."""
-    return f"{'the' if definite else 'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
-
-
 def captions(name: str, p: Params, rng: np.random.Generator, count: int = 12) -> list[str]:
     """``count`` different descriptions of the clip ``render(name, p)`` draws: the object's size, colour,
     texture and shape, its motion and direction, and how fast it moves."""
@@ -299,8 +293,8 @@ def captions(name: str, p: Params, rng: np.random.Generator, count: int = 12) ->
         else ""
     )
     colour = colour_name(p.colour)
-    out: list[str] = []
-    for _ in range(20 * count):
+
+    def draw() -> str:
         keep = rng.random(4) < [0.5, 0.8, 0.5, 0.8]  # size, colour, texture, speed
         shape = SHAPE_WORDS[p.shape][rng.integers(len(SHAPE_WORDS[p.shape]))]
         texture = TEXTURE_WORDS[p.texture][rng.integers(len(TEXTURE_WORDS[p.texture]))]
@@ -313,9 +307,6 @@ def captions(name: str, p: Params, rng: np.random.Generator, count: int = 12) ->
             motion,
             speed if keep[3] else "",
         ]
-        caption = article(" ".join(w for w in words if w), definite=rng.random() >= 0.7)
-        if caption not in out:
-            out.append(caption)
-        if len(out) == count:
-            break
-    return out
+        return article(" ".join(w for w in words if w), definite=rng.random() >= 0.7)
+
+    return distinct(draw, count)
