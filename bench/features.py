@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from pipeline import backbone  # noqa: E402
 from pipeline.features import compute  # noqa: E402
-from pipeline.stores import StoreWriter  # noqa: E402
+from pipeline.store_writer import StoreWriter  # noqa: E402
 
 BACKBONES = ["resnet18", "mobilenetv3_small_100"]
 INFO = dict(label="x", split="train", src_fps=10.0, fps=10.0, width=112, height=112, duration_sec=1.0)

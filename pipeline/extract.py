@@ -12,8 +12,8 @@ A worker that dies (a crash, an out-of-memory kill, any signal) costs only its v
 ``errors.csv`` names the signal, a fresh worker takes the next video.
 
 Re-running with the same parameters onto an existing store is incremental: a video whose path,
-clip bounds and file fingerprint (:func:`pipeline.stores.fingerprint`) match a row of that store is copied from it,
-not decoded, and the result is byte for byte what a run from scratch writes.
+clip bounds and file fingerprint (its source, :mod:`pipeline.sources`) match a row of that store is
+copied from it, not decoded, and the result is byte for byte what a run from scratch writes.
 
 Several machines split one manifest with ``num_shards``/``shard_index`` (defaults: torchrun's
 ``WORLD_SIZE``/``RANK``): each writes a part store, and :func:`merge` joins the parts by hard-linking
@@ -22,7 +22,6 @@ their shard files (frame data is not copied).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -36,61 +35,15 @@ from typing import Literal
 import numpy as np
 
 from pipeline.manifest import Entry, read_manifest, validate
-from pipeline.stores import (
-    FrameStore,
-    StoreError,
-    StoreWriter,
-    file_sha256,
-    finalize,
-    fingerprint,
-    write_csv,
-)
+from pipeline.resample import parse_size, uniform_indices
+from pipeline.sources import inputs_hash, reusable, source_key, source_row, write_sources
+from pipeline.store_writer import StoreWriter, finalize
+from pipeline.stores import FrameStore, StoreError, fingerprint
 from pipeline.workers import Job, pool_results
-
-# Frame stores also list where each video came from: the key of incremental re-runs.
-SOURCE_FIELDS = ["video_id", "path", "start_sec", "end_sec", "fps", "fingerprint"]
 
 
 class ExtractError(RuntimeError):
     pass
-
-
-def _source(e: Entry, fingerprints: dict[str, str]) -> dict:
-    blank = lambda v: "" if v is None else f"{float(v):g}"  # noqa: E731
-    return {
-        "video_id": e.video_id,
-        "path": str(e.path),
-        "start_sec": blank(e.start_sec),
-        "end_sec": blank(e.end_sec),
-        "fps": blank(e.fps),
-        "fingerprint": fingerprints[e.video_id],
-    }
-
-
-def inputs_hash(manifest: Path, sources: list[dict], params: dict) -> str:
-    """Hash of the manifest, the parameters and every input's fingerprint."""
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-    digest.update(file_sha256(manifest).encode())
-    for source in sources:
-        digest.update(f"{source['video_id']}\0{source['fingerprint']}\0".encode())
-    return digest.hexdigest()
-
-
-def _reusable(out: Path, meta: dict) -> tuple[FrameStore | None, dict[str, tuple]]:
-    """The store already at ``out`` and its videos by source, when it was made with the same
-    parameters and decoder versions (else nothing is reused)."""
-    try:
-        store = FrameStore(out)
-        with open(out / "sources.csv", newline="") as fh:
-            sources = list(csv.DictReader(fh))
-    except (StoreError, OSError):
-        return None, {}
-    if any(store.meta.get(k) != meta[k] for k in ("params", "pyav", "ffmpeg")):
-        return None, {}
-    indexed = {r.video_id for r in store.index}
-    return store, {
-        tuple(s[k] for k in SOURCE_FIELDS): s["video_id"] for s in sources if s["video_id"] in indexed
-    }
 
 
 def part_of(entries: list[Entry], num_shards: int, shard_index: int) -> list[Entry]:
@@ -168,12 +121,12 @@ def extract(
     num_shards = int(num_shards or os.environ.get("WORLD_SIZE", 1))
     shard_index = int(shard_index if shard_index is not None else os.environ.get("RANK", 0))
     part = part_of(entries, num_shards, shard_index) if num_shards > 1 else entries
-    wh = video.parse_size(size)
+    wh = parse_size(size)
     workers = max(1, min(workers or os.cpu_count() or 1, len(part) or 1))
     params = {"fps": fps, "size": list(wh) if wh else None, "max_frames": max_frames, "image_fps": image_fps}
     started = time.perf_counter()
     fingerprints = {e.video_id: fingerprint(e.path) for e in part}
-    sources = [_source(e, fingerprints) for e in part]
+    sources = [source_row(e, fingerprints) for e in part]
     meta = {
         "kind": "frames",
         "manifest": str(manifest),
@@ -185,11 +138,11 @@ def extract(
     progress = _Progress(len(part))
     try:
         with StoreWriter(out, "frames", shard_bytes=shard_mb << 20) as writer, ExitStack() as stack:
-            previous, reusable = _reusable(out, meta)
+            previous, by_source = reusable(out, meta)
             reuse = {
-                i: reusable[key]
+                i: by_source[key]
                 for i, source in enumerate(sources)
-                if (key := tuple(source[k] for k in SOURCE_FIELDS)) in reusable
+                if (key := source_key(source)) in by_source
             }
             spills = writer.tmp / "spill"
             spills.mkdir()
@@ -217,7 +170,7 @@ def extract(
                 frames = np.load(job.spill, mmap_mode="r")
                 row = writer.add(
                     frames,
-                    keep=video.uniform_indices(len(frames), max_frames) if max_frames else None,
+                    keep=uniform_indices(len(frames), max_frames) if max_frames else None,
                     video_id=e.video_id,
                     label=e.label,
                     split=e.split,
@@ -232,7 +185,7 @@ def extract(
             if not writer.index:
                 first = writer.errors[0]["error"] if writer.errors else "the manifest part is empty"
                 raise ExtractError(f"{manifest}: no video could be extracted; first error: {first}")
-            write_csv(writer.tmp / "sources.csv", SOURCE_FIELDS, kept)
+            write_sources(writer.tmp, kept)
             previous = None  # its memory maps are closed before the old store is replaced
             writer.finish(meta)
     finally:

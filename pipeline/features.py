@@ -2,8 +2,8 @@
 
 Feature shards mirror the frame shards row for row (``features-0000k.npy`` row ``i`` holds the
 features of ``frames-0000k.npy`` row ``i``), so ``index.csv`` carries over unchanged. Batches are
-contiguous slices of one shard (no per-frame items); only uint8 crosses to the device, where frames
-are resized and normalised.
+contiguous slices of one shard (:class:`pipeline.frame_slices.FrameSlices`, no per-frame items); only
+uint8 crosses to the device, where frames are resized and normalised.
 
 Under DDP (``--devices N``, ``--num-nodes M``, torchrun or SLURM) the predict sampler gives every
 slice to exactly one rank; each rank streams its features into a part file through
@@ -25,68 +25,18 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from pipeline import backbone
 from pipeline.atomic import clean_stale
-from pipeline.data import check_modality, rgb_difference
-from pipeline.stores import FeatureStore, FrameStore, NpyAppender, StoreError, finalize
+from pipeline.data import check_modality
+from pipeline.frame_slices import FrameSlices
+from pipeline.store_writer import NpyAppender, finalize
+from pipeline.stores import FeatureStore, FrameStore
 
 
 class FeatureCacheError(RuntimeError):
     pass
-
-
-class FrameSlices(Dataset):
-    """Item ``i``: ``(shard, start, frames[start:stop])``, the ``i``-th slice of at most ``batch`` rows.
-
-    ``modality="rgb_diff"`` gives each frame's RGB difference to the next frame of its video
-    (:func:`pipeline.data.rgb_difference`; a video's last frame pairs with itself), the input that
-    end-to-end ``rgb_diff`` models and :func:`pipeline.data.clip_frames` use.
-    """
-
-    def __init__(self, store: FrameStore, batch: int, modality: Literal["rgb", "rgb_diff"] = "rgb"):
-        check_modality(modality)
-        self.root, self.modality = store.root, modality
-        self.slices = []
-        self.following: dict[int, np.ndarray] = {}  # per shard: the row each row is differenced with
-        for shard in sorted({r.shard for r in store.index}):
-            rows = len(store.shard(shard))
-            expected = max(r.offset + r.length for r in store.index if r.shard == shard)
-            if rows < expected:
-                raise StoreError(
-                    f"{store.root}/frames-{shard:05d}.npy: holds {rows} frames, index.csv needs {expected}"
-                )
-            self.slices += [(shard, s, min(s + batch, rows)) for s in range(0, rows, batch)]
-            following = np.arange(1, rows + 1)
-            for r in store.index:
-                if r.shard == shard and r.length:
-                    following[r.offset + r.length - 1] = r.offset + r.length - 1
-            self.following[shard] = np.minimum(following, rows - 1)
-        self._store: FrameStore | None = None  # opened lazily: one memory map per worker process
-
-    def __len__(self) -> int:
-        return len(self.slices)
-
-    def __getitem__(self, i: int):
-        if self._store is None:
-            self._store = FrameStore(self.root)
-        shard, start, stop = self.slices[i]
-        if self.modality == "rgb":
-            return (
-                shard,
-                start,
-                torch.from_numpy(np.array(self._store.shard(shard)[start:stop])),
-            )  # a copy: memmaps are read-only
-        following = self.following[shard][start:stop]
-        frames = np.asarray(
-            self._store.shard(shard)[start : int(following.max()) + 1]
-        )  # the slice and one row more
-        return (
-            shard,
-            start,
-            torch.from_numpy(rgb_difference(frames[: stop - start], frames[following - start])),
-        )
 
 
 class Encoder(pl.LightningModule):

@@ -223,7 +223,7 @@ def forecast(
     out = Path(out)
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise ForecastError(f"{out}: the output must end in .mp4 or .gif")
-    from pipeline.video import IMAGE_SUFFIXES
+    from pipeline.images import IMAGE_SUFFIXES
 
     model = load_frame_forecaster(ckpt)
     video_format = model.hparams.video_format

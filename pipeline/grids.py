@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import replace_dir
-from pipeline.stores import StoreError, file_sha256, fingerprint, write_csv
+from pipeline.store_writer import write_csv
+from pipeline.stores import StoreError, file_sha256, fingerprint
 
 SLOT_FIELDS = ["row", "date", "time", "slot", "split"]
 

@@ -1,14 +1,9 @@
 """Video decoding and encoding with PyAV: the only module of the package that imports ``av``.
 
-Frame-rate resampling rule (``fps=F``): output frame ``k`` stands for presentation time
-``t_k = start + k / F`` on the stream's own clock, where time 0 is the first decoded frame (so
-streams whose timestamps start late come out right) and ``start`` is ``start_sec`` (default 0).
-It is served by the last decoded frame whose presentation time is ``<= t_k`` (sample and hold, as a
-display would show it). Output frames are produced while ``t_k`` lies before the end of the last
-frame shown (its time plus its duration) and before ``end_sec``. ``fps=0`` keeps every frame.
-Times come from ``frame.pts * stream.time_base``, never from frame indices, so variable-frame-rate
-files are resampled by when their frames are shown. Only frames that are emitted are scaled and
-converted (one libswscale pass each: scaling and RGB conversion together).
+Frames are resampled to a target rate by the rule in :mod:`pipeline.resample` (sample and hold by
+presentation time: times come from ``frame.pts * stream.time_base``, never from frame indices).
+Only frames that are emitted are scaled and converted (one libswscale pass each: scaling and RGB
+conversion together). A folder of images (:mod:`pipeline.images`) decodes as a video.
 
 Rotation metadata (the display matrix) is applied, so phone videos come out upright; ``size`` is
 the size after rotation.
@@ -22,9 +17,7 @@ when resampling to a lower rate, non-reference frames that no output sample show
 from __future__ import annotations
 
 import itertools
-import math
 import os
-import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,11 +28,9 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-# Jester's frame rate; image sequences take theirs from the manifest's `fps` column or --image-fps.
-DEFAULT_IMAGE_FPS = 12.0
-# Times closer than this are equal: float rounding of pts × time_base must not add or drop a frame.
-EPS = 1e-6
+from pipeline.images import DEFAULT_IMAGE_FPS, image_sequence
+from pipeline.resample import SampleAndHold, shows_nothing, uniform_indices
+
 # Packets read ahead of the decoder: enough to see past any B-frame reordering.
 LOOKAHEAD = 32
 # A start_sec later than this seeks to the keyframe before it; earlier ones decode from the start.
@@ -54,21 +45,6 @@ class DecodedVideo:
     src_fps: float  # the stream's average rate as the container declares it
     fps: float  # the rate of `frames` (src_fps when every frame is kept)
     duration_sec: float  # time span the frames cover
-
-
-def parse_size(size: str | int | None) -> tuple[int, int] | None:
-    """``"112"`` → (112, 112); ``"160x120"`` → (160, 120) as (width, height); None keeps the size."""
-    if size is None or size == "" or size == 0 or size == "0":
-        return None
-    text = str(size).lower()
-    if "x" in text:
-        w, h = text.split("x", 1)
-        wh = int(w), int(h)
-    else:
-        wh = int(text), int(text)
-    if wh[0] <= 0 or wh[1] <= 0:
-        raise ValueError(f"size must be positive, got {size!r}")
-    return wh
 
 
 def versions() -> dict[str, str]:
@@ -119,15 +95,7 @@ class Decoder:
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such file")
         if self.path.is_dir():  # an image sequence (e.g. Jester): the images in natural order
-            self.images = sorted(
-                (p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key
-            )
-            if not self.images:
-                raise ValueError(f"{self.path}: a folder without images ({', '.join(IMAGE_SUFFIXES)})")
-            if self.image_fps <= 0:
-                raise ValueError(
-                    f"{self.path}: an image sequence needs a frame rate > 0, got {self.image_fps}"
-                )
+            self.images = image_sequence(self.path, self.image_fps)
             self.src_fps = self.image_fps
             return self
         if self.path.is_file() and self.path.stat().st_size == 0:
@@ -211,14 +179,8 @@ class Decoder:
         packets = self.container.demux(self.stream)
         ahead: deque = deque()
         behind: deque = deque(maxlen=LOOKAHEAD)  # pts of packets already sent to the decoder
-        more = True
         while True:
-            while more and len(ahead) < LOOKAHEAD:
-                packet = next(packets, None)
-                if packet is None:
-                    more = False
-                else:
-                    ahead.append(packet)
+            ahead.extend(itertools.islice(packets, LOOKAHEAD - len(ahead)))  # nothing once demuxed
             if not ahead:
                 return
             packet = ahead.popleft()
@@ -239,8 +201,7 @@ class Decoder:
         if not later:
             return False  # possibly the last frame: its duration ends the video
         t, t_next = float(packet.pts * time_base) - self._t0, float(min(later) * time_base) - self._t0
-        k = max(0, math.ceil((t - EPS - self.start) * self.fps))
-        return not self.start + k / self.fps < t_next - EPS
+        return shows_nothing(t, t_next, self.fps, self.start)
 
     def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
         turns = int(round((frame.rotation or 0) / 90)) % 4  # counter-clockwise quarter turns
@@ -253,53 +214,15 @@ class Decoder:
         return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        held: av.VideoFrame | None = None  # last frame shown so far, for sample and hold
-        held_rgb: np.ndarray | None = None
-        held_end = 0.0
-        k = 0  # next output index
-        first = None
-        for t, duration, frame in self._timed_frames():
-            if self.end is not None and t >= self.end:
-                break
-            if self.fps == 0:
-                if t < self.start:
-                    continue
-                yield self._rgb(frame)
-                first = t if first is None else first
-                held_end, k = t + duration, k + 1
-                continue
-            while held is not None and self.start + k / self.fps < t - EPS:
-                if held_rgb is None:
-                    held_rgb = self._rgb(held)
-                yield held_rgb
-                k += 1
-            held, held_rgb, held_end = frame, None, t + duration
-            first = t if first is None else first
-        if self.fps and held is not None:
-            end = held_end if self.end is None else min(held_end, self.end)
-            while self.start + k / self.fps < end - EPS:
-                if held_rgb is None:
-                    held_rgb = self._rgb(held)
-                yield held_rgb
-                k += 1
-        if first is None and held is None:
+        clock = SampleAndHold(self.fps, self.start, self.end)
+        shown: av.VideoFrame | None = None
+        for frame in clock.select(self._timed_frames()):
+            if frame is not shown:  # a held frame repeats: converted once
+                shown, rgb = frame, self._rgb(frame)
+            yield rgb
+        if clock.empty:
             raise ValueError(f"{self.path}: no decodable video frame")
-        self.count = k
-        self.duration_sec = round(
-            k / self.fps if self.fps else max(0.0, held_end - max(self.start, first or 0.0)), 6
-        )
-
-
-def natural_key(path: Path) -> list:
-    """``img2.jpg`` before ``img10.jpg``: digit runs compare as numbers."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
-
-
-def uniform_indices(count: int, keep: int | None) -> np.ndarray:
-    """``keep`` indices spread uniformly over ``range(count)`` (all when ``keep`` is None or larger)."""
-    if not keep or keep >= count:
-        return np.arange(count)
-    return np.round(np.linspace(0, count - 1, keep)).astype(np.int64)
+        self.count, self.duration_sec = clock.count, clock.duration_sec
 
 
 def decode(

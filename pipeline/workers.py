@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.atomic import fault
 from pipeline.manifest import Entry
-from pipeline.stores import NpyAppender
+from pipeline.store_writer import NpyAppender
 
 # Completed videos may wait for an earlier, slower one: at most this many per worker.
 REORDER_WINDOW = 4

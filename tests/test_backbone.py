@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from pipeline import backbone
+from pipeline.weights import lite0_weights
 
 
 def _lite0_state() -> dict:
-    path, _ = backbone.lite0_weights()
+    path, _ = lite0_weights()
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -16,7 +16,8 @@ from pipeline import video
 from pipeline.atomic import clean_stale
 from pipeline.extract import extract
 from pipeline.manifest import read_manifest, write_manifest
-from pipeline.stores import FrameStore, NpyAppender, StoreWriter, fingerprint
+from pipeline.store_writer import NpyAppender, StoreWriter
+from pipeline.stores import FrameStore, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 

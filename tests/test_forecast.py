@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline import cores
-from pipeline.stores import StoreWriter
+from pipeline.store_writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.stores import FeatureStore, FrameStore, StoreError, StoreWriter
+from pipeline.store_writer import StoreWriter
+from pipeline.stores import FeatureStore, FrameStore, StoreError
 
 INFO = dict(label="x", split="train", src_fps=25.0, fps=25.0, width=8, height=6, duration_sec=1.0)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.stores import StoreWriter
+from pipeline.store_writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 # The classification configs (the forecasters' are smoke-tested in test_forecast.py).

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline import video
+from pipeline.resample import parse_size
 
 
 def test_decode_keeps_every_frame_at_fps_0(make_video):
@@ -30,7 +31,7 @@ def test_decode_upsamples_by_holding_frames(make_video):
 
 
 def test_decode_scales_whole_frame(make_video):
-    out = video.decode(make_video(height=48, width=64), size=video.parse_size("32x16"))
+    out = video.decode(make_video(height=48, width=64), size=parse_size("32x16"))
     assert out.frames.shape[1:] == (16, 32, 3)
 
 
@@ -44,12 +45,12 @@ def test_decode_cuts_start_and_end(make_video):
     "text,expected", [("112", (112, 112)), ("160x120", (160, 120)), (None, None), ("0", None)]
 )
 def test_parse_size(text, expected):
-    assert video.parse_size(text) == expected
+    assert parse_size(text) == expected
 
 
 def test_parse_size_rejects_negative():
     with pytest.raises(ValueError):
-        video.parse_size("-3x4")
+        parse_size("-3x4")
 
 
 def test_decode_errors_name_the_file(tmp_path):
