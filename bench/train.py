@@ -130,12 +130,11 @@ def bare(store: Path) -> float:
     optimiser = torch.optim.AdamW(
         head.parameters(), lr=model_args["lr"], weight_decay=model_args["weight_decay"]
     )
-    mask = torch.ones(batch, x.shape[1], dtype=torch.bool)
     head.train()
     started = time.perf_counter()
     steps = 0
     for i in torch.randperm(len(x)).split(batch):
-        logits = head(x[i], mask[: len(i)])
+        logits = head(x[i])
         loss = torch.nn.functional.cross_entropy(logits, y[i], label_smoothing=model_args["label_smoothing"])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

@@ -2,7 +2,8 @@
 run when it is tracked): per-epoch curves (:class:`EpochCSV`), a classifier's confusion matrix and
 per-class scores (:class:`ConfusionReport`), predictions (:class:`PredictionCSV`), a forecaster's
 per-step table and rollout pictures (:class:`ForecastReport`) and a captioner's captions
-(:class:`CaptionReport`). What a run records about itself is in :mod:`pipeline.lineage`."""
+(:class:`CaptionReport`); :func:`fit_callbacks` and :func:`report_callbacks` are the sets
+``vpipe fit|test`` adds. What a run records about itself is in :mod:`pipeline.lineage`."""
 
 from __future__ import annotations
 
@@ -13,11 +14,37 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline import tracking
-from pipeline.forecast import draw_rollouts, pictures_of
+from pipeline.lineage import InferenceRecipe
+from pipeline.pictures import draw_rollouts, pictures_of
+
+
+def fit_callbacks(models: Path, plots: Path, monitor: str, mode: str, model_config: dict) -> list[Callback]:
+    """What ``vpipe fit`` adds: ``models/NAME/best.ckpt`` (the best ``monitor`` value, by ``mode``),
+    ``last.ckpt`` after every epoch, improved or not (resume from it; ``save_last`` only copies when a
+    best is saved), ``plots/NAME/epochs.csv`` and the inference recipe in the checkpoints."""
+    return [
+        ModelCheckpoint(
+            dirpath=models, filename="best", monitor=monitor, mode=mode, enable_version_counter=False
+        ),
+        ModelCheckpoint(
+            dirpath=models, filename="last", enable_version_counter=False, save_on_train_epoch_end=True
+        ),
+        EpochCSV(plots / "epochs.csv"),
+        InferenceRecipe(model_config),
+    ]
+
+
+def report_callbacks(plots: Path, model: pl.LightningModule) -> list[Callback]:
+    """What ``vpipe fit`` and ``vpipe test`` add: the test report of the model's kind, in ``plots/NAME``
+    (each report skips the models of other kinds)."""
+    reports = [ConfusionReport(plots), ForecastReport(plots)]
+    if type(model).__module__ == "pipeline.captioning":
+        reports.append(CaptionReport(plots))
+    return reports
 
 
 class CaptionReport(pl.Callback):
@@ -28,15 +55,9 @@ class CaptionReport(pl.Callback):
         self.folder = Path(folder)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from pipeline.captioning import Captioner
-
-        samples = getattr(pl_module, "samples", None)
-        if not isinstance(pl_module, Captioner) or not samples or not trainer.is_global_zero:
+        samples = getattr(pl_module, "samples", None)  # a pipeline.captioning.Captioner's last test captions
+        if not samples or not trainer.is_global_zero:
             return
-        import csv
-
-        from pipeline import tracking
-
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "captions.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(samples[0]), lineterminator="\n")

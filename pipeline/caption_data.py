@@ -43,7 +43,7 @@ class CaptionClips(Dataset):
 
     def __getitems__(self, items: list[int]) -> dict:
         rows = [i % len(self.clips) for i in items]
-        batch = self.clips.__getitems__(rows)  # features (B, T, D), mask, y; creates the clips' generator
+        batch = self.clips.__getitems__(rows)  # features (B, T, D), y; creates the clips' generator
         rng = self.clips._rng
         chosen = [
             refs[rng.integers(len(refs))] if self.clips.train else refs[0]
@@ -76,6 +76,8 @@ class CaptionDataModule(FeatureDataModule):
         repeats: passes over the training clips per epoch (each with a fresh reference and jitter).
     """
 
+    clips_type = StackedClips
+
     def __init__(
         self,
         features: str,
@@ -99,6 +101,7 @@ class CaptionDataModule(FeatureDataModule):
         self.captions_path, self.max_length, self.repeats = Path(captions), max_length, repeats
         self.appearance = appearance
         self.others: list[tuple[FeatureStore, dict[str, IndexRow]]] = []
+        self.clip_options["others"] = self.others
         if appearance:
             other = FeatureStore(appearance)
             if other.meta.get("frames_hash") != self.store.meta.get("frames_hash"):
@@ -130,19 +133,6 @@ class CaptionDataModule(FeatureDataModule):
         rows = self._splits[split]
         tokens = [[self.vocab.encode(c, self.max_length) for c in self.references[r.video_id]] for r in rows]
         return CaptionClips(self._clips(split), tokens, self.repeats if split == "train" else 1)
-
-    def _clips(self, split: str) -> StackedClips:
-        return StackedClips(
-            self.store,
-            self._splits[split],
-            self.classes,
-            self.num_segments,
-            split == "train",
-            self.seed,
-            self.feature_noise,
-            self.feature_dropout,
-            others=self.others,
-        )
 
     def clip_features(self, split: str) -> tuple[list[str], np.ndarray]:
         """Video ids and evaluation clips ``(N, T, D)`` (segment centres) of ``split``: what the baseline compares."""

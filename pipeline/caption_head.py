@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from pipeline.captions import Vocabulary
-from pipeline.heads import last_valid, masked_mean
 
 
 def _rnn(cell: str, input_size: int, hidden_size: int) -> nn.RNNBase:
@@ -57,20 +56,20 @@ class CaptionModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(2 * hidden_size if attention else hidden_size, vocab_size)
 
-    def encode(self, x: torch.Tensor, mask: torch.Tensor):
-        """``(memory (B, S, H), memory mask (B, S), (decoder state, clip summary (B, H)))`` of features ``(B, T, D)``."""
+    def encode(self, x: torch.Tensor):
+        """``(memory (B, S, H), (decoder state, clip summary (B, H)))`` of features ``(B, T, D)``."""
         h = self.project(x)
         if self.encoder is None:
-            summary = masked_mean(h, mask)
-            memory, memory_mask = summary[:, None], torch.ones_like(mask[:, :1])
+            summary = h.mean(1)
+            memory = summary[:, None]
         else:
             memory, _ = self.encoder(h)
-            summary, memory_mask = last_valid(memory, mask), mask
+            summary = memory[:, -1]
         h0 = torch.tanh(self.init_state(summary))[None]
         state = (h0, torch.zeros_like(h0)) if self.decoder_type == "lstm" else h0
-        return memory, memory_mask, (state, summary)
+        return memory, (state, summary)
 
-    def step(self, tokens: torch.Tensor, state, memory: torch.Tensor, memory_mask: torch.Tensor):
+    def step(self, tokens: torch.Tensor, state, memory: torch.Tensor):
         """Logits ``(B, L, V)`` of the words after ``tokens`` ``(B, L)``, and the decoder's new state. The clip's
         summary is an input at every word, beside the previous word (as in S2VT's second layer)."""
         state, summary = state
@@ -80,23 +79,22 @@ class CaptionModel(nn.Module):
         )
         if self.attention:
             weights = (y @ memory.transpose(1, 2)) / math.sqrt(y.shape[-1])  # (B, L, S)
-            weights = weights.masked_fill(~memory_mask[:, None, :], float("-inf")).softmax(-1)
-            y = torch.cat([y, weights @ memory], -1)
+            y = torch.cat([y, weights.softmax(-1) @ memory], -1)
         return self.out(self.dropout(y)), (state, summary)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits ``(B, L, V)`` of each next word of ``tokens`` ``(B, L)`` (which start with BOS)."""
-        memory, memory_mask, state = self.encode(x, mask)
-        return self.step(tokens, state, memory, memory_mask)[0]
+        memory, state = self.encode(x)
+        return self.step(tokens, state, memory)[0]
 
     @torch.no_grad()
-    def greedy(self, x: torch.Tensor, mask: torch.Tensor, max_length: int) -> list[list[int]]:
+    def greedy(self, x: torch.Tensor, max_length: int) -> list[list[int]]:
         """The most likely word at every step, for a batch; at most ``max_length`` words each, without BOS/EOS."""
-        memory, memory_mask, state = self.encode(x, mask)
+        memory, state = self.encode(x)
         token = torch.full((len(x), 1), Vocabulary.BOS, dtype=torch.int64, device=x.device)
         words, done = [], torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(max_length + 1):
-            logits, state = self.step(token, state, memory, memory_mask)
+            logits, state = self.step(token, state, memory)
             token = logits[:, -1].argmax(-1, keepdim=True)
             done |= token[:, 0] == Vocabulary.EOS
             words.append(token[:, 0])
@@ -111,7 +109,6 @@ class CaptionModel(nn.Module):
     def beam_search(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
         beam_size: int,
         max_length: int,
         length_penalty: float = 0.7,
@@ -122,13 +119,13 @@ class CaptionModel(nn.Module):
         is greedy decoding."""
         out = []
         for i in range(len(x)):
-            memory, memory_mask, state = self.encode(x[i : i + 1], mask[i : i + 1])
+            memory, state = self.encode(x[i : i + 1])
             beams, scores_ = [[]], torch.zeros(1, device=x.device)
             last = torch.full((1, 1), Vocabulary.BOS, dtype=torch.int64, device=x.device)
             finished: list[tuple[float, list[int]]] = []
             for length in range(max_length + 1):
                 k = len(beams)
-                logits, state = self.step(last, state, memory.expand(k, -1, -1), memory_mask.expand(k, -1))
+                logits, state = self.step(last, state, memory.expand(k, -1, -1))
                 total = (scores_[:, None] + logits[:, -1].float().log_softmax(-1)).flatten()
                 if length == max_length:  # out of words: every beam ends here
                     finished += [

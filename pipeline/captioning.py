@@ -29,10 +29,10 @@ from pipeline.captions import (
     order_accuracy,
     scores,
 )
-from pipeline.optim import adamw_warmup_cosine
+from pipeline.optim import WarmupCosineAdamW
 
 
-class Captioner(pl.LightningModule):
+class Captioner(WarmupCosineAdamW, pl.LightningModule):
     """Video captioning: a :class:`CaptionModel` trained with teacher forcing (cross-entropy per word).
 
     Validation decodes greedily and reports CIDEr-D (``val/cider``, which selects the checkpoint),
@@ -53,7 +53,7 @@ class Captioner(pl.LightningModule):
 
     def __init__(
         self,
-        input_dim: int = 0,
+        input_dim: int | None = None,
         vocabulary: list[str] | None = None,
         encoder: Literal["gru", "lstm", "meanpool"] = "gru",
         decoder: Literal["gru", "lstm"] = "gru",
@@ -71,7 +71,7 @@ class Captioner(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if input_dim <= 0 or not vocabulary:
+        if not input_dim or not vocabulary:
             raise ValueError(
                 "input_dim and vocabulary come from the data module (pipeline.caption_data.CaptionDataModule)"
             )
@@ -87,21 +87,21 @@ class Captioner(pl.LightningModule):
             dict
         ] = []  # the last test's captions: video id, label, references, generated, baseline
 
-    def generate(self, x: torch.Tensor, mask: torch.Tensor, beam_size: int | None = None) -> list[str]:
+    def generate(self, x: torch.Tensor, beam_size: int | None = None) -> list[str]:
         """Captions of a batch of clips ``(B, T, D)``; beam search unless ``beam_size`` is 1."""
         beam = self.hparams.beam_size if beam_size is None else beam_size
         if beam < 1:
             raise ValueError(f"beam size must be at least 1, got {beam}")
         ids = (
-            self.model.greedy(x, mask, self.hparams.max_length)
+            self.model.greedy(x, self.hparams.max_length)
             if beam == 1
-            else self.model.beam_search(x, mask, beam, self.hparams.max_length, self.hparams.length_penalty)
+            else self.model.beam_search(x, beam, self.hparams.max_length, self.hparams.length_penalty)
         )
         return [self.vocab.decode(i) for i in ids]
 
     def _loss(self, batch: dict, stage: str) -> torch.Tensor:
         tokens = batch["tokens"]
-        logits = self.model(batch["x"], batch["mask"], tokens[:, :-1])
+        logits = self.model(batch["x"], tokens[:, :-1])
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(),
             tokens[:, 1:].flatten(),
@@ -120,9 +120,7 @@ class Captioner(pl.LightningModule):
     def _evaluate(self, batch: dict, stage: str) -> None:
         self._loss(batch, stage)
         beam = 1 if stage == "val" else None
-        self.generated.update(
-            zip(batch["video_id"], self.generate(batch["x"], batch["mask"], beam), strict=True)
-        )
+        self.generated.update(zip(batch["video_id"], self.generate(batch["x"], beam), strict=True))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -198,11 +196,6 @@ class Captioner(pl.LightningModule):
             for v in sorted(generated)
         ]
 
-    def configure_optimizers(self):
-        return adamw_warmup_cosine(
-            self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_epochs
-        )
-
 
 def run(
     paths: list[str],
@@ -217,9 +210,9 @@ def run(
     err=None,
 ) -> int:
     """``vpipe caption``: one caption per video or still image (a one-frame video), decoded and featurised
-    as the model's stores were (see :mod:`pipeline.classify`); returns the exit status.
+    as the model's stores were (see :mod:`pipeline.checkpoints`); returns the exit status.
 
-    The model and the files' existence are checked first (a :class:`~pipeline.classify.ClassifyError`
+    The model and the files' existence are checked first (a :class:`~pipeline.checkpoints.ClassifyError`
     stops the command with nothing printed); a file that fails to decode is reported on ``err``, the
     others are still captioned, and the status is 1.
     """
@@ -227,7 +220,8 @@ def run(
     import sys
     import tempfile
 
-    from pipeline.classify import ClassifyError, fetch, load, windows
+    from pipeline.checkpoints import ClassifyError, fetch, load
+    from pipeline.classify import windows
 
     err = err or (lambda text: print(text, file=sys.stderr))
     if (ckpt is None) == (model_uri is None):
@@ -252,7 +246,7 @@ def run(
         try:
             ((_, _, frames),) = windows(Path(video), loaded.fps, loaded.size, None, None)
             with torch.inference_mode():
-                caption = loaded.model.generate(*loaded.inputs(frames), beam_size=beam)[0]
+                caption = loaded.model.generate(loaded.inputs(frames), beam_size=beam)[0]
         except ClassifyError as error:
             err(f"vpipe caption: {error}")
             failed += 1

@@ -15,10 +15,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.data import Batch, PredictBatch
-from pipeline.optim import adamw_warmup_cosine, decay_groups
+from pipeline.optim import WarmupCosineAdamW, decay_groups
 
 
-class Classifier(pl.LightningModule):
+class Classifier(WarmupCosineAdamW, pl.LightningModule):
     """Clip classification with a temporal head over per-frame features.
 
     Two modes, chosen by config. Cached (``backbone: null``, with
@@ -29,7 +29,7 @@ class Classifier(pl.LightningModule):
     Args:
         head: builds the head from ``(input_dim, num_classes)``; in a config, a ``class_path`` such as
             ``pipeline.heads.GRUHead`` with its other ``init_args``.
-        input_dim: features per step (linked from the data module; end to end, the backbone's).
+        input_dim: features per step (linked from the data module; end to end, None: the backbone's).
         num_classes: classes (linked from the data module).
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -46,8 +46,8 @@ class Classifier(pl.LightningModule):
     def __init__(
         self,
         head: Callable[[int, int], nn.Module],
-        input_dim: int = 0,
-        num_classes: int = 0,
+        input_dim: int | None = None,
+        num_classes: int | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_epochs: int = 1,
@@ -69,7 +69,7 @@ class Classifier(pl.LightningModule):
             prep = timm_backbone.preprocessing(model, backbone_input_size)
             self.encoder = timm_backbone.FrameEncoder(model.train(), prep, backbone_pool, backbone_grid)
             input_dim = self.encoder.output_dim
-        if input_dim <= 0 or num_classes <= 0:
+        if (input_dim or 0) <= 0 or (num_classes or 0) <= 0:
             raise ValueError(
                 f"input_dim and num_classes must be positive, got {input_dim} and {num_classes}"
                 + ("" if backbone else "; end-to-end training from a frame store needs `backbone: NAME`")
@@ -117,7 +117,7 @@ class Classifier(pl.LightningModule):
             None  # (true, predicted) counts of the last test, all ranks
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, classes)`` of features ``(B, T, D)``, or of uint8 frames ``(B, T, H, W, 3)`` end to end."""
         if self.encoder is not None:
             if x.dtype != torch.uint8 or x.dim() != 5:
@@ -127,11 +127,11 @@ class Classifier(pl.LightningModule):
             x = self.encoder(x.flatten(0, 1)).flatten(1).unflatten(0, x.shape[:2])
         elif x.dtype == torch.uint8:
             raise ValueError("this model reads cached features; frames need a model with `backbone: NAME`")
-        return self.head(x, mask)
+        return self.head(x)
 
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
         """Loss and metric updates; their values are logged once per epoch (see :meth:`on_train_epoch_start`, :meth:`_log_epoch`)."""
-        logits = self(batch["x"], batch["mask"])
+        logits = self(batch["x"])
         loss = F.cross_entropy(
             logits, batch["y"], label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0
         )
@@ -177,15 +177,13 @@ class Classifier(pl.LightningModule):
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> dict:
         """Per clip: ``predicted`` class index ``(B,)`` and its softmax probability ``score`` ``(B,)``,
         beside the batch's ``video_id`` and true ``y`` (``vpipe predict`` writes them to a CSV)."""
-        score, predicted = self(batch["x"], batch["mask"]).float().softmax(-1).max(-1)
+        score, predicted = self(batch["x"]).float().softmax(-1).max(-1)
         return {"video_id": batch["video_id"], "y": batch["y"], "predicted": predicted, "score": score}
 
-    def configure_optimizers(self):
-        groups = decay_groups(self.head, self.hparams.weight_decay)
+    def param_groups(self) -> list[dict]:
+        """The head's groups, and end to end the backbone's, at ``backbone_lr`` (as a scale of ``lr``)."""
+        hp = self.hparams
+        groups = decay_groups(self.head, hp.weight_decay)
         if self.encoder is not None:
-            groups += decay_groups(
-                self.encoder, self.hparams.weight_decay, self.hparams.backbone_lr or self.hparams.lr
-            )
-        return adamw_warmup_cosine(
-            self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_epochs, groups
-        )
+            groups += decay_groups(self.encoder, hp.weight_decay, (hp.backbone_lr or hp.lr) / hp.lr)
+        return groups

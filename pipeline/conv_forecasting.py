@@ -124,16 +124,15 @@ class FrameForecaster(Forecaster):
         super().__init__()
         hidden_channels = list(hidden_channels or [64, 64])
         self.save_hyperparameters()  # reads the locals: hidden_channels as resolved above
-        if tbptt_steps is not None and tbptt_steps < 1:
-            raise ValueError(f"tbptt_steps must be at least 1 or None, got {tbptt_steps}")
-        self.core = ConvRecurrentCore(
-            input_dim, cell, hidden_channels, kernel_sizes, patch_size, share_weights, output
+        self._setup(
+            ConvRecurrentCore(
+                input_dim, cell, hidden_channels, kernel_sizes, patch_size, share_weights, output
+            )
         )
-        self._metric_objects()
 
     def render(self, frames: torch.Tensor):
         """``(..., C, H, W)`` frames → ``(..., H, W, 3)`` uint8 pictures."""
-        from pipeline.forecast import to_uint8
+        from pipeline.pictures import to_uint8
 
         return to_uint8(frames)
 
@@ -239,12 +238,11 @@ class GridForecaster(Forecaster):
         self.save_hyperparameters()
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
-        if tbptt_steps is not None and tbptt_steps < 1:
-            raise ValueError(f"tbptt_steps must be at least 1 or None, got {tbptt_steps}")
-        self.core = ConvRecurrentCore(
-            input_dim, cell, hidden_channels, kernel_sizes, patch_size, False, "residual", covariates
+        self._setup(
+            ConvRecurrentCore(
+                input_dim, cell, hidden_channels, kernel_sizes, patch_size, False, "residual", covariates
+            )
         )
-        self._metric_objects()
 
     def _core_step(self, x: torch.Tensor, state, forecasting: bool, cond: torch.Tensor | None):
         c = self.hparams.input_dim
@@ -257,7 +255,7 @@ class GridForecaster(Forecaster):
 
     def render(self, grids: torch.Tensor):
         """``(..., C, H, W)`` scaled flows → heat maps, the channels side by side."""
-        from pipeline.forecast import heat_map
+        from pipeline.pictures import heat_map
 
         return heat_map(grids)
 

@@ -24,7 +24,6 @@ class Batch(TypedDict):
     """What every temporal task receives."""
 
     x: torch.Tensor  # (B, T, D) float32 features, or (B, T, H, W, 3) uint8 frames (end-to-end)
-    mask: torch.Tensor  # (B, T) bool, True at real steps
     y: torch.Tensor  # (B,) int64 class index
 
 
@@ -82,7 +81,7 @@ class FeatureClips(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         batch = self.__getitems__([i])
-        return {"x": batch["x"][0], "mask": batch["mask"][0], "y": int(batch["y"][0])}
+        return {"x": batch["x"][0], "y": int(batch["y"][0])}
 
     def __getitems__(self, items: list[int]) -> Batch:
         """A whole batch in one read per shard instead of one per clip (DataLoader calls this)."""
@@ -93,7 +92,6 @@ class FeatureClips(Dataset):
         steps = segment_indices(lengths, self.num_segments, self._rng if self.train else None)
         return {
             "x": self._clips(rows, steps),
-            "mask": torch.ones(len(rows), self.num_segments, dtype=torch.bool),
             "y": torch.tensor([self.class_index[row.label] for row in rows], dtype=torch.int64),
         }
 
@@ -194,6 +192,7 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
     """
 
     store_type: type[FeatureStore] | type[FrameStore] = FeatureStore
+    clips_type: type[FeatureClips] = FeatureClips
 
     def __init__(
         self,
@@ -209,7 +208,10 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
         super().__init__()
         if not 0 <= feature_dropout < 1:
             raise ValueError(f"feature_dropout must be in [0, 1), got {feature_dropout}")
-        self.feature_noise, self.feature_dropout = feature_noise, feature_dropout
+        self.clip_options: dict = {
+            "noise": feature_noise,
+            "drop": feature_dropout,
+        }  # the clips' own arguments
         self.inputs = {self.store_type.prefix: str(features)}  # {"features": path}, or {"frames": path}
         self.num_segments, self.batch_size = num_segments, batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
@@ -222,8 +224,8 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
             s: [r for r in store.split(s) if r.label in self.classes] for s in ("train", "val", "test")
         }
 
-    def _describe(self, store: FeatureStore) -> tuple[str, int]:
-        """The store's cache key and the features per step."""
+    def _describe(self, store: FeatureStore) -> tuple[str, int | None]:
+        """The store's cache key and the features per step (None: the model's backbone decides)."""
         return store.cache_key, int(np.prod(store.feature_shape))
 
     @property
@@ -234,17 +236,14 @@ class FeatureDataModule(SplitLoaders, pl.LightningDataModule):
     def store_meta(self) -> dict:
         return self.store.meta
 
+    def _clips(self, split: str) -> FeatureClips:
+        """The clips of ``split``: jittered (and augmented) when it is the training split."""
+        train = split == "train"
+        args = (self.store, self._splits[split], self.classes, self.num_segments, train, self.seed)
+        return self.clips_type(*args, **self.clip_options)
+
     def _dataset(self, split: str) -> FeatureClips:
-        return FeatureClips(
-            self.store,
-            self._splits[split],
-            self.classes,
-            self.num_segments,
-            split == "train",
-            self.seed,
-            self.feature_noise,
-            self.feature_dropout,
-        )
+        return self._clips(split)
 
     # The split `vpipe predict --predict_split` reads: train, val, test or all (the three, in that order).
     predict_split: Literal["train", "val", "test", "all"] = "test"
@@ -276,6 +275,7 @@ class FrameDataModule(FeatureDataModule):
     """
 
     store_type = FrameStore
+    clips_type = FrameClips
 
     def __init__(
         self,
@@ -290,24 +290,13 @@ class FrameDataModule(FeatureDataModule):
         check_modality(modality)  # before the store is read: a config error first
         self.modality = modality
         super().__init__(frames, num_segments, batch_size, num_workers, pin_memory, seed)
+        self.clip_options = {"modality": modality}
 
-    def _dataset(self, split: str) -> FrameClips:
-        return FrameClips(
-            self.store,
-            self._splits[split],
-            self.classes,
-            self.num_segments,
-            split == "train",
-            self.seed,
-            modality=self.modality,
-        )
-
-    def _describe(self, store: FrameStore) -> tuple[str, int]:
+    def _describe(self, store: FrameStore) -> tuple[str, int | None]:
         sizes = {(r.width, r.height) for r in store.index}
         if len(sizes) > 1:
             raise ValueError(
                 f"{store.root}: frames of {len(sizes)} different sizes; extract with a fixed --size "
                 "for end-to-end training"
             )
-        # input_dim 0: the model's backbone decides the features per step.
-        return store.meta.get("content_hash", ""), 0
+        return store.meta.get("content_hash", ""), None  # frames: the model's backbone makes the features

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.cores import FeatureRecurrentCore, detach_state
-from pipeline.optim import adamw_warmup_cosine
+from pipeline.optim import WarmupCosineAdamW
 from pipeline.sequences import SequenceBatch
 
 
@@ -38,7 +38,7 @@ class HorizonMeans(torchmetrics.Metric):
         return self.total / self.count.clamp(min=1)
 
 
-class Forecaster(pl.LightningModule):
+class Forecaster(WarmupCosineAdamW, pl.LightningModule):
     """What the forecasters share: the training loop over a sequence (teacher forcing, scheduled
     sampling, truncated backpropagation through time with manual optimisation), autoregressive
     rollouts, and per-horizon test metrics beside the copy-last-frame baseline on the same windows.
@@ -79,7 +79,12 @@ class Forecaster(pl.LightningModule):
         k = self.hparams.tbptt_steps
         return k is not None and k < self.hparams.context + self.hparams.horizon - 1
 
-    def _metric_objects(self) -> None:
+    def _setup(self, core: nn.Module) -> None:
+        """What every forecaster's ``__init__`` ends with, once its hyperparameters are saved: the checks
+        of the shared ones, its ``core``, and the metric objects."""
+        if self.hparams.tbptt_steps is not None and self.hparams.tbptt_steps < 1:
+            raise ValueError(f"tbptt_steps must be at least 1 or None, got {self.hparams.tbptt_steps}")
+        self.core = core
         horizon, count = self.hparams.horizon, len(self.METRICS)
         self.losses = nn.ModuleDict(
             {f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("train", "val", "test")}
@@ -181,7 +186,7 @@ class Forecaster(pl.LightningModule):
                 )
             optimizer.step()
             losses.append(loss.detach())
-        scheduler.step()
+        scheduler.step_update(self.trainer.fit_loop.total_batch_idx + 1)  # per batch, not per chunk
         self.losses["train_loss"].update(torch.stack(losses).mean(), len(batch["x"]))
 
     def on_train_epoch_start(self) -> None:
@@ -232,11 +237,6 @@ class Forecaster(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
-    def configure_optimizers(self):
-        return adamw_warmup_cosine(
-            self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_epochs
-        )
-
 
 class FeatureForecaster(Forecaster):
     """Next-step prediction in feature space: cached CNN features of frames 1..t → frame t + 1's,
@@ -267,7 +267,7 @@ class FeatureForecaster(Forecaster):
 
     def __init__(
         self,
-        input_dim: int = 0,
+        input_dim: int | None = None,
         context: int = 8,
         horizon: int = 4,
         cell: Literal["rnn", "lstm", "gru"] = "gru",
@@ -285,12 +285,9 @@ class FeatureForecaster(Forecaster):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if input_dim <= 0:
-            raise ValueError(f"input_dim must be positive, got {input_dim}")
-        if tbptt_steps is not None and tbptt_steps < 1:
-            raise ValueError(f"tbptt_steps must be at least 1 or None, got {tbptt_steps}")
-        self.core = FeatureRecurrentCore(input_dim, cell, hidden_size, num_layers, dropout)
-        self._metric_objects()
+        if (input_dim or 0) <= 0:
+            raise ValueError(f"input_dim must be positive (the data module gives it), got {input_dim}")
+        self._setup(FeatureRecurrentCore(input_dim, cell, hidden_size, num_layers, dropout))
 
     def chunk_losses(
         self, x: torch.Tensor, teacher_forcing: float = 1.0, cond: torch.Tensor | None = None

@@ -1,11 +1,8 @@
 """Temporal heads: plain ``torch.nn`` modules (no Lightning) mapping a clip of features to logits.
 
 Every head takes ``input_dim`` and ``num_classes`` first (the data module supplies them) and is
-called as ``head(x, mask)``:
-
-- ``x``: ``(B, T, D)`` float features, padded along T;
-- ``mask``: ``(B, T)`` bool, True where a step is a real frame (at least one per clip);
-- returns ``(B, num_classes)`` logits.
+called as ``head(x)``: ``x`` is ``(B, T, D)`` float features (every clip has the same T, its TSN
+segments); it returns ``(B, num_classes)`` logits.
 
 Configs name heads by import path (``class_path: pipeline.heads.GRUHead``). The forecasting cores,
 which predict the next step instead of a class, are in :mod:`pipeline.cores`.
@@ -20,39 +17,28 @@ import torch
 from torch import nn
 
 
-def last_valid(outputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``outputs[b, last true index of mask[b]]``: (B, T, H) → (B, H)."""
-    last = mask.long().sum(1).clamp(min=1) - 1  # (B,)
-    return outputs[torch.arange(outputs.shape[0], device=outputs.device), last]
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over valid steps: (B, T, D) → (B, D)."""
-    weights = mask.unsqueeze(-1).to(x.dtype)
-    return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-
 class RecurrentHead(nn.Module):
-    """A recurrent network over the clip; the logits come from the last valid step.
+    """A recurrent network over the clip; the logits come from the last step. The subclasses
+    :class:`RNNHead`, :class:`LSTMHead` and :class:`GRUHead` choose the cell (``cell``, a class attribute).
 
     With ``bidirectional=True`` the backward direction's output at the first step (which has read
-    the whole clip) is concatenated with the forward direction's output at the last valid step.
+    the whole clip) is concatenated with the forward direction's output at the last step.
 
     Args:
         input_dim: features per step.
         num_classes: outputs.
-        cell: ``rnn`` (tanh), ``lstm`` or ``gru``.
         hidden_size: units per direction.
         num_layers: stacked layers.
         bidirectional: read the clip in both directions.
         dropout: between stacked layers and before the classifier.
     """
 
+    cell: Literal["rnn", "lstm", "gru"] = "gru"
+
     def __init__(
         self,
         input_dim: int,
         num_classes: int,
-        cell: Literal["rnn", "lstm", "gru"] = "gru",
         hidden_size: int = 128,
         num_layers: int = 1,
         bidirectional: bool = False,
@@ -60,8 +46,8 @@ class RecurrentHead(nn.Module):
     ):
         super().__init__()
         self.norm = nn.LayerNorm(input_dim)  # cached CNN features come at arbitrary scales
-        kind = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
-        extra = {"nonlinearity": "tanh"} if cell == "rnn" else {}
+        kind = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[self.cell]
+        extra = {"nonlinearity": "tanh"} if self.cell == "rnn" else {}
         self.rnn = kind(
             input_dim,
             hidden_size,
@@ -75,9 +61,9 @@ class RecurrentHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(self.norm(x))  # (B, T, H * directions)
-        summary = last_valid(out[..., : self.hidden_size], mask)
+        summary = out[:, -1, : self.hidden_size]
         if self.bidirectional:
             summary = torch.cat([summary, out[:, 0, self.hidden_size :]], dim=-1)
         return self.fc(self.dropout(summary))
@@ -86,46 +72,19 @@ class RecurrentHead(nn.Module):
 class RNNHead(RecurrentHead):
     """Vanilla (tanh) RNN head; see :class:`RecurrentHead` for the arguments."""
 
-    def __init__(
-        self,
-        input_dim: int,
-        num_classes: int,
-        hidden_size: int = 128,
-        num_layers: int = 1,
-        bidirectional: bool = False,
-        dropout: float = 0.0,
-    ):
-        super().__init__(input_dim, num_classes, "rnn", hidden_size, num_layers, bidirectional, dropout)
+    cell = "rnn"
 
 
 class LSTMHead(RecurrentHead):
     """LSTM head; see :class:`RecurrentHead` for the arguments."""
 
-    def __init__(
-        self,
-        input_dim: int,
-        num_classes: int,
-        hidden_size: int = 128,
-        num_layers: int = 1,
-        bidirectional: bool = False,
-        dropout: float = 0.0,
-    ):
-        super().__init__(input_dim, num_classes, "lstm", hidden_size, num_layers, bidirectional, dropout)
+    cell = "lstm"
 
 
 class GRUHead(RecurrentHead):
     """GRU head; see :class:`RecurrentHead` for the arguments."""
 
-    def __init__(
-        self,
-        input_dim: int,
-        num_classes: int,
-        hidden_size: int = 128,
-        num_layers: int = 1,
-        bidirectional: bool = False,
-        dropout: float = 0.0,
-    ):
-        super().__init__(input_dim, num_classes, "gru", hidden_size, num_layers, bidirectional, dropout)
+    cell = "gru"
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -140,7 +99,7 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
 
 
 class TransformerHead(nn.Module):
-    """A small Transformer encoder with learned positions; masked mean of its outputs → logits.
+    """A small Transformer encoder with learned positions; the mean of its outputs → logits.
 
     Args:
         input_dim: features per step.
@@ -177,14 +136,13 @@ class TransformerHead(nn.Module):
         """Parameters weight decay leaves alone (timm's convention): decay would pull the positions to zero."""
         return {"pos"}
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.proj(x) + self.pos[:, : x.shape[1]]
-        h = self.encoder(h, src_key_padding_mask=~mask)
-        return self.fc(masked_mean(h, mask))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.proj(x) + self.pos[:, : x.shape[1]])
+        return self.fc(h.mean(1))
 
 
 class MeanPoolHead(nn.Module):
-    """Order-invariant baseline: masked mean of the features over time, then an MLP.
+    """Order-invariant baseline: the mean of the features over time, then an MLP.
 
     Args:
         input_dim: features per step.
@@ -208,8 +166,8 @@ class MeanPoolHead(nn.Module):
             layers.append(nn.Linear(input_dim, num_classes))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.mlp(masked_mean(self.norm(x), mask))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(x).mean(1))
 
 
 class RowLSTMEncoder(nn.Module):
@@ -266,11 +224,12 @@ class RowLSTMHead(nn.Module):
         super().__init__()
         self.encoder = RowLSTMEncoder(input_dim, grid, row_hidden)
         if temporal in ("rnn", "lstm", "gru"):
-            self.head = RecurrentHead(row_hidden, num_classes, temporal, hidden_size, dropout=dropout)
+            cls = {"rnn": RNNHead, "lstm": LSTMHead, "gru": GRUHead}[temporal]
+            self.head = cls(row_hidden, num_classes, hidden_size, dropout=dropout)
         elif temporal == "transformer":
             self.head = TransformerHead(row_hidden, num_classes, d_model=hidden_size, dropout=dropout)
         else:
             self.head = MeanPoolHead(row_hidden, num_classes, hidden_size, dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x), mask)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))

@@ -29,7 +29,7 @@ class VideoModel(mlflow.pyfunc.PythonModel):
     features came from a weights file, ``backbone``)."""
 
     def load_context(self, context) -> None:
-        from pipeline.classify import load
+        from pipeline.checkpoints import load
 
         checkpoint = context.artifacts["checkpoint"]
         self.task = str(_recipe(Path(checkpoint)).get("task", "")).rpartition(".")[2]
@@ -75,7 +75,7 @@ class VideoModel(mlflow.pyfunc.PythonModel):
             name = str(row.get("video") or row.get("filename") or f"row {i}")
             if self.task == "Captioner":
                 with torch.inference_mode():
-                    caption = self.model.model.generate(*self.model.inputs(frames))[0]
+                    caption = self.model.model.generate(self.model.inputs(frames))[0]
                 rows.append({"video": name, "caption": caption})
             else:
                 best = top(self.model.probabilities(frames), self.model.classes, k)

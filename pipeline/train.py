@@ -21,20 +21,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from pipeline import inputs, tracking
-from pipeline.callbacks import CaptionReport, ConfusionReport, EpochCSV, ForecastReport, PredictionCSV
-from pipeline.lineage import (
-    AtomicCheckpointIO,
-    InferenceRecipe,
-    LogConfigToMLflow,
-    RunIdInCheckpoint,
-    RunInputs,
-)
+from pipeline.callbacks import PredictionCSV, fit_callbacks, report_callbacks
+from pipeline.lineage import AtomicCheckpointIO, LogConfigToMLflow, RunIdInCheckpoint, RunInputs
 
 
 class CommandError(ValueError):
@@ -142,30 +135,11 @@ class VPipeCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         if self.subcommand == "fit":
-            callbacks += [
-                ModelCheckpoint(
-                    dirpath=root / "models" / name,
-                    filename="best",
-                    monitor=self._get(self.config, "monitor"),
-                    mode=self._get(self.config, "monitor_mode"),
-                    save_last=False,
-                    enable_version_counter=False,
-                ),
-                # last.ckpt after every epoch, improved or not (save_last only copies when a best is saved): resume from it.
-                ModelCheckpoint(
-                    dirpath=root / "models" / name,
-                    filename="last",
-                    save_top_k=1,
-                    enable_version_counter=False,
-                    save_on_train_epoch_end=True,
-                ),
-                EpochCSV(root / "plots" / name / "epochs.csv"),
-                InferenceRecipe(self._get(self.config, "model").as_dict()),
-            ]
+            monitor = (self._get(self.config, "monitor"), self._get(self.config, "monitor_mode"))
+            model_config = self._get(self.config, "model").as_dict()
+            callbacks += fit_callbacks(root / "models" / name, root / "plots" / name, *monitor, model_config)
         if self.subcommand in ("fit", "test"):
-            callbacks += [ConfusionReport(root / "plots" / name), ForecastReport(root / "plots" / name)]
-            if type(self.model).__module__ == "pipeline.captioning":
-                callbacks.append(CaptionReport(root / "plots" / name))
+            callbacks += report_callbacks(root / "plots" / name, self.model)
         if self.subcommand == "predict":
             split = self._get(self.config, "predict_split")
             self.datamodule.predict_split = split
@@ -206,8 +180,6 @@ class VPipeCLI(LightningCLI):
         )
         if path is None or not path.is_file():
             return None
-        import torch
-
         # mmap: only the run id is needed here; Lightning reads the weights when it restores them.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(RunIdInCheckpoint.KEY)
 
@@ -253,14 +225,9 @@ class VPipeCLI(LightningCLI):
                 f"{self.experiment}: export_backbone needs a model with `backbone: NAME` (trained end to end)"
             )
         self.trainer.validate(model, datamodule=dm, ckpt_path="best")  # loads the best weights into model
-        metrics = {
-            k: round(float(v), 6)
-            for k, v in sorted(self.trainer.callback_metrics.items())
-            if k.startswith("val/")
-        }
+        metrics = self._write_metrics("val/")
         if not self.trainer.is_global_zero:
             return
-        root = tracking.workspace()
         store = dm.store_meta
         card = {
             "backbone": model.hparams.backbone,
@@ -274,13 +241,9 @@ class VPipeCLI(LightningCLI):
             "best_epoch": self._best_epoch(),
             "val": metrics,
         }
-        path = root / "models" / self.experiment / "backbone.safetensors"
+        path = tracking.workspace() / "models" / self.experiment / "backbone.safetensors"
         card = backbone.save(model.encoder.model, path, card)
-        out = root / "metrics" / f"{self.experiment}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2) + "\n")
         if (logger := tracking.run_logger(self.trainer)) is not None:
-            logger.log_metrics(metrics, step=self.trainer.global_step)
             for file in (path, backbone.card_path(path)):
                 logger.experiment.log_artifact(logger.run_id, str(file), "backbone")
             logger.experiment.set_tag(logger.run_id, "backbone.weights_sha256", card["weights_sha256"])
@@ -289,25 +252,26 @@ class VPipeCLI(LightningCLI):
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         if not best:
             return None
-        import torch
-
         return int(torch.load(best, map_location="cpu", weights_only=True, mmap=True).get("epoch", -1))
 
     def after_test(self) -> dict[str, float]:
-        """Write the test metrics (synced over all ranks) to ``metrics/NAME.json`` on rank zero; returns them."""
+        """Write the test metrics to ``metrics/NAME.json``; returns them."""
+        return self._write_metrics("test/")
+
+    def _write_metrics(self, prefix: str) -> dict[str, float]:
+        """The metrics named ``prefix...`` (synced over all ranks), rounded, to ``metrics/NAME.json`` and the
+        MLflow run, on rank zero; returns them."""
         metrics = {
             k: round(float(v), 6)
             for k, v in sorted(self.trainer.callback_metrics.items())
-            if k.startswith("test/")
+            if k.startswith(prefix)
         }
         if self.trainer.is_global_zero:
             path = tracking.workspace() / "metrics" / f"{self.experiment}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(metrics, indent=2) + "\n")
-            if (
-                logger := tracking.run_logger(self.trainer)
-            ) is not None:  # the file's values, not float32's 0.30000001
-                logger.log_metrics(metrics, step=self.trainer.global_step)
+            if (logger := tracking.run_logger(self.trainer)) is not None:
+                logger.log_metrics(metrics, step=self.trainer.global_step)  # the file's values, not float32's
         return metrics
 
 

@@ -31,6 +31,8 @@ from av.video.reformatter import VideoReformatter
 from pipeline.images import DEFAULT_IMAGE_FPS, image_sequence
 from pipeline.resample import SampleAndHold, shows_nothing, uniform_indices
 
+# PyAV's error (a failed open, demux or decode), for the modules that catch it without importing av.
+FFmpegError = av.FFmpegError
 # Packets read ahead of the decoder: enough to see past any B-frame reordering.
 LOOKAHEAD = 32
 # A start_sec later than this seeks to the keyframe before it; earlier ones decode from the start.

@@ -172,7 +172,7 @@ def test_report_lists_run_durations(trained_project, monkeypatch):
 
 
 def test_classify_finds_the_stage_weights_where_features_read_them(stage, tmp_path):
-    from pipeline.classify import ClassifyError, _backbone
+    from pipeline.checkpoints import ClassifyError, rebuild_backbone
 
     weights = stage / "models" / "backbone_gestures" / "backbone.safetensors"
     meta = compute(
@@ -184,7 +184,7 @@ def test_classify_finds_the_stage_weights_where_features_read_them(stage, tmp_pa
         num_workers=0,
         accelerator="cpu",
     )
-    encoder = _backbone(
+    encoder = rebuild_backbone(
         meta, None, "model.ckpt"
     )  # no --weights: the path recorded in meta.json, hash checked
     store, feats = FrameStore(stage / "frames"), FeatureStore(tmp_path / "f")
@@ -196,4 +196,4 @@ def test_classify_finds_the_stage_weights_where_features_read_them(stage, tmp_pa
     other, _ = backbone.create("test_resnet", seed=5)
     torch.save(other.state_dict(), tmp_path / "other.pth")
     with pytest.raises(ClassifyError, match="not the weights the features were computed with"):
-        _backbone(meta, str(tmp_path / "other.pth"), "model.ckpt")
+        rebuild_backbone(meta, str(tmp_path / "other.pth"), "model.ckpt")

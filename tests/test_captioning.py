@@ -141,11 +141,11 @@ def test_scores_order_metric_and_nearest_neighbour():
 def test_beam_search_of_width_one_is_greedy(decoder):
     torch.manual_seed(0)
     model = CaptionModel(input_dim=6, vocab_size=12, decoder=decoder, hidden_size=16, embed_dim=8).eval()
-    x, mask = torch.randn(5, 4, 6), torch.ones(5, 4, dtype=torch.bool)
-    greedy = model.greedy(x, mask, max_length=7)
-    assert model.beam_search(x, mask, beam_size=1, max_length=7) == greedy
+    x = torch.randn(5, 4, 6)
+    greedy = model.greedy(x, max_length=7)
+    assert model.beam_search(x, beam_size=1, max_length=7) == greedy
     assert any(len(words) == 7 for words in greedy) or all(Vocabulary.EOS not in w for w in greedy)
-    wide = model.beam_search(x, mask, beam_size=4, max_length=7)
+    wide = model.beam_search(x, beam_size=4, max_length=7)
     assert len(wide) == 5 and all(all(Vocabulary.BOS < w for w in words) or words == [] for words in wide)
 
 
@@ -165,14 +165,13 @@ def test_a_tiny_captioner_learns_a_handful_of_clips_exactly(encoder):
     vocab = Vocabulary.build(captions)
     x = torch.randn(4, 5, 10)
     x = torch.cat([x, x[:2].flip(1)])  # (6, 5, 10)
-    mask = torch.ones(6, 5, dtype=torch.bool)
     tokens = torch.nn.utils.rnn.pad_sequence(
         [torch.tensor(vocab.encode(c, 20)) for c in captions], batch_first=True
     )
     model = CaptionModel(10, len(vocab), encoder=encoder, hidden_size=64, embed_dim=32, dropout=0.0)
     optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(150):
-        logits = model(x, mask, tokens[:, :-1])
+        logits = model(x, tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=Vocabulary.PAD
         )
@@ -180,8 +179,8 @@ def test_a_tiny_captioner_learns_a_handful_of_clips_exactly(encoder):
         loss.backward()
         optimiser.step()
     model.eval()
-    greedy = [vocab.decode(ids) for ids in model.greedy(x, mask, 20)]
-    beam = [vocab.decode(ids) for ids in model.beam_search(x, mask, 3, 20)]
+    greedy = [vocab.decode(ids) for ids in model.greedy(x, 20)]
+    beam = [vocab.decode(ids) for ids in model.beam_search(x, 3, 20)]
     if encoder == "gru":
         assert greedy == captions and beam == captions
     else:  # the mean of a clip equals the mean of its reverse: one caption for both of each pair

@@ -30,7 +30,7 @@ def _classify(args: list[str], capsys) -> tuple[int, str, str]:
 
 def test_features_on_the_fly_equal_the_cached_ones(trained_project):
     """The recipe in the checkpoint rebuilds decoding and the backbone: same probabilities as the store's features."""
-    from pipeline.classify import load
+    from pipeline.checkpoints import load
     from pipeline.data import segment_indices
     from pipeline.stores import FeatureStore
     from pipeline.video import decode
@@ -45,7 +45,7 @@ def test_features_on_the_fly_equal_the_cached_ones(trained_project):
         assert len(rows) == len(frames)
         x = torch.from_numpy(rows[segment_indices(len(rows), 4, None)].reshape(1, 4, -1))
         with torch.inference_mode():
-            expected = torch.softmax(classifier.model(x, torch.ones(1, 4, dtype=torch.bool)), -1)[0].numpy()
+            expected = torch.softmax(classifier.model(x), -1)[0].numpy()
         np.testing.assert_allclose(classifier.probabilities(frames), expected, atol=1e-3)
 
 
@@ -151,7 +151,7 @@ def test_bad_inputs_fail_clearly_and_print_no_result(trained_project, tmp_path, 
 def test_end_to_end_model_is_given_the_frames(trained_project, tmp_path, monkeypatch):
     """A Classifier with its own backbone, trained on a frame store: classify feeds it the decoded frames,
     which equal the store's (same decoder, same parameters)."""
-    from pipeline.classify import load
+    from pipeline.checkpoints import load
     from pipeline.data import segment_indices
     from pipeline.stores import FrameStore
     from pipeline.train import cli_main
@@ -174,5 +174,5 @@ def test_end_to_end_model_is_given_the_frames(trained_project, tmp_path, monkeyp
     np.testing.assert_array_equal(frames, stored)
     clip = torch.from_numpy(stored[segment_indices(len(stored), 4, None)])[None]
     with torch.inference_mode():
-        expected = torch.softmax(classifier.model(clip, torch.ones(1, 4, dtype=torch.bool)), -1)[0].numpy()
+        expected = torch.softmax(classifier.model(clip), -1)[0].numpy()
     np.testing.assert_allclose(classifier.probabilities(frames), expected, atol=1e-5)

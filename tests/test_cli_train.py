@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from test_training import feature_store
+from test_training import feature_store, frame_store
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "tests" / "configs" / "gru_features.yaml")
@@ -28,6 +28,7 @@ class LearningRates(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.groups = getattr(self, "groups", []) + [[g["lr"] for g in trainer.optimizers[0].param_groups]]
         if self.stop_after is not None and len(self.lrs) >= self.stop_after:
             trainer.should_stop = True
 
@@ -72,6 +73,31 @@ def test_warmup_reaches_the_peak_learning_rate_whatever_bounds_the_run(features,
         )  # cosine to ~0 at max_steps
     else:
         assert len(got) == 9 and got[3:] == pytest.approx([0.01] * 6)  # unbounded: constant after the warm-up
+
+
+def test_backbone_rate_follows_the_same_schedule_scaled(tmp_path):
+    """End to end, the backbone's groups run at backbone_lr / lr of the head's rate at every step of the
+    warm-up and the decay (timm's lr_scale), not at a warm-up of their own."""
+    from pipeline.classification import Classifier
+    from pipeline.data import FrameDataModule
+    from pipeline.heads import GRUHead
+
+    data = FrameDataModule(str(frame_store(tmp_path / "frames", test_videos=3)), num_segments=2, batch_size=4)
+    model = Classifier(
+        GRUHead, num_classes=data.num_classes, backbone="test_resnet", backbone_input_size=32,
+        lr=0.01, backbone_lr=0.001, warmup_epochs=1,
+    )  # fmt: skip
+    lrs = LearningRates()
+    trainer = pl.Trainer(
+        max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[lrs], accelerator="cpu", limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, data)
+    head_groups = len(model.param_groups()) - 2  # the backbone's two groups (decay, no decay) come last
+    assert len(lrs.groups) == 8 and lrs.lrs[1] > lrs.lrs[0] and lrs.lrs[-1] < lrs.lrs[2]
+    for step in lrs.groups:
+        assert step[:head_groups] == pytest.approx([step[0]] * head_groups)
+        assert step[head_groups:] == pytest.approx([step[0] / 10] * 2)
 
 
 def _args(features: Path, *extra: str) -> list[str]:

@@ -4,6 +4,7 @@ after it, in the repository's store."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -131,3 +132,104 @@ def test_dvc_yaml_names_exactly_the_experiments_of_params_yaml():
             files = list(spec["y"]) if isinstance(spec, dict) and isinstance(spec.get("y"), dict) else [key]
             plotted |= {Path(f).parts[1] for f in files if str(f).startswith("plots/")}
     assert plotted and plotted <= names, plotted - names
+
+
+# The command line and model registration: they start a stage and register its model, but what the stage
+# writes does not depend on them (a change to them re-runs nothing).
+NOT_STAGE_CODE = {"cli", "commands", "serving", "checkpoints", "classify", "ui"}
+ENTRY = {"vpipe fit": "pipeline.train", "vpipe report": "pipeline.report", "vpipe grids": "pipeline.grids"}
+
+
+def project_imports(module: str) -> set[str]:
+    """The project modules ``module`` imports, at the top or inside a function."""
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in ("pipeline", "data_scripts"):
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            ("pipeline.", "data_scripts.")
+        ):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith(("pipeline.", "data_scripts."))}
+    return {m for m in found if (ROOT / (m.replace(".", "/") + ".py")).is_file()}
+
+
+def code_of(entries: set[str], skip: set[str]) -> set[str]:
+    """The files of ``entries`` and of every project module they import, transitively, less ``skip``."""
+    seen, todo = set(), list(entries)
+    while todo:
+        module = todo.pop()
+        if module not in seen and module.rpartition(".")[2] not in NOT_STAGE_CODE and module not in skip:
+            seen.add(module)
+            todo += project_imports(module)
+    return {m.replace(".", "/") + ".py" for m in seen}
+
+
+def stage_instances(dvc_yaml: dict, params: dict):
+    """``(name, cmd, deps, configs)`` of every stage, ``foreach`` expanded as DVC does."""
+    for name, stage in dvc_yaml["stages"].items():
+        if "foreach" not in stage:
+            yield name, stage["cmd"], stage["deps"], []
+            continue
+        items = params
+        for part in stage["foreach"].strip("${}").split("."):
+            items = items[part]
+        for key, item in items.items() if isinstance(items, dict) else ((i, i) for i in items):
+
+            def expand(text: str, key=key, item=item) -> str:
+                text = text.replace("${key}", str(key)).replace("${item}", str(item))
+                for field, value in item.items() if isinstance(item, dict) else []:
+                    text = text.replace(f"${{item.{field}}}", str(value))
+                return text
+
+            cmd = " ".join(expand(stage["do"]["cmd"]).split())
+            deps = [expand(d) for d in stage["do"]["deps"]]
+            yield f"{name}@{key}", cmd, deps, [c for c in cmd.split() if c.startswith("configs/")]
+
+
+def class_modules(config: Path) -> set[str]:
+    """The project modules a training config names (``class_path``), at any depth."""
+    found, todo = set(), [yaml.safe_load(config.read_text())]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            path = node.get("class_path", "")
+            if isinstance(path, str) and path.startswith("pipeline."):
+                found.add(path.rpartition(".")[0])
+            todo += node.values()
+        elif isinstance(node, list):
+            todo += node
+    return found
+
+
+def test_every_stage_depends_on_exactly_the_code_it_runs():
+    """Each stage's ``pipeline/`` and ``data_scripts/`` deps are the modules its command runs (its entry
+    module, the classes its config names, and all they import): a change to one re-runs the stages
+    whose outputs it can change, and no other (a ``foreach`` stage's list serves all its instances)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    generators = {f"data_scripts.{name}" for name in params["synthetic"]}
+    missing, used = {}, {}
+    for name, cmd, deps, configs in stage_instances(dvc_yaml, params):
+        words = cmd.split()
+        if words[:2] == ["python", "-m"]:
+            entries = {words[2]} | (
+                {f"data_scripts.{words[3]}"} if words[2] == "data_scripts.synth" else set()
+            )
+        else:
+            entries = {ENTRY.get(" ".join(words[:2]), f"pipeline.{words[1]}")}
+        for config in configs:
+            entries |= class_modules(ROOT / config)
+        expected = code_of(entries, skip=generators - entries)
+        listed = {d for d in deps if d.startswith(("pipeline/", "data_scripts/"))}
+        stage = name.partition("@")[0]
+        used.setdefault(stage, (listed, set()))[1].update(expected)
+        if expected - listed:
+            missing[name] = sorted(expected - listed)
+    needless = {
+        stage: sorted(listed - expected) for stage, (listed, expected) in used.items() if listed - expected
+    }
+    assert not missing and not needless, f"missing: {missing}; needless: {needless}"
+    assert len(used) == len(dvc_yaml["stages"])
