@@ -109,12 +109,6 @@ class Forecaster(WarmupCosineAdamW, pl.LightningModule):
         """``(B, K, ...)`` predictions and truths → ``(B, K, len(METRICS))`` per-sample values."""
         raise NotImplementedError
 
-    def _core_step(self, x: torch.Tensor, state, forecasting: bool, cond: torch.Tensor | None):
-        c = self.hparams.input_dim
-        before, after = cond[:, -2 * c : -c], cond[:, -c:]  # historical averages of slots t and t + 1
-        anomaly, state = self.core.step(x - before, state, forecasting, cond)
-        return anomaly + after, state
-
     def baselines(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
         """Each baseline's forecast of the horizon steps of ``batch`` (one per :attr:`BASELINES`)."""
         x, context = batch["x"], self.hparams.context
