@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 # Before timm and huggingface_hub are imported (they read it at import): tests never reach a model hub.
@@ -12,9 +14,79 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from pipeline.manifest import write_manifest  # noqa: E402
+from pipeline.store_writer import StoreWriter  # noqa: E402
 from pipeline.video import write_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(
+    args: list[str], nproc: int = 2, port: int | None = None, node: tuple[int, int] | None = None
+) -> list[str]:
+    """``python -m pipeline ARGS`` under ``torchrun --nproc-per-node NPROC`` on 127.0.0.1, meeting at PORT (a
+    free one unless given); ``node=(rank, count)`` makes it node RANK of COUNT."""
+    nodes = [] if node is None else ["--nnodes", str(node[1]), "--node-rank", str(node[0])]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *nodes,
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port() if port is None else port),
+        "-m",
+        "pipeline",
+        *args,
+    ]
+
+
+def extract_command(manifest: Path, out: Path, *options: str) -> list[str]:
+    """``vpipe extract --manifest MANIFEST --out OUT OPTIONS`` in a fresh interpreter (``python -m pipeline``)."""
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        *options,
+    ]
+
+
+def write_store(folder: Path, kind: str, counts: dict[str, int], clip, meta: dict, size: int = 16) -> Path:
+    """A store of KIND in FOLDER with ``counts[split]`` clips ``{split}{i}`` a split, each ``clip(rng, i) ->
+    (rows, label)`` from one generator (seed 0) drawn in that order; every clip 10 fps, 1 s, SIZE×SIZE.
+    ``meta`` is the rest of meta.json (after ``kind``)."""
+    rng = np.random.default_rng(0)
+    with StoreWriter(folder, kind) as writer:
+        for split, n in counts.items():
+            for i in range(n):
+                rows, label = clip(rng, i)
+                writer.add(
+                    rows,
+                    video_id=f"{split}{i}",
+                    label=label,
+                    split=split,
+                    src_fps=10.0,
+                    fps=10.0,
+                    width=size,
+                    height=size,
+                    duration_sec=1.0,
+                )
+        writer.finish({"kind": kind, **meta})
+    return folder
 
 
 def moving_square(frames: int = 12, height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:

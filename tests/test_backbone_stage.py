@@ -52,6 +52,20 @@ def stage(tmp_path_factory):
     return root
 
 
+def _stage_features(stage: Path, out: Path) -> dict:
+    """Grid features (2×2) of the stage's frames from its exported weights, into OUT; their meta.json."""
+    weights = stage / "models" / "backbone_gestures" / "backbone.safetensors"
+    return compute(
+        str(stage / "frames"),
+        str(out),
+        weights=str(weights),
+        pool="grid",
+        grid=2,
+        num_workers=0,
+        accelerator="cpu",
+    )
+
+
 def test_stage_exports_weights_and_card_without_testing(stage):
     out = stage / "models" / "backbone_gestures"
     card = json.loads((out / "backbone.json").read_text())
@@ -70,15 +84,7 @@ def test_stage_exports_weights_and_card_without_testing(stage):
 def test_exported_weights_load_strictly_and_reproduce_the_cached_features(stage, tmp_path):
     weights = stage / "models" / "backbone_gestures" / "backbone.safetensors"
     frames = stage / "frames"
-    meta = compute(
-        str(frames),
-        str(tmp_path / "f"),
-        weights=str(weights),
-        pool="grid",
-        grid=2,
-        num_workers=0,
-        accelerator="cpu",
-    )  # backbone name and input size from the card
+    meta = _stage_features(stage, tmp_path / "f")  # backbone name and input size from the card
     assert meta["backbone"] == "test_resnet" and meta["preprocessing"]["input_size"] == [32, 32]
     assert meta["modality"] == "rgb" and meta["weights"]["weights_sha256"] == backbone.file_sha256(weights)
     # The same CNN, taken from the best checkpoint the stage validated, encodes the frames the same way.
@@ -174,16 +180,7 @@ def test_report_lists_run_durations(trained_project, monkeypatch):
 def test_classify_finds_the_stage_weights_where_features_read_them(stage, tmp_path):
     from pipeline.checkpoints import ClassifyError, rebuild_backbone
 
-    weights = stage / "models" / "backbone_gestures" / "backbone.safetensors"
-    meta = compute(
-        str(stage / "frames"),
-        str(tmp_path / "f"),
-        weights=str(weights),
-        pool="grid",
-        grid=2,
-        num_workers=0,
-        accelerator="cpu",
-    )
+    meta = _stage_features(stage, tmp_path / "f")
     encoder = rebuild_backbone(
         meta, None, "model.ckpt"
     )  # no --weights: the path recorded in meta.json, hash checked

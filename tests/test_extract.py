@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import extract_command
 from pipeline.extract import ExtractError, extract, merge
 from pipeline.manifest import ManifestError, read_manifest, write_manifest
 from pipeline.stores import FrameStore, StoreError
@@ -197,18 +198,7 @@ def test_killed_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, make_vi
         rows.append({"video_id": f"v{i}", "path": f"v/{i}.mp4", "label": "a", "split": "train"})
     write_manifest(tmp_path / "m.csv", rows)
     out = tmp_path / "store"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "extract",
-        "--manifest",
-        str(tmp_path / "m.csv"),
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-    ]
+    cmd = extract_command(tmp_path / "m.csv", out, "--workers", "1")
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".store.tmp-*/spill/*")) and time.time() < deadline:

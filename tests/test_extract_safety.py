@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import moving_square
+from conftest import extract_command, moving_square
 from pipeline import video
 from pipeline.atomic import clean_stale
 from pipeline.extract import extract
@@ -35,20 +35,7 @@ def test_worker_killed_mid_video_costs_that_video_only(tmp_path, make_video, mon
     manifest = _manifest(tmp_path, make_video, 6, frames=60)
     # The worker decoding v2 sends itself SIGKILL after its fifth frame.
     monkeypatch.setenv("VPIPE_FAULT", "decode-v2")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "extract",
-        "--manifest",
-        str(manifest),
-        "--out",
-        str(tmp_path / "store"),
-        "--workers",
-        "2",
-        "--on-error",
-        "skip",
-    ]
+    cmd = extract_command(manifest, tmp_path / "store", "--workers", "2", "--on-error", "skip")
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
@@ -248,37 +235,26 @@ def test_skipping_unused_frames_gives_the_frames_of_full_decoding(tmp_path, kind
             assert skipping.skipped > 0 and skipping.decoded < full.decoded
 
 
+def _importers(*args: str) -> subprocess.CompletedProcess:
+    """``python -m data_scripts.importers ARGS`` from the repository root, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "data_scripts.importers", *args], capture_output=True, text=True, cwd=ROOT
+    )
+
+
 def test_tree_import_gives_unique_ids_when_stems_collide(tmp_path, make_video):
     for name in ("a.mp4", "a.avi", "b.mp4"):
         make_video(f"data/left/{name}")
         make_video(f"data/right/{name}", seed=1)
     out = tmp_path / "data" / "manifest.csv"
-    done = subprocess.run(
-        [sys.executable, "-m", "data_scripts.importers", "tree", str(tmp_path / "data"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    done = _importers("tree", str(tmp_path / "data"), "--out", str(out))
     assert done.returncode == 0, done.stderr
     ids = sorted(e.video_id for e in read_manifest(out))
     assert ids == ["left/a.avi", "left/a.mp4", "left/b", "right/a.avi", "right/a.mp4", "right/b"]
 
 
 def test_importer_problems_are_one_line_errors(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_scripts.importers",
-            "tree",
-            str(tmp_path / "nowhere"),
-            "--out",
-            str(tmp_path / "m.csv"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    done = _importers("tree", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.csv"))
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert (
         done.stderr.strip().startswith("error:")
@@ -288,21 +264,8 @@ def test_importer_problems_are_one_line_errors(tmp_path):
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "trainlist01.txt").write_text("A/v_A_g01_c01.avi 1\nB/v_A_g01_c01.avi 2\n")
     (tmp_path / "lists" / "testlist01.txt").write_text("")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_scripts.importers",
-            "ucf101",
-            str(tmp_path),
-            "--splits",
-            str(tmp_path / "lists"),
-            "--out",
-            str(tmp_path / "m.csv"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    done = _importers(
+        "ucf101", str(tmp_path), "--splits", str(tmp_path / "lists"), "--out", str(tmp_path / "m.csv")
     )
     assert done.returncode != 0 and "Traceback" not in done.stderr and "v_A_g01_c01" in done.stderr
     assert not (tmp_path / "m.csv").exists()

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_store
 from pipeline import cores
-from pipeline.store_writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
@@ -51,32 +51,37 @@ def digits(tmp_path_factory) -> dict:
     return {"raw": raw, "frames": folder / "frames"}
 
 
+def tiny_frame_args(name: str, digits: dict) -> list[str]:
+    """``vpipe fit`` arguments of the frame forecaster NAME on the digits: configs/debug.yaml, TINY_FRAMES."""
+    return [
+        "-c",
+        str(ROOT / "configs" / f"{name}.yaml"),
+        "-c",
+        DEBUG,
+        "--data.init_args.frames",
+        str(digits["frames"]),
+        *TINY_FRAMES,
+    ]
+
+
 def drifting_features(folder: Path, test_videos: int = 5) -> Path:
     """Grid features ``(4, 2, 2)`` moving at a constant velocity per video, plus a little noise."""
-    rng = np.random.default_rng(0)
-    with StoreWriter(folder, "features") as writer:
-        for split, n in (("train", 24), ("val", 4), ("test", test_videos)):
-            for i in range(n):
-                length = int(rng.integers(12, 16))
-                start, velocity = rng.normal(0, 1, (4, 2, 2)), rng.normal(0, 0.3, (4, 2, 2))
-                feats = (
-                    start
-                    + velocity * np.arange(length)[:, None, None, None]
-                    + rng.normal(0, 0.01, (length, 4, 2, 2))
-                )
-                writer.add(
-                    feats.astype(np.float16),
-                    video_id=f"{split}{i}",
-                    label="x",
-                    split=split,
-                    src_fps=10.0,
-                    fps=10.0,
-                    width=16,
-                    height=16,
-                    duration_sec=1.0,
-                )
-        writer.finish({"kind": "features", "cache_key": "test", "feature_shape": [4, 2, 2]})
-    return folder
+
+    def clip(rng, i):
+        length = int(rng.integers(12, 16))
+        start, velocity = rng.normal(0, 1, (4, 2, 2)), rng.normal(0, 0.3, (4, 2, 2))
+        feats = (
+            start + velocity * np.arange(length)[:, None, None, None] + rng.normal(0, 0.01, (length, 4, 2, 2))
+        )
+        return feats.astype(np.float16), "x"
+
+    return write_store(
+        folder,
+        "features",
+        {"train": 24, "val": 4, "test": test_videos},
+        clip,
+        {"cache_key": "test", "feature_shape": [4, 2, 2]},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -335,19 +340,7 @@ def test_feature_forecaster_beats_copy_last(features, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", FRAME_CONFIGS)
 def test_frame_configs_run(name, digits, tmp_path, monkeypatch):
-    metrics = fit(
-        [
-            "-c",
-            str(ROOT / "configs" / f"{name}.yaml"),
-            "-c",
-            DEBUG,
-            "--data.init_args.frames",
-            str(digits["frames"]),
-            *TINY_FRAMES,
-        ],
-        tmp_path,
-        monkeypatch,
-    )
+    metrics = fit(tiny_frame_args(name, digits), tmp_path, monkeypatch)
     for metric in ("mse", "mse_frame", "mae", "mae_frame", "ssim", "psnr"):
         for prefix in ("test/", "test/copy_last/"):
             assert {f"{prefix}{metric}", f"{prefix}h01/{metric}", f"{prefix}h03/{metric}"} <= metrics.keys()
@@ -433,18 +426,7 @@ def frame_checkpoint(digits, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     os.environ["VPIPE_ROOT"] = str(root)
     try:
-        cli_main(
-            [
-                "fit",
-                "-c",
-                str(ROOT / "configs/nextframe_convgru.yaml"),
-                "-c",
-                DEBUG,
-                "--data.init_args.frames",
-                str(digits["frames"]),
-                *TINY_FRAMES,
-            ]
-        )
+        cli_main(["fit", *tiny_frame_args("nextframe_convgru", digits)])
     finally:
         del os.environ["VPIPE_ROOT"]
     return root / "models" / "nextframe_convgru" / "best.ckpt"
@@ -620,17 +602,7 @@ def test_a_fit_that_never_validates_tests_its_last_weights(digits, tmp_path, mon
     """max_epochs below check_val_every_n_epoch: no best checkpoint, so the last one is tested (not a crash)."""
     with pytest.warns(UserWarning, match="no validation ran"):
         metrics = fit(
-            [
-                "-c",
-                str(ROOT / "configs/nextframe_convgru.yaml"),
-                "-c",
-                DEBUG,
-                "--data.init_args.frames",
-                str(digits["frames"]),
-                *TINY_FRAMES,
-                "--trainer.check_val_every_n_epoch",
-                "2",
-            ],
+            [*tiny_frame_args("nextframe_convgru", digits), "--trainer.check_val_every_n_epoch", "2"],
             tmp_path,
             monkeypatch,
         )

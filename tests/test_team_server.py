@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,15 +15,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from test_training import feature_args
+
+from conftest import free_port, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "trainer-secret-4821"  # noqa: S105 - a throw-away credential of this test's server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_bin() -> Path | None:
@@ -40,6 +36,13 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+def _succeeds(cmd: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run CMD to the end (its output captured as text); it must exit 0."""
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
 @pytest.fixture
 def postgres(tmp_path):
     """A PostgreSQL server on 127.0.0.1 in a temporary data directory; yields its URI."""
@@ -49,7 +52,7 @@ def postgres(tmp_path):
     # Outside pytest's own temporary folders, which only their owner may enter.
     base = Path(tempfile.mkdtemp(prefix="vpipe-pg-"))
     os.chmod(base, 0o755)
-    data, port = base / "data", _free_port()
+    data, port = base / "data", free_port()
     data.mkdir()
     if os.geteuid() == 0:
         shutil.chown(data, "postgres", "postgres")
@@ -95,7 +98,7 @@ def postgres(tmp_path):
 @pytest.fixture
 def server(postgres, tmp_path):
     """`mlflow server` with the basic-auth app over that database; yields (url, admin credentials)."""
-    port = _free_port()
+    port = free_port()
     auth = tmp_path / "auth.ini"
     auth.write_text(
         "[mlflow]\ndefault_permission = READ\n"
@@ -195,40 +198,9 @@ def test_team_server_on_postgres_with_logins(server, tmp_path, trained_project, 
         "MLFLOW_TRACKING_PASSWORD": PASSWORD,
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(_free_port()),
-            "-m",
-            "pipeline",
-            "fit",
-            "-c",
-            str(ROOT / "tests/configs/gru_features.yaml"),
-            "-c",
-            str(ROOT / "configs/trainer/ddp.yaml"),
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.devices",
-            "2",
-            "--data.init_args.features",
-            str(trained_project / "features"),
-            "--data.init_args.batch_size",
-            "2",
-        ],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    fit = feature_args(ROOT / "tests/configs/gru_features.yaml", trained_project / "features")
+    ddp = ["-c", str(ROOT / "configs/trainer/ddp.yaml"), "--trainer.devices", "2"]
+    done = _succeeds(torchrun_command(["fit", *fit, *ddp]), env, root, timeout=600)
     assert PASSWORD not in done.stdout + done.stderr
 
     [run] = admin_client.search_runs([admin_client.get_experiment_by_name("gesture_gru").experiment_id])
@@ -242,7 +214,7 @@ def test_team_server_on_postgres_with_logins(server, tmp_path, trained_project, 
 
     # `vpipe classify --model models:/NAME/latest` loads the version from the server.
     video = trained_project / "videos" / "right5.mp4"
-    done = subprocess.run(
+    done = _succeeds(
         [
             sys.executable,
             "-m",
@@ -253,13 +225,10 @@ def test_team_server_on_postgres_with_logins(server, tmp_path, trained_project, 
             "models:/gesture_gru/latest",
             "--json",
         ],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
+        env,
+        root,
         timeout=300,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     assert '"label"' in done.stdout and str(video) in done.stdout
 
     # A read-only user reads, but cannot create runs.

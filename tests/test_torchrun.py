@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_training import feature_store
+from test_training import feature_args, feature_store
+
+from conftest import free_port, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fresh_root(tmp_path: Path) -> tuple[Path, dict]:
@@ -42,28 +37,7 @@ def _launch(cmd: list[str], env: dict, cwd: Path) -> subprocess.Popen:
 
 def _torchrun(args: list[str], env: dict, cwd: Path) -> None:
     """``python -m pipeline ARGS`` under ``torchrun --nproc-per-node 2`` on 127.0.0.1."""
-    _succeeds(
-        [
-            _launch(
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--nproc-per-node",
-                    "2",
-                    "--master-addr",
-                    "127.0.0.1",
-                    "--master-port",
-                    str(_free_port()),
-                    "-m",
-                    "pipeline",
-                    *args,
-                ],
-                env,
-                cwd,
-            )
-        ]
-    )
+    _succeeds([_launch(torchrun_command(args), env, cwd)])
 
 
 def _one_finished_run(root: Path, name: str):
@@ -104,16 +78,7 @@ def _single_process_test(args: list[str], name: str, root: Path, tmp_path: Path,
 
 
 def _gru_features(features: Path) -> list[str]:
-    return [
-        "-c",
-        str(ROOT / "tests/configs/gru_features.yaml"),
-        "--data.init_args.features",
-        str(features),
-        "--data.init_args.batch_size",
-        "2",
-        "--trainer.accelerator",
-        "cpu",
-    ]
+    return feature_args(ROOT / "tests/configs/gru_features.yaml", features)
 
 
 DDP = ["-c", str(ROOT / "configs/trainer/ddp.yaml")]
@@ -234,34 +199,8 @@ def test_torchrun_fit_of_every_task(kind, tmp_path, trained_project):
 
 def _two_nodes(args: list[str], env: dict, cwd: Path) -> None:
     """Run ``python -m pipeline ARGS`` as two one-process "nodes" on 127.0.0.1 (two torchrun launchers)."""
-    port = str(_free_port())
-    _succeeds(
-        [
-            _launch(
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--nnodes",
-                    "2",
-                    "--node-rank",
-                    str(rank),
-                    "--nproc-per-node",
-                    "1",
-                    "--master-addr",
-                    "127.0.0.1",
-                    "--master-port",
-                    port,
-                    "-m",
-                    "pipeline",
-                    *args,
-                ],
-                env,
-                cwd,
-            )
-            for rank in (0, 1)
-        ]
-    )
+    port = free_port()
+    _succeeds([_launch(torchrun_command(args, 1, port, node=(rank, 2)), env, cwd) for rank in (0, 1)])
 
 
 @pytest.mark.slow
@@ -327,7 +266,7 @@ def test_slurm_style_launch_on_a_fresh_store(tmp_path, trained_project):
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NAME": "vpipe",
         "SLURM_NODELIST": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }
     _succeeds(
         [

@@ -258,27 +258,13 @@ def test_git_dirty_ignores_what_dvc_repro_rewrites(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_sigterm_ends_the_run_failed_with_a_nonzero_status(tmp_path):
     import mlflow
-    from test_training import feature_store
+    from test_training import feature_args, feature_store
 
     features = feature_store(tmp_path / "features")
     last = tmp_path / "models" / "gesture_gru" / "last.ckpt"
+    fit = feature_args(ROOT / "tests" / "configs" / "gru_features.yaml", features)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "fit",
-            "-c",
-            str(ROOT / "tests" / "configs" / "gru_features.yaml"),
-            "--data.init_args.features",
-            str(features),
-            "--data.init_args.batch_size",
-            "2",
-            "--trainer.max_epochs",
-            "500",
-            "--trainer.accelerator",
-            "cpu",
-        ],
+        [sys.executable, "-m", "pipeline", "fit", *fit, "--trainer.max_epochs", "500"],
         cwd=tmp_path,
         env={**os.environ, "VPIPE_ROOT": str(tmp_path)},
         stdout=subprocess.DEVNULL,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_store
 from pipeline.store_writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,48 +25,44 @@ CONFIGS = sorted(
 
 def feature_store(folder: Path, test_videos: int = 7) -> Path:
     """Random grid features of 3 classes whose mean encodes the class: learnable, tiny."""
-    rng = np.random.default_rng(0)
-    with StoreWriter(folder, "features") as writer:
-        for split, n in (("train", 12), ("val", 6), ("test", test_videos)):
-            for i in range(n):
-                label = i % 3
-                feats = (rng.normal(0, 1, (int(rng.integers(5, 12)), 4, 2, 2)) + label).astype(np.float16)
-                writer.add(
-                    feats,
-                    video_id=f"{split}{i}",
-                    label=f"c{label}",
-                    split=split,
-                    src_fps=10.0,
-                    fps=10.0,
-                    width=16,
-                    height=16,
-                    duration_sec=1.0,
-                )
-        writer.finish({"kind": "features", "cache_key": "test", "feature_shape": [4, 2, 2]})
-    return folder
+
+    def clip(rng, i):
+        feats = rng.normal(0, 1, (int(rng.integers(5, 12)), 4, 2, 2)) + i % 3
+        return feats.astype(np.float16), f"c{i % 3}"
+
+    return write_store(
+        folder,
+        "features",
+        {"train": 12, "val": 6, "test": test_videos},
+        clip,
+        {"cache_key": "test", "feature_shape": [4, 2, 2]},
+    )
 
 
 def frame_store(folder: Path, test_videos: int = 7, size: int = 32) -> Path:
     """Random uint8 frames of 3 classes whose brightness encodes the class: learnable, tiny."""
-    rng = np.random.default_rng(0)
-    with StoreWriter(folder, "frames") as writer:
-        for split, n in (("train", 12), ("val", 6), ("test", test_videos)):
-            for i in range(n):
-                label = i % 3
-                frames = rng.integers(0, 100, (int(rng.integers(5, 12)), size, size, 3)) + 60 * label
-                writer.add(
-                    frames.astype(np.uint8),
-                    video_id=f"{split}{i}",
-                    label=f"c{label}",
-                    split=split,
-                    src_fps=10.0,
-                    fps=10.0,
-                    width=size,
-                    height=size,
-                    duration_sec=1.0,
-                )
-        writer.finish({"kind": "frames", "content_hash": "test"})
-    return folder
+
+    def clip(rng, i):
+        frames = rng.integers(0, 100, (int(rng.integers(5, 12)), size, size, 3)) + 60 * (i % 3)
+        return frames.astype(np.uint8), f"c{i % 3}"
+
+    return write_store(
+        folder, "frames", {"train": 12, "val": 6, "test": test_videos}, clip, {"content_hash": "test"}, size
+    )
+
+
+def feature_args(config: Path, features: Path) -> list[str]:
+    """``vpipe fit``/``test`` arguments: CONFIG over the feature store FEATURES, batches of 2, on the CPU."""
+    return [
+        "-c",
+        str(config),
+        "--data.init_args.features",
+        str(features),
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -134,28 +131,13 @@ def _vpipe(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_ddp_test_metrics_equal_single_process(tmp_path):
     """7 test clips over 2 ranks: a padding sampler would count one twice; ours counts each once."""
     features = feature_store(tmp_path / "features", test_videos=7)
-    config = ROOT / "configs" / "gesture_gru.yaml"
-    common = [
-        "-c",
-        str(config),
-        "--data.init_args.features",
-        str(features),
-        "--data.init_args.batch_size",
-        "2",
-        "--trainer.logger",
-        "false",
-        "--trainer.accelerator",
-        "cpu",
-    ]
-    _vpipe(["fit", *common, "--trainer.max_epochs", "3"], tmp_path)
+    args = feature_args(ROOT / "configs" / "gesture_gru.yaml", features)
+    _vpipe(["fit", *args, "--trainer.logger", "false", "--trainer.max_epochs", "3"], tmp_path)
     ckpt = tmp_path / "models" / "gesture_gru" / "best.ckpt"
     single = json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
     (tmp_path / "metrics" / "gesture_gru.json").unlink()
     # With MLflow on (the project's SQLite store under tmp_path): exactly one run for the 2-process job.
-    ddp_args = [a for a in common if a not in ("--trainer.logger", "false")]
-    _vpipe(
-        ["test", *ddp_args, "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--ckpt_path", str(ckpt)], tmp_path
-    )
+    _vpipe(["test", *args, "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--ckpt_path", str(ckpt)], tmp_path)
     ddp = json.loads((tmp_path / "metrics" / "gesture_gru.json").read_text())
     assert ddp.keys() == single.keys()
     for key in single:
@@ -179,17 +161,7 @@ def test_killed_fit_resumes_the_same_mlflow_run(tmp_path):
     import torch
 
     features = feature_store(tmp_path / "features")
-    args = [
-        "fit",
-        "-c",
-        str(ROOT / "configs" / "gesture_gru.yaml"),
-        "--data.init_args.features",
-        str(features),
-        "--data.init_args.batch_size",
-        "2",
-        "--trainer.accelerator",
-        "cpu",
-    ]
+    args = ["fit", *feature_args(ROOT / "configs" / "gesture_gru.yaml", features)]
     last = tmp_path / "models" / "gesture_gru" / "last.ckpt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args, "--trainer.max_epochs", "200"],
