@@ -27,7 +27,6 @@ def store_dataset(path: str | os.PathLike):
     """An MLflow dataset entity for a frame, feature or grid store: its folder name (``frames/gestures``), the
     content hash as the digest, the absolute path as the source, and a profile of its videos per split,
     frames and classes; the schema is the per-frame shape and dtype. None when ``path`` is not a store."""
-    import csv
     import json
 
     from mlflow.entities import Dataset
@@ -36,16 +35,27 @@ def store_dataset(path: str | os.PathLike):
     meta = read_meta(path)
     if meta.get("kind") == "grids":
         schema = {k: meta.get(k) for k in ("kind", "shape", "channels", "slots_per_day", "slot_minutes")}
-        return Dataset(
-            name=f"grids/{path.name}",
-            digest=str(meta.get("content_hash") or "")[:32] or "unknown",
-            source_type="local",
-            source=json.dumps({"uri": path.as_uri()}),
-            schema=json.dumps(schema),
-            profile=json.dumps({f"{s}_slots": n for s, n in sorted(meta.get("slots", {}).items())}),
-        )
-    if meta.get("kind") not in ("frames", "features"):
+        profile = {f"{s}_slots": n for s, n in sorted(meta.get("slots", {}).items())}
+    elif meta.get("kind") in ("frames", "features"):
+        schema, profile = _video_store_description(path, meta)
+    else:
         return None
+    # The digest column holds 36 characters: the first 32 of the SHA-256 content hash.
+    return Dataset(
+        name=f"{meta['kind']}/{path.name}",
+        digest=str(meta.get("content_hash") or "")[:32] or "unknown",
+        source_type="local",
+        source=json.dumps({"uri": path.as_uri()}),
+        schema=json.dumps(schema),
+        profile=json.dumps(profile),
+    )
+
+
+def _video_store_description(path: Path, meta: dict) -> tuple[dict, dict]:
+    """The schema (per-frame shape, dtype, how features were made) and profile (videos per split,
+    frames, classes) of a frame or feature store."""
+    import csv
+
     splits: dict[str, int] = {}
     classes: set[str] = set()
     frames = 0
@@ -71,15 +81,7 @@ def store_dataset(path: str | os.PathLike):
     for key in ("backbone", "pool", "modality", "cache_key"):
         if meta.get(key) is not None:
             schema[key] = meta[key]
-    # The digest column holds 36 characters: the first 32 of the SHA-256 content hash.
-    return Dataset(
-        name=f"{meta['kind']}/{path.name}",
-        digest=str(meta.get("content_hash") or "")[:32] or "unknown",
-        source_type="local",
-        source=json.dumps({"uri": path.as_uri()}),
-        schema=json.dumps(schema),
-        profile=json.dumps(profile),
-    )
+    return schema, profile
 
 
 def log_datasets(

@@ -279,13 +279,22 @@ def cli_main(args: list[str] | None = None) -> VPipeCLI:
     # Subnormal floats (below 1.2e-38: gates and cell states of saturated recurrent cells, their
     # gradients) take the CPU's slow path, up to 4x slower per step; they are flushed to zero instead.
     torch.set_flush_denormal(True)
-    return VPipeCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=LogConfigToMLflow,
-        args=args,
-        seed_everything_default=0,
-        parser_kwargs={"default_env": False},
-    )
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return VPipeCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=LogConfigToMLflow,
+            args=args,
+            seed_everything_default=0,
+            parser_kwargs={"default_env": False},
+        )
+    finally:
+        if os.environ.get("MLFLOW_TRACKING_URI") != previous:
+            # mlflow.set_tracking_uri (the logger calls it) exports the run's store to the environment,
+            # where a later run in this process (of another VPIPE_ROOT) would take it for its own.
+            import mlflow
+
+            mlflow.set_tracking_uri(previous)

@@ -205,9 +205,6 @@ def captioner(trained_project, tmp_path_factory):
     write_captions(root, rows, {"right": ["right", "rightwards"], "left": ["left", "leftwards"]})
     previous = os.environ.get("VPIPE_ROOT")
     os.environ["VPIPE_ROOT"] = str(root)
-    os.environ.pop(
-        "MLFLOW_TRACKING_URI", None
-    )  # mlflow.set_tracking_uri of an earlier fit in this process sets it
     try:
         cli_main(
             [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -265,6 +266,9 @@ def test_grid_config_trains_and_reports_flows(city, tmp_path, monkeypatch):
             "false",
         ]
     )
+    assert (
+        "MLFLOW_TRACKING_URI" not in os.environ
+    )  # the run's store stays its own: the next run picks its root's
     metrics = json.loads((tmp_path / "metrics" / "traffic_convlstm.json").read_text())
     for prefix in ("test/", "test/copy_last/", "test/historical_average/"):
         assert {f"{prefix}rmse", f"{prefix}mae", f"{prefix}h01/rmse", f"{prefix}h04/mae"} <= metrics.keys()
