@@ -20,6 +20,18 @@ from pipeline.video import write_video  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def fit_in(root: Path, *args: str) -> None:
+    """``vpipe fit ARGS`` in this process, with ``root`` as the project root (``VPIPE_ROOT``) until it ends."""
+    from pipeline.train import cli_main
+
+    previous = os.environ.get("VPIPE_ROOT")
+    os.environ["VPIPE_ROOT"] = str(root)
+    try:
+        cli_main(["fit", *args])
+    finally:
+        os.environ.pop("VPIPE_ROOT") if previous is None else os.environ.__setitem__("VPIPE_ROOT", previous)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
@@ -150,7 +162,6 @@ def trained_project(tmp_path_factory) -> Path:
     epochs with MLflow on (``mlflow.db``, ``mlartifacts/``, a registered model version)."""
     from pipeline.extract import extract
     from pipeline.features import compute
-    from pipeline.train import cli_main
 
     root = tmp_path_factory.mktemp("project")
     rows = []
@@ -177,20 +188,13 @@ def trained_project(tmp_path_factory) -> Path:
         num_workers=0,
         accelerator="cpu",
     )
-    previous = os.environ.get("VPIPE_ROOT")
-    os.environ["VPIPE_ROOT"] = str(root)
-    try:
-        cli_main(
-            [
-                "fit",
-                "-c",
-                str(ROOT / "tests" / "configs" / "gru_features.yaml"),
-                "--data.init_args.features",
-                str(root / "features"),
-                "--data.init_args.batch_size",
-                "2",
-            ]
-        )
-    finally:
-        os.environ.pop("VPIPE_ROOT") if previous is None else os.environ.__setitem__("VPIPE_ROOT", previous)
+    fit_in(
+        root,
+        "-c",
+        str(ROOT / "tests/configs/gru_features.yaml"),
+        "--data.init_args.features",
+        str(root / "features"),
+        "--data.init_args.batch_size",
+        "2",
+    )
     return root

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import fit_in
 from pipeline.caption_head import CaptionModel
 from pipeline.captions import (
     CaptionError,
@@ -191,7 +191,6 @@ def test_a_tiny_captioner_learns_a_handful_of_clips_exactly(encoder):
 def captioner(trained_project, tmp_path_factory):
     """``caption_gru`` fitted for a few epochs on the session's tiny project (squares moving right or left),
     in its own root with MLflow on: a checkpoint, metrics, a samples table and a registered version."""
-    from pipeline.train import cli_main
 
     root = tmp_path_factory.mktemp("captioner")
     ids = [
@@ -203,28 +202,21 @@ def captioner(trained_project, tmp_path_factory):
         side = "right" if v.startswith("right") else "left"
         rows += [(v, f"a white square moves to the {side}"), (v, f"the square slides {side}wards")]
     write_captions(root, rows, {"right": ["right", "rightwards"], "left": ["left", "leftwards"]})
-    previous = os.environ.get("VPIPE_ROOT")
-    os.environ["VPIPE_ROOT"] = str(root)
-    try:
-        cli_main(
-            [
-                "fit",
-                "-c",
-                str(ROOT / "configs/caption_gru.yaml"),
-                "--data.init_args.features",
-                str(trained_project / "features"),
-                "--data.init_args.captions",
-                str(root / "captions.csv"),
-                "--data.init_args.batch_size",
-                "4",
-                "--trainer.max_epochs",
-                "3",
-                "--model.init_args.hidden_size",
-                "32",
-            ]
-        )
-    finally:
-        os.environ.pop("VPIPE_ROOT") if previous is None else os.environ.__setitem__("VPIPE_ROOT", previous)
+    fit_in(
+        root,
+        "-c",
+        str(ROOT / "configs/caption_gru.yaml"),
+        "--data.init_args.features",
+        str(trained_project / "features"),
+        "--data.init_args.captions",
+        str(root / "captions.csv"),
+        "--data.init_args.batch_size",
+        "4",
+        "--trainer.max_epochs",
+        "3",
+        "--model.init_args.hidden_size",
+        "32",
+    )
     return root
 
 

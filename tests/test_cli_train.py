@@ -24,11 +24,11 @@ class LearningRates(pl.Callback):
     as ``max_time`` or early stopping would, at a step no schedule could know in advance."""
 
     def __init__(self, stop_after: int | None = None):
-        self.stop_after, self.lrs = stop_after, []
+        self.stop_after, self.lrs, self.groups = stop_after, [], []  # group 0's rate; every group's
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-        self.groups = getattr(self, "groups", []) + [[g["lr"] for g in trainer.optimizers[0].param_groups]]
+        self.groups.append([g["lr"] for g in trainer.optimizers[0].param_groups])
         if self.stop_after is not None and len(self.lrs) >= self.stop_after:
             trainer.should_stop = True
 
@@ -84,14 +84,25 @@ def test_backbone_rate_follows_the_same_schedule_scaled(tmp_path):
 
     data = FrameDataModule(str(frame_store(tmp_path / "frames", test_videos=3)), num_segments=2, batch_size=4)
     model = Classifier(
-        GRUHead, num_classes=data.num_classes, backbone="test_resnet", backbone_input_size=32,
-        lr=0.01, backbone_lr=0.001, warmup_epochs=1,
-    )  # fmt: skip
+        GRUHead,
+        num_classes=data.num_classes,
+        backbone="test_resnet",
+        backbone_input_size=32,
+        lr=0.01,
+        backbone_lr=0.001,
+        warmup_epochs=1,
+    )
     lrs = LearningRates()
     trainer = pl.Trainer(
-        max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[lrs], accelerator="cpu", limit_val_batches=0,
-    )  # fmt: skip
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[lrs],
+        accelerator="cpu",
+        limit_val_batches=0,
+    )
     trainer.fit(model, data)
     head_groups = len(model.param_groups()) - 2  # the backbone's two groups (decay, no decay) come last
     assert len(lrs.groups) == 8 and lrs.lrs[1] > lrs.lrs[0] and lrs.lrs[-1] < lrs.lrs[2]
