@@ -33,6 +33,20 @@ class LearningRates(pl.Callback):
             trainer.should_stop = True
 
 
+def schedule_trainer(lrs: LearningRates, **limits) -> pl.Trainer:
+    """A CPU trainer that only trains (no validation, logger or checkpoints), recording into ``lrs``."""
+    return pl.Trainer(
+        **limits,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[lrs],
+        accelerator="cpu",
+        limit_val_batches=0,
+    )
+
+
 @pytest.mark.parametrize(
     "limits",
     [
@@ -50,16 +64,7 @@ def test_warmup_reaches_the_peak_learning_rate_whatever_bounds_the_run(features,
 
     data = FeatureDataModule(str(features), num_segments=4, batch_size=5)
     lrs = LearningRates(stop_after=None if "max_steps" in limits else 9)
-    trainer = pl.Trainer(
-        **limits,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[lrs],
-        accelerator="cpu",
-        limit_val_batches=0,
-    )
+    trainer = schedule_trainer(lrs, **limits)
     trainer.fit(
         Classifier(GRUHead, input_dim=data.input_dim, num_classes=data.num_classes, lr=0.01, warmup_epochs=1),
         data,
@@ -93,17 +98,7 @@ def test_backbone_rate_follows_the_same_schedule_scaled(tmp_path):
         warmup_epochs=1,
     )
     lrs = LearningRates()
-    trainer = pl.Trainer(
-        max_steps=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[lrs],
-        accelerator="cpu",
-        limit_val_batches=0,
-    )
-    trainer.fit(model, data)
+    schedule_trainer(lrs, max_steps=8).fit(model, data)
     head_groups = len(model.param_groups()) - 2  # the backbone's two groups (decay, no decay) come last
     assert len(lrs.groups) == 8 and lrs.lrs[1] > lrs.lrs[0] and lrs.lrs[-1] < lrs.lrs[2]
     for step in lrs.groups:
