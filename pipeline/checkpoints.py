@@ -36,14 +36,17 @@ class LoadedModel:
     modality: str = (
         "rgb"  # what an end-to-end model reads per step: frames or their differences (data.clip_frames)
     )
+    frame_params: dict | None = None  # the frame store's extraction parameters (its codec among them)
 
     @torch.inference_mode()
     def inputs(self, frames: np.ndarray) -> torch.Tensor:
         """What the model reads of one clip of uint8 frames ``(T, H, W, 3)``: ``(1, T', ...)``, features
         computed as the feature store's were, or the sampled frames themselves."""
+        from pipeline.codecs import as_stored
         from pipeline.data import clip_frames
 
         device = next(self.model.parameters()).device
+        frames = as_stored(frames, self.frame_params)  # JPEG-stored frames: the same round trip
         clip = torch.from_numpy(
             np.ascontiguousarray(clip_frames(frames, self.num_segments, self.modality))
         ).to(device)
@@ -200,4 +203,5 @@ def load(
         encoder,
         source,
         modality,
+        params,
     )

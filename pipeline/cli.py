@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from pipeline import timings
+
 TRAINING = ("fit", "validate", "test", "predict")
 
 
@@ -31,18 +33,8 @@ def _root_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="vpipe", description="Video understanding pipeline: extract → features → train → report."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "extract", help="decode the videos of a manifest into a frame store", formatter_class=fmt
-    )
-    p.add_argument("--manifest", help="CSV of video_id,path,label,split[,start_sec,end_sec]")
-    p.add_argument("--out", required=True, help="frame store folder (replaced atomically)")
+def _decoding_options(p: argparse.ArgumentParser, workers, workers_help: str) -> None:
+    """How videos are decoded: the options vpipe extract and vpipe features --manifest share."""
     p.add_argument("--fps", type=float, default=0.0, help="output frame rate; 0 keeps every frame")
     p.add_argument(
         "--size", default=None, help="scale whole frames to S×S or WxH (no crop); default keeps the size"
@@ -50,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-frames", type=int, default=None, help="keep at most N frames per video, sampled uniformly"
     )
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
+    p.add_argument("--workers", type=int, default=workers, help=workers_help)
     p.add_argument(
         "--on-error",
         choices=["skip", "fail"],
@@ -63,23 +55,36 @@ def _parser() -> argparse.ArgumentParser:
         default=600.0,
         help="seconds per video before its decoder is killed (0: no limit)",
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="vpipe", description="Video understanding pipeline: extract → features → train → report."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "extract", help="decode the videos of a manifest into a frame store", formatter_class=fmt
+    )
+    p.add_argument("--manifest", help="CSV of video_id,path,label,split[,start_sec,end_sec]")
+    p.add_argument("--out", required=True, help="frame store folder (replaced atomically)")
+    _decoding_options(p, os.cpu_count(), "decoding processes")
     p.add_argument("--shard-mb", type=int, default=256, help="approximate size of a frame shard")
     p.add_argument(
-        "--num-shards",
-        type=int,
+        "--part",
         default=None,
-        help="split the manifest into N parts (default: $WORLD_SIZE or 1)",
+        metavar="I/N",
+        help="extract part I (from 0) of N into the part store OUT.part-I-of-N; default: a SLURM "
+        "job array's task ($SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_TASK_COUNT), else $RANK of $WORLD_SIZE, else all",
     )
     p.add_argument(
-        "--shard-index", type=int, default=None, help="the part this process extracts (default: $RANK or 0)"
+        "--codec",
+        choices=["jpeg", "raw"],
+        default="jpeg",
+        help="jpeg: frames as JPEG images (about half the videos' bytes at 112 px); raw: uint8 arrays (8x more)",
     )
-    p.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="PART",
-        default=None,
-        help="join part stores into --out instead of extracting",
-    )
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (1-95) of --codec jpeg")
     p.add_argument(
         "--image-fps",
         type=float,
@@ -87,6 +92,22 @@ def _parser() -> argparse.ArgumentParser:
         help="frame rate of image-sequence folders without an fps column",
     )
     _root_option(p)
+
+    p = sub.add_parser(
+        "merge",
+        help="join the part stores of vpipe extract --part into one store",
+        formatter_class=fmt,
+        description="Join OUT.part-0-of-N ... OUT.part-(N-1)-of-N (or the PART folders given) into OUT, "
+        "atomically; the result is byte for byte what one process extracting the whole manifest writes.",
+    )
+    p.add_argument(
+        "parts", nargs="*", metavar="PART", help="part stores, in order (default: every OUT.part-I-of-N)"
+    )
+    p.add_argument("--out", required=True, help="the store the parts were extracted for")
+    p.add_argument(
+        "--link", action="store_true", help="hard-link the parts' shard files instead of copying frames"
+    )
+    p.add_argument("--remove-parts", action="store_true", help="delete the part stores once merged")
 
     p = sub.add_parser(
         "check", help="validate a manifest and the files it names before any work", formatter_class=fmt
@@ -104,9 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
-        "features", help="cache CNN features of a frame store (Lightning predict job)", formatter_class=fmt
+        "features",
+        help="cache CNN features of a frame store, or straight from videos (Lightning predict job)",
+        formatter_class=fmt,
     )
-    p.add_argument("--frames", required=True, help="frame store folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--frames", help="frame store folder")
+    source.add_argument(
+        "--manifest",
+        help="CSV of videos: decode them (as vpipe extract would) straight into the backbone, no frame store",
+    )
     p.add_argument("--out", required=True, help="feature store folder (replaced atomically)")
     p.add_argument(
         "--backbone",
@@ -151,6 +179,10 @@ def _parser() -> argparse.ArgumentParser:
         "--precision", default=None, help="default: bf16-mixed on CUDA GPUs with bf16, else 32-true"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a feature store whose cache key differs")
+    g = p.add_argument_group("decoding (--manifest only; as vpipe extract)")
+    _decoding_options(g, None, "decoding processes per device (default: the cores shared among the devices)")
+    g.add_argument("--image-fps", type=float, default=12.0, help="frame rate of image-sequence folders")
+    _root_option(g)
     p.add_argument(
         "--system-metrics",
         action=argparse.BooleanOptionalAction,
@@ -266,6 +298,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    timings.start()  # with $VPIPE_TIMINGS set: this process's phases, appended to that file at exit
     # The project runs offline and sends nothing anywhere by default: MLflow's usage telemetry stays off
     # (in this process and those it starts) unless the environment says otherwise.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -290,4 +323,5 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     from pipeline.commands import COMMANDS
 
+    timings.switch("work")
     COMMANDS[args.command](args)

@@ -10,33 +10,42 @@ import time
 
 
 def run_extract(args: argparse.Namespace) -> None:
-    from pipeline.extract import ExtractError, extract, merge
+    from pipeline.codecs import CodecError
+    from pipeline.extract import ExtractError, extract, parse_part
     from pipeline.manifest import ManifestError
     from pipeline.stores import StoreError
 
     try:
-        if args.merge:
-            merge(args.merge, args.out)
-        elif not args.manifest:
-            sys.exit("vpipe extract: give --manifest (or --merge PART...)")
-        else:
-            extract(
-                args.manifest,
-                args.out,
-                fps=args.fps,
-                size=args.size,
-                max_frames=args.max_frames,
-                workers=args.workers,
-                on_error=args.on_error,
-                timeout=args.timeout or None,
-                shard_mb=args.shard_mb,
-                num_shards=args.num_shards,
-                shard_index=args.shard_index,
-                image_fps=args.image_fps,
-                root=args.root,
-            )
-    except (ExtractError, ManifestError, StoreError) as err:
+        if not args.manifest:
+            sys.exit("vpipe extract: give --manifest (parts are joined by vpipe merge)")
+        extract(
+            args.manifest,
+            args.out,
+            fps=args.fps,
+            size=args.size,
+            max_frames=args.max_frames,
+            workers=args.workers,
+            on_error=args.on_error,
+            timeout=args.timeout or None,
+            shard_mb=args.shard_mb,
+            part=parse_part(args.part) if args.part else None,
+            image_fps=args.image_fps,
+            root=args.root,
+            codec=args.codec,
+            quality=args.quality,
+        )
+    except (ExtractError, ManifestError, StoreError, CodecError) as err:
         sys.exit(f"vpipe extract: {err}")
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from pipeline.extract import merge
+    from pipeline.stores import StoreError
+
+    try:
+        merge(args.parts, args.out, link=args.link, remove_parts=args.remove_parts)
+    except StoreError as err:
+        sys.exit(f"vpipe merge: {err}")
 
 
 def run_check(args: argparse.Namespace) -> None:
@@ -75,47 +84,71 @@ def run_features(args: argparse.Namespace) -> None:
     from pipeline import inputs, tracking
     from pipeline.backbone import BackboneError
     from pipeline.features import FeatureCacheError, compute
+    from pipeline.manifest import ManifestError
     from pipeline.stores import StoreError
 
+    if args.manifest and args.num_workers:
+        sys.exit("vpipe features: --num-workers reads a frame store; with --manifest, --workers decodes")
     devices = int(args.devices) if args.devices.isdigit() else args.devices
-    params = {k: v for k, v in vars(args).items() if k not in ("command", "system_metrics") and v is not None}
+    # The decoding options count with --manifest only.
+    unused = {"num_workers"} if args.manifest else {*DECODING, "image_fps", "root"}
+    params = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "system_metrics", *unused) and v is not None
+    }
+    backbone = dict(
+        name=args.backbone,
+        weights=args.weights,
+        pretrained=args.pretrained,
+        pool=args.pool,
+        grid=args.grid,
+        input_size=args.input_size,
+        modality=args.modality,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+        devices=devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        precision=args.precision,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     try:
         with tracking.job_run(
             "features",
             f"features-{os.path.basename(os.path.normpath(args.out))}",
             params,
-            [args.frames],
+            [args.frames] if args.frames else [],
             "features",
             args.system_metrics,
         ) as run:
             started = time.perf_counter()
-            meta = compute(
-                args.frames,
-                args.out,
-                name=args.backbone,
-                weights=args.weights,
-                pretrained=args.pretrained,
-                pool=args.pool,
-                grid=args.grid,
-                input_size=args.input_size,
-                modality=args.modality,
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
-                accelerator=args.accelerator,
-                devices=devices,
-                num_nodes=args.num_nodes,
-                strategy=args.strategy,
-                precision=args.precision,
-                seed=args.seed,
-                overwrite=args.overwrite,
-            )
+            if args.manifest:
+                from pipeline.video_features import compute_from_videos
+
+                decoding = {k: getattr(args, k) for k in DECODING}
+                meta = compute_from_videos(
+                    args.manifest,
+                    args.out,
+                    **dict(decoding, timeout=args.timeout or None),
+                    image_fps=args.image_fps,
+                    root=args.root,
+                    **backbone,
+                )
+            else:
+                meta = compute(args.frames, args.out, num_workers=args.num_workers, **backbone)
             if run is not None and meta:
                 client, run_id = run
                 client.log_metric(run_id, "seconds", time.perf_counter() - started)
                 client.set_tag(run_id, "data.features.cache_key", meta.get("cache_key", ""))
                 inputs.log_datasets(client, run_id, [args.out], "output", with_sources=False)
-    except (BackboneError, StoreError, FeatureCacheError, tracking.TrackingError) as err:
+    except (BackboneError, StoreError, FeatureCacheError, ManifestError, tracking.TrackingError) as err:
         sys.exit(f"vpipe features: {err}")
+
+
+# The options of cli._decoding_options, as attributes of the parsed arguments.
+DECODING = ("fps", "size", "max_frames", "workers", "on_error", "timeout")
 
 
 def run_grids(args: argparse.Namespace) -> None:
@@ -199,6 +232,7 @@ def run_classify(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "extract": run_extract,
+    "merge": run_merge,
     "check": run_check,
     "features": run_features,
     "grids": run_grids,

@@ -42,7 +42,8 @@ def load_frame_forecaster(ckpt: str | os.PathLike):
 
 def read_context(video: str | os.PathLike, video_format: dict, count: int) -> np.ndarray:
     """The first ``count`` frames of ``video`` as ``(count, H, W, 3)`` uint8, decoded like the
-    frame store the model was trained on (same ``fps`` and size)."""
+    frame store the model was trained on (same ``fps``, size and codec)."""
+    from pipeline.codecs import as_stored
     from pipeline.video import Decoder
 
     size = (int(video_format["width"]), int(video_format["height"]))
@@ -63,7 +64,7 @@ def read_context(video: str | os.PathLike, video_format: dict, count: int) -> np
         raise ForecastError(
             f"{video}: has {len(frames)} frames at {rate} fps, fewer than the {count} context frames asked for"
         )
-    return np.stack(frames)
+    return as_stored(np.stack(frames), video_format)
 
 
 def write_frames(out: Path, frames: np.ndarray, fps: float) -> None:

@@ -36,7 +36,7 @@ class FrameSlices(Dataset):
             expected = max(r.offset + r.length for r in store.index if r.shard == shard)
             if rows < expected:
                 raise StoreError(
-                    f"{store.root}/frames-{shard:05d}.npy: holds {rows} frames, index.csv needs {expected}"
+                    f"{store.shard_path(shard)}: holds {rows} frames, index.csv needs {expected}"
                 )
             self.slices += [(shard, s, min(s + batch, rows)) for s in range(0, rows, batch)]
             following = np.arange(1, rows + 1)

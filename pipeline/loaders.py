@@ -93,9 +93,7 @@ def read_rows(store: FeatureStore | FrameStore, rows: list[IndexRow], steps: np.
         chosen = shards == shard
         data = store.shard(int(shard))
         if starts[chosen].max() >= len(data):
-            raise StoreError(
-                f"{store.root}/{store.prefix}-{int(shard):05d}.npy: holds {len(data)} rows, index needs more"
-            )
+            raise StoreError(f"{store.shard_path(int(shard))}: holds {len(data)} rows, index needs more")
         if x is None:
             x = np.empty((len(rows), steps.shape[1], *data.shape[1:]), data.dtype)
         x[chosen] = data[starts[chosen].ravel()].reshape(int(chosen.sum()), steps.shape[1], *data.shape[1:])

@@ -222,6 +222,7 @@ class SequenceDataModule(SplitLoaders, pl.LightningDataModule):
                 "width": int(size[0]),
                 "height": int(size[1]),
                 "grayscale": bool(grayscale),
+                **{k: params[k] for k in ("codec", "quality") if k in params},  # JPEG-stored frames
             }
         else:
             shape = store.feature_shape

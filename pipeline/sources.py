@@ -53,14 +53,22 @@ def reusable(out: Path, meta: dict) -> tuple[FrameStore | None, dict[tuple, str]
     parameters and decoder versions (else nothing is reused)."""
     try:
         store = FrameStore(out)
-        with open(out / "sources.csv", newline="") as fh:
-            sources = list(csv.DictReader(fh))
-    except (StoreError, OSError):
+        sources = read_sources(out)
+    except StoreError:
         return None, {}
     if any(store.meta.get(k) != meta[k] for k in ("params", "pyav", "ffmpeg")):
         return None, {}
     indexed = {r.video_id for r in store.index}
     return store, {source_key(s): s["video_id"] for s in sources if s["video_id"] in indexed}
+
+
+def read_sources(store: Path) -> list[dict]:
+    """The ``sources.csv`` rows of a frame store."""
+    try:
+        with open(Path(store) / "sources.csv", newline="") as fh:
+            return list(csv.DictReader(fh))
+    except OSError as err:
+        raise StoreError(f"{Path(store) / 'sources.csv'}: cannot be read ({err.strerror})") from err
 
 
 def write_sources(folder: Path, rows: list[dict]) -> None:

@@ -13,6 +13,7 @@ interrupted replacement instead of deleting its halves.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import clean_stale, replace_dir
-from pipeline.stores import ERROR_FIELDS, INDEX_FIELDS, IndexRow, file_sha256
+from pipeline.codecs import DEFAULT_QUALITY, JpegAppender, JpegShard, check_codec, shard_files
+from pipeline.stores import ERROR_FIELDS, INDEX_FIELDS, IndexRow, StoreError, file_sha256
 
 
 def write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
@@ -92,26 +94,50 @@ class StoreWriter:
     """Writes a store atomically into ``out``.
 
     Rows are appended per video straight to the current shard file; a new shard starts once the
-    current one holds ``shard_bytes`` bytes (a video never spans two shards). Use as a context
-    manager: on success the temporary folder replaces ``out``; on an exception it is removed and
-    ``out`` (if it existed) is left untouched. Temporary folders of killed runs are removed on entry.
+    current one holds ``shard_bytes`` bytes (a video never spans two shards). ``codec="jpeg"`` keeps
+    frames as JPEG images (:mod:`pipeline.codecs`; ``shard_bytes`` then counts encoded bytes). Use as
+    a context manager: on success the temporary folder replaces ``out``; on an exception it is removed
+    and ``out`` (if it existed) is left untouched. Temporary folders of killed runs are removed on entry.
     """
 
-    def __init__(self, out: str | os.PathLike, prefix: str, shard_bytes: int = 256 << 20):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        prefix: str,
+        shard_bytes: int = 256 << 20,
+        codec: str = "raw",
+        quality: int = DEFAULT_QUALITY,
+    ):
         self.out = Path(out)
         self.prefix = prefix
         self.shard_bytes = shard_bytes
+        self.codec, self.quality = check_codec(codec), quality
         self.index: list[IndexRow] = []
         self.errors: list[dict] = []
-        self._shard: NpyAppender | None = None
+        self._shard: NpyAppender | JpegAppender | None = None
         self._shards = 0
         self.tmp: Path | None = None
+        self._lock = None
 
     def __enter__(self) -> StoreWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         clean_stale(self.out)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
         return self
+
+    def _take_lock(self) -> None:
+        """One writer per store: a second one fails at once instead of racing to replace it."""
+        path = self.out.parent / f".{self.out.name}.lock"
+        self._lock = open(path, "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise StoreError(
+                f"{self.out}: another process is writing this store (it holds {path}); wait for it to end"
+            ) from None
 
     def _shard_for(self, dtype: np.dtype, row_shape: tuple[int, ...]) -> NpyAppender:
         current = self._shard
@@ -123,7 +149,11 @@ class StoreWriter:
         ):
             if current is not None:
                 current.close()
-            self._shard = NpyAppender(self.tmp / f"{self.prefix}-{self._shards:05d}.npy", dtype, row_shape)
+            path = self.tmp / shard_files(self.prefix, self._shards, self.codec)[0]
+            if self.codec == "jpeg":
+                self._shard = JpegAppender(path, row_shape, self.quality)
+            else:
+                self._shard = NpyAppender(path, dtype, row_shape)
             self._shards += 1
         return self._shard
 
@@ -139,21 +169,44 @@ class StoreWriter:
         self.index.append(row)
         return row
 
+    def add_encoded(
+        self, source: JpegShard, start: int = 0, keep: np.ndarray | None = None, **info
+    ) -> IndexRow:
+        """Append one video's frames from a ``jpeg`` shard or spill, as stored (no re-encoding):
+        rows ``start + keep`` of ``source`` (``keep``: all of the rest, by default)."""
+        if self.codec != "jpeg":
+            raise ValueError(f"{self.out}: encoded frames go into a jpeg store, this one is {self.codec}")
+        keep = np.arange(len(source) - start) if keep is None else np.asarray(keep)
+        shard = self._shard_for(source.dtype, tuple(source.shape[1:]))
+        row = IndexRow(shard=self._shards - 1, offset=shard.rows, length=len(keep), **info)
+        if len(keep) and (np.diff(keep) == 1).all():  # one run of frames: one copy
+            shard.append_encoded(*source.encoded(start + int(keep[0]), start + int(keep[-1]) + 1))
+        else:
+            for i in keep:
+                shard.append_encoded(*source.encoded(start + int(i), start + int(i) + 1))
+        self.index.append(row)
+        return row
+
     def add_error(self, video_id: str, path: str, error: str) -> None:
         self.errors.append({"video_id": video_id, "path": path, "error": " ".join(str(error).split())})
 
-    def finish(self, meta: dict) -> Path:
+    def close_shard(self) -> None:
+        """Finish the shard being written (its header or offsets file)."""
         if self._shard is not None:
             self._shard.close()
+
+    def finish(self, meta: dict) -> Path:
+        self.close_shard()
         finalize(self.tmp, self.out, self.index, self.errors, meta)
         self.tmp = None
         return self.out
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._shard is not None:
-            self._shard.close()
+        self.close_shard()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
 
 
 def finalize(tmp: Path, out: Path, index: list[IndexRow], errors: list[dict], meta: dict) -> dict:
@@ -169,7 +222,7 @@ def finalize(tmp: Path, out: Path, index: list[IndexRow], errors: list[dict], me
 def content_hash(folder: Path) -> str:
     """SHA-256 over the index and every shard's bytes: identifies a store's contents."""
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.npy")) + [folder / "index.csv"]:
+    for path in sorted([*folder.glob("*.npy"), *folder.glob("*.mjpeg")]) + [folder / "index.csv"]:
         digest.update(path.name.encode())
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()

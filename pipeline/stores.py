@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.codecs import CodecError, JpegShard, check_codec, shard_files
 from pipeline.images import IMAGE_SUFFIXES
 
 INDEX_FIELDS = [
@@ -99,7 +100,9 @@ def fingerprint(path: str | os.PathLike) -> str:
 
 
 class Store:
-    """Reads a frame or feature store; shards are memory-mapped on first use."""
+    """Reads a frame or feature store; shards are memory-mapped on first use. A frame store's
+    ``codec`` (``meta.json``; ``raw`` when absent) decides how a shard is read
+    (:mod:`pipeline.codecs`): either way :meth:`shard` gives an array-like of uint8 frames."""
 
     prefix = ""
 
@@ -123,18 +126,26 @@ class Store:
         if (self.root / "errors.csv").is_file():
             with open(self.root / "errors.csv", newline="") as fh:
                 self.errors = list(csv.DictReader(fh))
+        try:
+            self.codec = check_codec(self.meta.get("codec", "raw"), self.root / "meta.json")
+        except CodecError as err:
+            raise StoreError(str(err)) from err
         self._by_id = {r.video_id: r for r in self.index}
-        self._shards: dict[int, np.ndarray] = {}
+        self._shards: dict[int, np.ndarray | JpegShard] = {}
 
     def __getstate__(self) -> dict:
         # Pickled (into DataLoader workers) without its memory maps: each process maps the shards itself.
         return {**self.__dict__, "_shards": {}}
 
-    def shard(self, k: int) -> np.ndarray:
+    def shard_path(self, k: int) -> Path:
+        """Shard ``k``'s data file (``.npy``, or ``.mjpeg`` for the ``jpeg`` codec)."""
+        return self.root / shard_files(self.prefix, k, self.codec)[0]
+
+    def shard(self, k: int) -> np.ndarray | JpegShard:
         if k not in self._shards:
-            path = self.root / f"{self.prefix}-{k:05d}.npy"
+            path = self.shard_path(k)
             try:
-                self._shards[k] = np.load(path, mmap_mode="r")
+                self._shards[k] = JpegShard(path) if self.codec == "jpeg" else np.load(path, mmap_mode="r")
             except (OSError, ValueError) as err:
                 raise StoreError(f"{path}: cannot be read ({err})") from err
         return self._shards[k]
@@ -145,7 +156,7 @@ class Store:
         data = self.shard(r.shard)
         if r.offset + r.length > len(data):
             raise StoreError(
-                f"{self.root}/{self.prefix}-{r.shard:05d}.npy: holds {len(data)} rows, index says {video_id} ends at {r.offset + r.length}"
+                f"{self.shard_path(r.shard)}: holds {len(data)} rows, index says {video_id} ends at {r.offset + r.length}"
             )
         return data[r.offset : r.offset + r.length]
 
@@ -157,9 +168,14 @@ class Store:
 
 
 class FrameStore(Store):
-    """uint8 ``(N, H, W, 3)`` RGB frames."""
+    """uint8 ``(N, H, W, 3)`` RGB frames, kept raw or as JPEG images (``codec``)."""
 
     prefix = "frames"
+
+    def encoded(self, video_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """A ``jpeg`` store's frames of one video as stored: bytes back to back, each frame's length."""
+        r = self._by_id[video_id]
+        return self.shard(r.shard).encoded(r.offset, r.offset + r.length)
 
 
 class FeatureStore(Store):

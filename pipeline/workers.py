@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import fault
+from pipeline.codecs import DEFAULT_QUALITY, JpegAppender, offsets_path
 from pipeline.manifest import Entry
 from pipeline.store_writer import NpyAppender
 
@@ -35,8 +36,24 @@ class Job:
     threads: int = 1  # decoder threads, set when the job starts
 
 
-def _decode_to_spill(job: Job, fps: float, size, image_fps: float) -> dict:
-    """Decode one video into ``job.spill`` (an .npy written block by block); returns its index info."""
+def _spill_writer(job: Job, codec: str, quality: int, row_shape: tuple[int, ...]):
+    """The spill file of a job: raw frames (``.npy``) or, for the ``jpeg`` codec, the frames already
+    encoded (``.mjpeg`` + offsets), so encoding runs in the workers, in parallel, not in the parent."""
+    if codec == "jpeg":
+        return JpegAppender(job.spill, row_shape, quality)
+    return NpyAppender(job.spill, np.uint8, row_shape)
+
+
+def remove_spill(job: Job) -> None:
+    job.spill.unlink(missing_ok=True)
+    if job.spill.suffix == ".mjpeg":
+        offsets_path(job.spill).unlink(missing_ok=True)
+
+
+def _decode_to_spill(
+    job: Job, fps: float, size, image_fps: float, codec: str = "raw", quality: int = DEFAULT_QUALITY
+) -> dict:
+    """Decode one video into ``job.spill`` (written block by block); returns its index info."""
     from pipeline.video import Decoder
 
     writer = None
@@ -56,11 +73,11 @@ def _decode_to_spill(job: Job, fps: float, size, image_fps: float) -> dict:
                     fault(f"decode-{job.entry.video_id}")  # crash tests: die mid-video
                 block.append(frame)
                 if len(block) * frame.nbytes >= SPILL_BLOCK_BYTES:
-                    writer = writer or NpyAppender(job.spill, np.uint8, block[0].shape)
+                    writer = writer or _spill_writer(job, codec, quality, block[0].shape)
                     writer.append(np.stack(block))
                     block = []
             if block:
-                writer = writer or NpyAppender(job.spill, np.uint8, block[0].shape)
+                writer = writer or _spill_writer(job, codec, quality, block[0].shape)
                 writer.append(np.stack(block))
     finally:
         if writer is not None:
@@ -99,14 +116,15 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _worker(conn, fps: float, size, image_fps: float) -> None:
-    """Worker process: receive jobs until None, answer (number, info, error)."""
+def _worker(conn, *args) -> None:
+    """Worker process: receive jobs until None, answer (number, info, error). ``args``: those of
+    :func:`_decode_to_spill` after the job (fps, size, image_fps[, codec, quality])."""
     _die_with_parent()
     while (job := conn.recv()) is not None:
         try:
-            conn.send((job.number, _decode_to_spill(job, fps, size, image_fps), None))
+            conn.send((job.number, _decode_to_spill(job, *args), None))
         except Exception as err:  # noqa: BLE001 - every decoder failure becomes a row of errors.csv
-            job.spill.unlink(missing_ok=True)
+            remove_spill(job)
             conn.send((job.number, None, _one_line(err, job.entry.path)))
 
 
@@ -197,14 +215,14 @@ def pool_results(jobs: list[Job], workers: int, args: tuple, timeout: float | No
                         f"DecoderCrash: {job.entry.path}: decoder process {_death(slot.process.exitcode)}",
                     )
                     slot.restart()
-                    job.spill.unlink(missing_ok=True)
+                    remove_spill(job)
                 elif timeout and time.monotonic() - slot.started > timeout:
                     done[job.number] = (
                         None,
                         f"Timeout: {job.entry.path}: decoding took longer than {timeout:g} s, killed",
                     )
                     slot.restart()
-                    job.spill.unlink(missing_ok=True)
+                    remove_spill(job)
             while next_out in done:
                 info, error = done.pop(next_out)
                 yield jobs[next_out], info, error

@@ -77,6 +77,14 @@ def extract_command(manifest: Path, out: Path, *options: str) -> list[str]:
     ]
 
 
+def same_files(a: Path, b: Path) -> bool:
+    """Two store folders hold the same files with the same bytes."""
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names
+    )
+
+
 def write_store(folder: Path, kind: str, counts: dict[str, int], clip, meta: dict, size: int = 16) -> Path:
     """A store of KIND in FOLDER with ``counts[split]`` clips ``{split}{i}`` a split, each ``clip(rng, i) ->
     (rows, label)`` from one generator (seed 0) drawn in that order; every clip 10 fps, 1 s, SIZE×SIZE.

@@ -8,20 +8,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import extract_command
-from pipeline.extract import ExtractError, extract, merge
+from conftest import extract_command, same_files
+from pipeline.extract import ExtractError, extract, merge, parse_part, part_path
 from pipeline.manifest import ManifestError, read_manifest, write_manifest
 from pipeline.stores import FrameStore, StoreError
 from pipeline.video import decode
 
 
-def test_extract_writes_the_store(tiny_dataset, tmp_path):
-    summary = extract(tiny_dataset, tmp_path / "frames", fps=10, size="32", workers=2)
+@pytest.mark.parametrize("codec", ["raw", "jpeg"])
+def test_extract_writes_the_store(tiny_dataset, tmp_path, codec):
+    summary = extract(tiny_dataset, tmp_path / "frames", fps=10, size="32", workers=2, codec=codec)
     assert summary["extracted"] == 6 and summary["failed"] == 0
     store = FrameStore(tmp_path / "frames")
+    assert store.codec == store.meta["codec"] == codec
     for entry in read_manifest(tiny_dataset):
         expected = decode(entry.path, fps=10, size=(32, 32)).frames
-        np.testing.assert_array_equal(store.rows(entry.video_id), expected)
+        if codec == "raw":
+            np.testing.assert_array_equal(store.rows(entry.video_id), expected)
+        else:  # JPEG at quality 90: a few grey levels off on average, never a wrong picture
+            got = store.rows(entry.video_id)
+            assert got.shape == expected.shape and got.dtype == np.uint8
+            assert np.abs(got.astype(int) - expected).mean() < 4
         row = next(r for r in store.index if r.video_id == entry.video_id)
         assert (row.label, row.split, row.width, row.height, row.fps) == (
             entry.label,
@@ -30,10 +37,11 @@ def test_extract_writes_the_store(tiny_dataset, tmp_path):
             32,
             10.0,
         )
-    assert (
-        store.meta["params"] == {"fps": 10, "size": [32, 32], "max_frames": None, "image_fps": 12.0}
-        and "pyav" in store.meta
-    )
+    params = {"fps": 10, "size": [32, 32], "max_frames": None, "image_fps": 12.0}
+    if codec == "jpeg":
+        params.update(codec="jpeg", quality=90)
+        assert {p.suffix for p in (tmp_path / "frames").glob("frames-*")} == {".mjpeg", ".npy"}
+    assert store.meta["params"] == params and "pyav" in store.meta
 
 
 def test_store_does_not_depend_on_workers(tiny_dataset, tmp_path):
@@ -148,32 +156,73 @@ def test_hanging_decoder_is_killed_after_timeout(tiny_dataset, tmp_path):
     )
 
 
-def test_parts_merged_equal_a_single_run(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("codec", ["jpeg", "raw"])
+def test_parts_merged_equal_a_single_run(tiny_dataset, tmp_path, codec):
+    extract(tiny_dataset, tmp_path / "single", size="24", workers=1, codec=codec)
+    for i in range(3):
+        summary = extract(tiny_dataset, tmp_path / "merged", size="24", workers=1, part=(i, 3), codec=codec)
+        assert summary["out"] == str(part_path(tmp_path / "merged", i, 3))
+    merge(None, tmp_path / "merged")
+    assert same_files(tmp_path / "merged", tmp_path / "single")  # byte for byte, meta.json included
+    # Hard-linked: the same frames and rows, one shard per part, no frame copied.
+    parts = [part_path(tmp_path / "merged", i, 3) for i in range(3)]
+    merge(parts, tmp_path / "linked", link=True)
+    single, linked = FrameStore(tmp_path / "single"), FrameStore(tmp_path / "linked")
+    assert [r.video_id for r in linked.index] == [r.video_id for r in single.index]
+    for a in single.index:
+        np.testing.assert_array_equal(linked.rows(a.video_id), single.rows(a.video_id))
+    first = linked.shard_path(0).name
+    assert os.stat(tmp_path / "linked" / first).st_ino == os.stat(parts[0] / first).st_ino
+
+
+def test_merge_refuses_incomplete_or_mismatched_parts(tiny_dataset, tmp_path):
+    out = tmp_path / "frames"
+    for i in (0, 2):
+        extract(tiny_dataset, out, size="24", workers=1, part=(i, 3))
+    with pytest.raises(StoreError, match=r"frames.part-0001-of-0003: part 1 of 3 is missing.*--part 1/3"):
+        merge(None, out)
+    extract(tiny_dataset, out, size="16", workers=1, part=(1, 3))
+    with pytest.raises(StoreError, match="extracted with different params"):
+        merge(None, out)
+    extract(tiny_dataset, out, size="24", workers=1, part=(1, 2))
+    with pytest.raises(StoreError, match="parts of different splits"):
+        merge(None, out)
+    assert not out.exists()  # nothing was written
+    with pytest.raises(ExtractError, match=r"--part 3/3: I must be in 0..N-1"):
+        parse_part("3/3")
+    with pytest.raises(StoreError, match="no part stores"):
+        merge(None, tmp_path / "nothing")
+
+
+def test_two_writers_of_one_store_the_second_refused(tmp_path):
+    from pipeline.store_writer import StoreWriter
+
+    with StoreWriter(tmp_path / "s", "frames"):
+        with pytest.raises(StoreError, match=r"s: another process is writing this store"):
+            StoreWriter(tmp_path / "s", "frames").__enter__()
+    with StoreWriter(tmp_path / "s", "frames"):  # released
+        pass
+
+
+def test_parts_as_two_processes_join_to_a_one_process_extraction(tiny_dataset, tmp_path):
+    """Two tasks of a SLURM job array (the variables srun sets), run at once, then vpipe merge."""
     extract(tiny_dataset, tmp_path / "single", size="24", workers=1)
-    parts = [
-        extract(tiny_dataset, tmp_path / f"part{i}", size="24", workers=1, num_shards=3, shard_index=i)["out"]
-        for i in range(3)
-    ]
-    merge(parts, tmp_path / "merged")
-    single, merged = FrameStore(tmp_path / "single"), FrameStore(tmp_path / "merged")
-    assert [r.video_id for r in merged.index] == [r.video_id for r in single.index]
-    for a, b in zip(single.index, merged.index, strict=True):
-        assert (a.label, a.split, a.length, a.width, a.fps) == (b.label, b.split, b.length, b.width, b.fps)
-        np.testing.assert_array_equal(merged.rows(a.video_id), single.rows(a.video_id))
-    assert (
-        os.stat(tmp_path / "merged" / "frames-00000.npy").st_ino
-        == os.stat(tmp_path / "part0" / "frames-00000.npy").st_ino
+    procs = []
+    for task in (4, 5):  # --array=4-5: the task ids need not start at 0
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2"}
+        env["SLURM_ARRAY_TASK_MIN"] = "4"
+        command = extract_command(tiny_dataset, tmp_path / "frames", "--size", "24", "--workers", "1")
+        procs.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    merged = subprocess.run(
+        [sys.executable, "-m", "pipeline", "merge", "--out", str(tmp_path / "frames"), "--remove-parts"],
+        capture_output=True,
+        text=True,
     )
-    with pytest.raises(StoreError, match="different parameters"):
-        merge(
-            [
-                parts[0],
-                extract(tiny_dataset, tmp_path / "other", size="16", workers=1, num_shards=3, shard_index=1)[
-                    "out"
-                ],
-            ],
-            tmp_path / "bad",
-        )
+    assert merged.returncode == 0, merged.stderr
+    assert same_files(tmp_path / "frames", tmp_path / "single")
+    assert not list(tmp_path.glob("frames.part-*"))
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -275,7 +324,7 @@ def test_mixed_formats_in_one_run(tmp_path):
 def test_parts_default_to_torchrun_environment(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    extract(tiny_dataset, tmp_path / "part", workers=1)
-    ids = [r.video_id for r in FrameStore(tmp_path / "part").index]
-    assert ids == [e.video_id for e in read_manifest(tiny_dataset)[3:]]
-    assert FrameStore(tmp_path / "part").meta["part"] == [1, 2]
+    extract(tiny_dataset, tmp_path / "frames", workers=1)
+    part = FrameStore(part_path(tmp_path / "frames", 1, 2))
+    assert [r.video_id for r in part.index] == [e.video_id for e in read_manifest(tiny_dataset)[3:]]
+    assert part.meta["part"] == [1, 2]

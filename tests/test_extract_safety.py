@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import extract_command, moving_square
+from conftest import extract_command, moving_square, same_files
 from pipeline import video
 from pipeline.atomic import clean_stale
 from pipeline.extract import extract
@@ -43,7 +43,7 @@ def test_worker_killed_mid_video_costs_that_video_only(tmp_path, make_video, mon
     assert [r.video_id for r in store.index] == ["v0", "v1", "v3", "v4", "v5"]
     [error] = store.errors
     assert error["video_id"] == "v2" and "SIGKILL" in error["error"] and "v/2.mp4" in error["error"]
-    assert not list(tmp_path.glob(".store.*"))  # no spill file or temporary folder left behind
+    assert not list(tmp_path.glob(".store.*-*"))  # no spill file or temporary folder left behind
 
 
 def test_a_worker_that_died_while_idle_is_replaced(tmp_path, make_video):
@@ -113,7 +113,7 @@ def test_store_replacement_survives_a_kill_at_every_step(tmp_path, faults):
     clean_stale(out)  # what the next writer does first: finish the interrupted replacement
     meta = FrameStore(out).meta
     assert meta["value"] == (values[step] or 2)  # the finished new store was moved in, not deleted
-    assert not list(tmp_path.glob(".store.*"))
+    assert not list(tmp_path.glob(".store.*-*"))
     _write_store(out, 3)
     assert FrameStore(out).meta["value"] == 3
 
@@ -164,8 +164,7 @@ def test_incremental_rerun_decodes_only_new_videos_and_equals_a_fresh_run(tmp_pa
     assert (again["decoded"], again["reused"], again["extracted"]) == (2, 4, 6)
     fresh = extract(manifest, tmp_path / "fresh", fps=10, size="24", workers=2)
     assert fresh["decoded"] == 6
-    for name in ("index.csv", "frames-00000.npy", "sources.csv", "meta.json"):
-        assert (tmp_path / "store" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+    assert same_files(tmp_path / "store", tmp_path / "fresh")  # JPEG images copied, not re-encoded
     # A changed file is decoded again; other parameters reuse nothing.
     make_video("v/1.mp4", frames=30, seed=99)
     assert extract(manifest, tmp_path / "store", fps=10, size="24", workers=2)["decoded"] == 1
@@ -192,6 +191,62 @@ def test_incremental_extraction_under_dvc_repro(tmp_path, make_video):
     status = subprocess.run(["dvc", "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout  # dvc.lock describes what is on disk
     assert "frames" in lock and len(FrameStore(tmp_path / "frames").index) == 5
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _cached_dir(repo: Path, md5: str) -> dict[str, str]:
+    """A directory as DVC's cache holds it: relpath → md5, every cached file checked against its name."""
+    files = repo / ".dvc" / "cache" / "files" / "md5"
+    listing = json.loads((files / md5[:2] / md5[2:]).read_text())
+    for entry in listing:
+        cached = files / entry["md5"][:2] / entry["md5"][2:]
+        assert _md5(cached) == entry["md5"], f"{cached} was changed after DVC cached it"
+    return {entry["relpath"]: entry["md5"] for entry in listing}
+
+
+def test_dvc_cache_links_instead_of_copying_and_an_incremental_rerun_corrupts_nothing(tmp_path, make_video):
+    """With the project's cache settings (.dvc/config), a store costs its bytes once; changing one video
+    re-runs the stage, and both the new store and the cached old one match what dvc.lock recorded."""
+    import yaml
+
+    _manifest(tmp_path, make_video, 4)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  extract:\n    cmd: vpipe extract --manifest m.csv --out frames --fps 10 --size 24 --workers 1\n"
+        "    deps: [m.csv, v]\n    outs:\n      - frames:\n          persist: true\n"
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
+    (tmp_path / ".dvc" / "config").write_text((ROOT / ".dvc" / "config").read_text())
+
+    def repro() -> str:
+        run = subprocess.run(["dvc", "repro"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr + run.stdout
+        lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+        return lock["stages"]["extract"]["outs"][0]["md5"], run.stderr + run.stdout
+
+    old, _ = repro()
+    store = tmp_path / "frames"
+    outputs = sum(p.stat().st_size for p in store.iterdir())
+    inodes = {}
+    for path in [*store.rglob("*"), *(tmp_path / ".dvc" / "cache").rglob("*")]:
+        if path.is_file():
+            inodes[path.stat().st_ino] = path.stat().st_size
+    assert sum(inodes.values()) <= 1.1 * outputs + 4096, "the cache holds a second copy of the store"
+    old_files = _cached_dir(tmp_path, old)
+
+    make_video("v/2.mp4", frames=24, seed=77)  # one video changed
+    new, log = repro()
+    assert new != old and "extracted 4 (3 reused from the previous store)" in log
+    new_files = _cached_dir(tmp_path, new)  # the old store's cached files are unchanged as well
+    _cached_dir(tmp_path, old)
+    assert {p.name: _md5(p) for p in store.iterdir()} == new_files  # the workspace is what dvc.lock says
+    assert new_files["index.csv"] != old_files["index.csv"] or new_files != old_files
 
 
 def test_seeking_to_start_sec_gives_the_frames_of_decoding_from_the_start(tmp_path):

@@ -1,0 +1,181 @@
+"""How a frame store keeps its frames: ``raw`` or ``jpeg`` (``meta.json`` says which, as ``codec``).
+
+- ``raw``: a shard is ``frames-0000k.npy``, uint8 ``(N, H, W, 3)``, memory-mapped: the fastest to
+  read, and about 8× the bytes of the videos it came from at 112 px.
+- ``jpeg``: a shard is ``frames-0000k.mjpeg``, the frames' JPEG images one after another (a Motion
+  JPEG stream: ``ffplay -f mjpeg`` shows it), and ``frames-0000k.offsets.npy``, int64 ``(N + 1,)``:
+  frame ``i`` is bytes ``offsets[i]:offsets[i + 1]``. Encoded and decoded by Pillow (libjpeg-turbo),
+  so extraction never imports torch; :func:`decode_batch_cuda` decodes a batch on a GPU through
+  torchvision's nvJPEG. At quality 90 a 112 px store is about half its videos' bytes
+  (``bench/scale.py`` measures it), at a mean absolute error of about 2 grey levels.
+
+:class:`JpegShard` reads a ``jpeg`` shard as a read-only array: ``len``, ``shape``, ``dtype``, and
+indexing by an integer, a slice or an integer array give uint8 frames, decoded on the way. Every
+reader of a frame store (data modules, the features stage, ``vpipe classify``) indexes shards, so
+they read either codec the same way. :class:`JpegAppender` writes one, frame by frame or by copying
+already encoded frames (incremental re-runs and merged parts copy bytes, never re-encode).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+CODECS = ("raw", "jpeg")
+DEFAULT_CODEC = "jpeg"
+DEFAULT_QUALITY = 90
+
+
+class CodecError(ValueError):
+    """A store names a codec this version does not know, or a shard's files disagree."""
+
+
+def check_codec(codec: str, where: str | os.PathLike = "") -> str:
+    if codec not in CODECS:
+        place = f"{where}: " if where else ""
+        raise CodecError(f"{place}unknown frame codec {codec!r} (known: {', '.join(CODECS)})")
+    return codec
+
+
+def shard_files(prefix: str, k: int, codec: str) -> list[str]:
+    """The file names of shard ``k``: what a store holds, hashes and links."""
+    if codec == "jpeg":
+        return [f"{prefix}-{k:05d}.mjpeg", f"{prefix}-{k:05d}.offsets.npy"]
+    return [f"{prefix}-{k:05d}.npy"]
+
+
+def encode_jpeg(frame: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:
+    """One uint8 ``(H, W, 3)`` RGB frame as a baseline JPEG (4:2:0, as video codecs sample colour)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def decode_jpeg(data) -> np.ndarray:
+    """One JPEG image (bytes or a uint8 array) as uint8 ``(H, W, 3)`` RGB."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(bytes(data))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def as_stored(frames: np.ndarray, params: dict | None) -> np.ndarray:
+    """Frames ``(T, H, W, 3)`` as a frame store made with ``params`` (its ``meta.json`` ``params``)
+    gives them back: through JPEG and back for the ``jpeg`` codec, unchanged for ``raw``. Models see at
+    inference what they saw in training."""
+    params = params or {}
+    if params.get("codec", "raw") != "jpeg":
+        return frames
+    quality = int(params.get("quality", DEFAULT_QUALITY))
+    return np.stack([decode_jpeg(encode_jpeg(f, quality)) for f in frames]) if len(frames) else frames
+
+
+def decode_batch_cuda(images: list[np.ndarray], device: str = "cuda"):
+    """JPEG images (uint8 arrays, as :meth:`JpegShard.encoded` gives) decoded on a GPU by nvJPEG:
+    a uint8 ``(N, 3, H, W)`` tensor on ``device``."""
+    import torch
+    from torchvision.io import decode_jpeg as tv_decode
+
+    tensors = [torch.from_numpy(np.asarray(image)) for image in images]
+    return torch.stack(tv_decode(tensors, device=device))
+
+
+class JpegAppender:
+    """A ``jpeg`` shard written frame by frame; the offsets file is written on close."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, path: str | os.PathLike, row_shape: tuple[int, ...], quality: int = DEFAULT_QUALITY):
+        self.path = Path(path)  # frames-0000k.mjpeg
+        self.row_shape, self.quality = tuple(int(n) for n in row_shape), quality
+        self.offsets = [0]
+        self._fh = open(self.path, "wb")
+
+    @property
+    def rows(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[-1]
+
+    def append(self, block: np.ndarray) -> None:
+        """Encode and append uint8 frames ``(n, H, W, 3)``."""
+        if tuple(block.shape[1:]) != self.row_shape:
+            raise ValueError(f"{self.path}: frames of {self.row_shape} expected, got {block.shape[1:]}")
+        for frame in block:
+            self._write(encode_jpeg(frame, self.quality))
+
+    def append_encoded(self, data, lengths: np.ndarray) -> None:
+        """Append frames already encoded: ``data`` holds them back to back, ``lengths`` their sizes."""
+        self._fh.write(memoryview(np.ascontiguousarray(data, dtype=np.uint8)))
+        self.offsets.extend((self.offsets[-1] + np.cumsum(lengths, dtype=np.int64)).tolist())
+
+    def _write(self, image: bytes) -> None:
+        self._fh.write(image)
+        self.offsets.append(self.offsets[-1] + len(image))
+
+    def close(self) -> None:
+        if self._fh.closed:
+            return
+        self._fh.close()
+        np.save(offsets_path(self.path), np.asarray(self.offsets, np.int64))
+
+
+def offsets_path(mjpeg: Path) -> Path:
+    return mjpeg.with_name(mjpeg.name[: -len(".mjpeg")] + ".offsets.npy")
+
+
+class JpegShard:
+    """A ``jpeg`` shard read as a uint8 ``(N, H, W, 3)`` array; frames are decoded when indexed."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.offsets = np.load(offsets_path(self.path))
+        size = self.path.stat().st_size
+        if len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != size:
+            raise CodecError(
+                f"{self.path}: {size} bytes, but {offsets_path(self.path).name} ends at {self.offsets[-1]}"
+            )
+        self.data = np.memmap(self.path, np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self._shape is None:
+            self._shape = (len(self), *(self._frame(0).shape if len(self) else (0, 0, 3)))
+        return self._shape
+
+    def _frame(self, i: int) -> np.ndarray:
+        return decode_jpeg(self.data[self.offsets[i] : self.offsets[i + 1]])
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._frame(int(range(len(self))[key]))
+        picked = np.arange(len(self))[key]
+        if picked.ndim != 1:
+            raise IndexError(f"{self.path}: index frames with an int, a slice or a 1-D array")
+        out = np.empty((len(picked), *self.shape[1:]), np.uint8)
+        for n, i in enumerate(picked):
+            frame = self._frame(int(i))
+            if frame.shape != out.shape[1:]:
+                raise CodecError(
+                    f"{self.path}: frame {i} is {frame.shape}, the shard's frames {out.shape[1:]}"
+                )
+            out[n] = frame
+        return out
+
+    def encoded(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frames ``start:stop`` as they are stored: their bytes back to back and each one's length."""
+        return self.data[self.offsets[start] : self.offsets[stop]], np.diff(self.offsets[start : stop + 1])
