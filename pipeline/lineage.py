@@ -118,7 +118,10 @@ class InferenceRecipe(Callback):
             "num_segments": getattr(dm, "num_segments", None),
             "modality": getattr(dm, "modality", "rgb"),
             "features_meta": features_meta,
-            "frames_meta": inputs.read_meta(frames) if frames else None,
+            # Features computed straight from videos (vpipe features --manifest) carry the frame-store
+            # meta their frames would have had: how to decode new videos like them.
+            "frames_meta": (inputs.read_meta(frames) if frames else None)
+            or (features_meta or {}).get("frames_meta"),
         }
 
     def on_save_checkpoint(
