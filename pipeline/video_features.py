@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import shutil
-import threading
 import time
 import warnings
 from contextlib import closing
@@ -57,7 +55,7 @@ from pipeline.resample import parse_size, uniform_indices
 from pipeline.sources import inputs_hash, source_row
 from pipeline.store_writer import StoreWriter
 from pipeline.stores import FeatureStore, fingerprint
-from pipeline.workers import Job, pool_results
+from pipeline.workers import Job, ahead, pool_results
 
 INFO_FIELDS = ("src_fps", "fps", "width", "height", "duration_sec")
 
@@ -67,50 +65,6 @@ def _rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def ahead(results, depth: int):
-    """Iterate ``results`` in a thread, at most ``depth`` items ahead of the consumer.
-
-    The worker pool lives in that thread (it starts, restarts and stops the decoders there: a
-    worker's parent-death signal follows the thread that started it), so the pool hands out the next
-    videos while the consumer runs the model. An exception in the pool is raised in the consumer."""
-    items: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-
-    def put(item) -> None:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def produce() -> None:
-        try:
-            for item in results:
-                put(("item", item))
-                if stop.is_set():
-                    break
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
-            put(("error", err))
-        finally:
-            results.close()  # stops the workers
-            put(("end", None))
-
-    thread = threading.Thread(target=produce, name="decode-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, item = items.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
 
 class DecodedBatches(IterableDataset):
@@ -246,6 +200,7 @@ def decoding(manifest: Path, entries: list[Entry], params: dict) -> dict:
     sources = [source_row(e, fingerprints) for e in entries]
     return {
         "kind": "frames",
+        "codec": "raw",
         "manifest": str(manifest),
         "params": params,
         **video.versions(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
 import threading
@@ -239,3 +240,48 @@ def _death(exitcode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
     return f"died (exit code {exitcode})"
+
+
+def ahead(results, depth: int):
+    """Iterate ``results`` (of :func:`pool_results`) in a thread, at most ``depth`` items ahead of the
+    consumer: decoding goes on while the consumer works (``vpipe features --manifest`` runs the model).
+
+    The worker pool lives in that thread (it starts, restarts and stops the decoders there: a
+    worker's parent-death signal follows the thread that started it), so the pool hands out the next
+    videos while the consumer runs the model. An exception in the pool is raised in the consumer."""
+    items: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            for item in results:
+                put(("item", item))
+                if stop.is_set():
+                    break
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            put(("error", err))
+        finally:
+            results.close()  # stops the workers
+            put(("end", None))
+
+    thread = threading.Thread(target=produce, name="decode-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
