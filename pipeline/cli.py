@@ -180,7 +180,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a feature store whose cache key differs")
     g = p.add_argument_group("decoding (--manifest only; as vpipe extract)")
-    _decoding_options(g, None, "decoding processes per device (default: the cores shared among the devices)")
+    _decoding_options(
+        g,
+        None,
+        "decoding processes per device (default: the device's share of the cores; half of it on the CPU, "
+        "the model's threads taking the rest)",
+    )
     g.add_argument("--image-fps", type=float, default=12.0, help="frame rate of image-sequence folders")
     _root_option(g)
     p.add_argument(

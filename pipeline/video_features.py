@@ -240,7 +240,9 @@ def compute_from_videos(
     """Compute features of every frame of every video in ``manifest`` into the feature store ``out``.
 
     Decoding options (``fps``, ``size``, ``max_frames``, ``image_fps``, ``workers`` per device,
-    ``on_error``, ``timeout``, ``root``) mean what they mean to :func:`pipeline.extract.extract`; the
+    ``on_error``, ``timeout``, ``root``) mean what they mean to :func:`pipeline.extract.extract`
+    (``workers`` by default: the device's share of the cores; on the CPU half of it, the model's
+    threads taking the rest); the
     backbone options what they mean to :func:`pipeline.features.compute`. Returns the store's meta on
     global rank 0 (None on other ranks).
 
@@ -269,7 +271,11 @@ def compute_from_videos(
     trainer = predict_trainer(
         out, PartWriter(tmp), accelerator, devices, num_nodes, strategy, trainer_precision
     )
-    per_device = max(1, (os.cpu_count() or 1) // max(1, trainer.num_devices))
+    gpu = on_gpu(trainer)
+    cores = max(1, (os.cpu_count() or 1) // max(1, trainer.num_devices))  # this rank's share
+    # On a GPU the decoders take every core. On the CPU the model's threads and the decoders share them:
+    # oversubscribed, OpenMP threads spin while the decoders run and both crawl (6x slower measured).
+    workers = workers or (cores if gpu else max(1, cores // 2))
     batches = DecodedBatches(
         entries,
         tmp,
@@ -277,15 +283,21 @@ def compute_from_videos(
         modality=net.modality,
         decode=(fps, wh, image_fps),
         max_frames=max_frames,
-        workers=workers or per_device,
+        workers=workers,
         timeout=timeout,
         on_error=on_error,
     )
-    loader = DataLoader(batches, batch_size=None, num_workers=0, pin_memory=on_gpu(trainer))
+    loader = DataLoader(batches, batch_size=None, num_workers=0, pin_memory=gpu)
     started = time.perf_counter()
-    with warnings.catch_warnings():  # batches of an IterableDataset have no sampler indices: none needed
-        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-        trainer.predict(Encoder(net.encoder(pool, grid)), loader, return_predictions=False)
+    threads = torch.get_num_threads()
+    try:
+        if not gpu:
+            torch.set_num_threads(max(1, cores - workers))
+        with warnings.catch_warnings():  # batches of an IterableDataset have no sampler indices: none needed
+            warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+            trainer.predict(Encoder(net.encoder(pool, grid)), loader, return_predictions=False)
+    finally:
+        torch.set_num_threads(threads)
     trainer.strategy.barrier()
     if trainer.global_rank != 0:
         return None
