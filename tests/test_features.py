@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -119,8 +121,21 @@ def test_damaged_frame_store_is_named(frames, tmp_path):
 
     broken = tmp_path / "frames"
     shutil.copytree(frames, broken)
-    np.save(broken / "frames-00000.npy", np.zeros((3, 40, 40, 3), np.uint8))
-    with pytest.raises(StoreError, match="frames-00000.npy: holds 3 frames, index.csv needs"):
+    # A JPEG shard cut short: its first 3 frames, with offsets to match.
+    offsets = np.load(broken / "frames-00000.offsets.npy")[:4]
+    data = (broken / "frames-00000.mjpeg").read_bytes()[: offsets[-1]]
+    (broken / "frames-00000.mjpeg").write_bytes(data)
+    np.save(broken / "frames-00000.offsets.npy", offsets)
+    with pytest.raises(StoreError, match="frames-00000.mjpeg: holds 3 frames, index.csv needs"):
+        compute(str(broken), str(tmp_path / "f"), name="test_resnet", accelerator="cpu")
+    # Offsets that do not fit their data.
+    np.save(broken / "frames-00000.offsets.npy", offsets + 5)
+    with pytest.raises(StoreError, match=r"frames-00000.mjpeg: cannot be read \(.*offsets.npy ends at"):
+        compute(str(broken), str(tmp_path / "f"), name="test_resnet", accelerator="cpu")
+    # A codec this version does not know.
+    meta = json.loads((broken / "meta.json").read_text())
+    (broken / "meta.json").write_text(json.dumps({**meta, "codec": "webp"}))
+    with pytest.raises(StoreError, match=r"meta.json: unknown frame codec 'webp' \(known: raw, jpeg\)"):
         compute(str(broken), str(tmp_path / "f"), name="test_resnet", accelerator="cpu")
     (broken / "meta.json").unlink()
     with pytest.raises(StoreError, match="meta.json: missing"):
@@ -190,7 +205,7 @@ def test_two_ddp_processes_equal_one(frames, tmp_path):
         np.testing.assert_allclose(
             a.shard(shard).astype(np.float32), b.shard(shard).astype(np.float32), rtol=1e-2, atol=1e-3
         )
-    assert not list(tmp_path.glob(".two.*"))
+    assert not list(tmp_path.glob(".two.*-*"))  # no temporary folder left (a writer's lock file may stay)
     # One MLflow run per job (rank zero only): the frame store in, the feature store out, system metrics unless off.
     import mlflow
 

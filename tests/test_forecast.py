@@ -358,6 +358,8 @@ def test_frame_configs_run(name, digits, tmp_path, monkeypatch):
         "width": 32,
         "height": 32,
         "grayscale": True,
+        "codec": "jpeg",  # the frame store's: vpipe forecast puts its context frames through JPEG too
+        "quality": 90,
     }
 
 
