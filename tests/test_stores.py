@@ -58,3 +58,41 @@ def test_missing_and_truncated_stores_name_the_file(tmp_path):
     np.save(tmp_path / "s" / "frames-00000.npy", np.zeros((2, 6, 8, 3), np.uint8))
     with pytest.raises(StoreError, match="frames-00000.npy: holds 2 rows, index says a ends at 4"):
         FrameStore(tmp_path / "s").rows("a")
+
+
+def test_jpeg_shard_reads_like_an_array(tmp_path):
+    from pipeline.codecs import JpegShard, as_stored, decode_jpeg, encode_jpeg
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (5, 4, 6, 3)), np.ones((1, 8, 8, 1))).astype(
+        np.uint8
+    )  # (5, 32, 48, 3)
+    with StoreWriter(tmp_path / "s", "frames", codec="jpeg", quality=95) as writer:
+        writer.add(smooth[:3], video_id="a", **INFO)
+        writer.add(smooth[3:], video_id="b", **INFO)
+        writer.finish({"kind": "frames", "codec": "jpeg", "params": {"codec": "jpeg", "quality": 95}})
+    store = FrameStore(tmp_path / "s")
+    shard = store.shard(0)
+    assert isinstance(shard, JpegShard) and len(shard) == 5 and shard.shape == (5, 32, 48, 3)
+    whole = shard[:]
+    # random colours in 8x8 blocks: the hardest case for 4:2:0 chroma, still within a few levels
+    assert whole.dtype == np.uint8 and np.abs(whole.astype(int) - smooth).mean() < 10
+    np.testing.assert_array_equal(shard[np.array([4, 0, 4])], whole[[4, 0, 4]])
+    np.testing.assert_array_equal(shard[-1], whole[4])
+    np.testing.assert_array_equal(store.rows("b"), whole[3:])
+    # the stored bytes are what as_stored gives: inference sees training's pixels
+    np.testing.assert_array_equal(as_stored(smooth, store.meta["params"]), whole)
+    np.testing.assert_array_equal(decode_jpeg(encode_jpeg(smooth[0], 95)), whole[0])
+    data, lengths = store.encoded("b")
+    assert len(lengths) == 2 and len(data) == lengths.sum()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="nvJPEG needs a CUDA GPU")
+def test_jpeg_frames_decode_on_the_gpu_as_on_the_cpu(tmp_path):
+    from pipeline.codecs import decode_batch_cuda, decode_jpeg, encode_jpeg
+
+    frames = np.random.default_rng(1).integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
+    images = [np.frombuffer(encode_jpeg(f), np.uint8) for f in frames]
+    on_gpu = decode_batch_cuda(images).permute(0, 2, 3, 1).cpu().numpy()
+    on_cpu = np.stack([decode_jpeg(i) for i in images])
+    assert on_gpu.shape == on_cpu.shape and np.abs(on_gpu.astype(int) - on_cpu).max() <= 2
