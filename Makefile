@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test test-fast ui lint bench bench-repro seeds
+.PHONY: setup repro test test-fast ui lint bench bench-repro bench-scale bench-codec seeds
 
 setup: $(STAMP)
 
@@ -40,6 +40,14 @@ bench: setup
 # Every stage of `dvc repro` timed against its limit (re-runs them all).
 bench-repro: setup
 	python bench/repro.py --force
+
+# The stages on a dataset shaped like a real one (1,000 clips of 10 s), projected to UCF101 and Kinetics-400.
+bench-scale: setup
+	python bench/scale.py
+
+# A JPEG frame store against a raw one: bytes, extraction, an end-to-end epoch, the features stage.
+bench-codec: setup
+	python bench/codec.py
 
 # gesture_gru and action_lstm test accuracy as mean ± sd over 3 seeds (after `make repro`).
 seeds: setup
