@@ -153,6 +153,8 @@ def extract(
 
     manifest, out = Path(manifest), Path(out)
     check_codec(codec)
+    if not 1 <= quality <= 100:
+        raise ExtractError(f"--quality {quality}: a JPEG quality is 1 to 100 (90 by default)")
     shard_index, num_shards = part or default_part()
     entries = read_manifest(manifest)
     report = validate(entries, manifest, root=root)

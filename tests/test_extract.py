@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import extract_command, same_files
+from pipeline.codecs import CodecError
 from pipeline.extract import ExtractError, extract, merge, parse_part, part_path
 from pipeline.manifest import ManifestError, read_manifest, write_manifest
 from pipeline.stores import FrameStore, StoreError
@@ -190,6 +191,12 @@ def test_merge_refuses_incomplete_or_mismatched_parts(tiny_dataset, tmp_path):
     assert not out.exists()  # nothing was written
     with pytest.raises(ExtractError, match=r"--part 3/3: I must be in 0..N-1"):
         parse_part("3/3")
+    with pytest.raises(ExtractError, match=r"--part two: expected I/N"):
+        parse_part("two")
+    with pytest.raises(ExtractError, match=r"--quality 0: a JPEG quality is 1 to 100"):
+        extract(tiny_dataset, tmp_path / "q", quality=0)
+    with pytest.raises(CodecError, match=r"unknown frame codec 'png'"):
+        extract(tiny_dataset, tmp_path / "q", codec="png")
     with pytest.raises(StoreError, match="no part stores"):
         merge(None, tmp_path / "nothing")
 
