@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-from pipeline import tracking
+from pipeline import timings, tracking
 from pipeline.lineage import InferenceRecipe
 from pipeline.pictures import draw_rollouts, pictures_of
 
@@ -54,6 +54,7 @@ class CaptionReport(pl.Callback):
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
+    @timings.timed("logging")  # report files and MLflow artifacts
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         samples = getattr(pl_module, "samples", None)  # a pipeline.captioning.Captioner's last test captions
         if not samples or not trainer.is_global_zero:
@@ -81,6 +82,7 @@ class ForecastReport(Callback):
         self.folder = Path(folder)
 
     @rank_zero_only
+    @timings.timed("logging")  # report files and MLflow artifacts
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = getattr(pl_module.hparams, "picture_every_n_epochs", 0) if pictures_of(pl_module) else 0
         if trainer.sanity_checking or not every or (trainer.current_epoch + 1) % every:
@@ -94,6 +96,7 @@ class ForecastReport(Callback):
             _log_artifacts(trainer, paths, f"epochs/epoch_{trainer.current_epoch:03d}")
 
     @rank_zero_only
+    @timings.timed("logging")  # report files and MLflow artifacts
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tables = getattr(pl_module, "test_horizons", None)
         if tables is None:
@@ -156,6 +159,7 @@ class ConfusionReport(Callback):
         self.folder = Path(folder)
 
     @rank_zero_only
+    @timings.timed("logging")  # report files and MLflow artifacts
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         matrix = getattr(pl_module, "test_confusion", None)
         if matrix is None:

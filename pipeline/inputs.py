@@ -11,6 +11,7 @@ Training configs are tracked by DVC as params (values, not hashes): their MD5 is
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -131,16 +132,26 @@ def read_meta(store: str | os.PathLike) -> dict:
 def dvc_lock_outs(root: Path) -> dict[str, tuple[str, str]]:
     """``path → (hash, stage)`` for every stage output recorded in ``root/dvc.lock``."""
     lock = root / "dvc.lock"
-    if not lock.is_file():
+    try:
+        stat = lock.stat()
+    except OSError:
         return {}
+    return dict(_lock_outs(lock, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _lock_outs(lock: Path, mtime_ns: int, size: int) -> tuple[tuple[str, tuple[str, str]], ...]:
+    """The outputs of one version of a ``dvc.lock`` (read once per process: a run's tags and its lineage
+    both ask), parsed with libyaml where PyYAML has it (the lock of the whole pipeline is ~100 KB)."""
     import yaml
 
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     outs = {}
-    for stage, entry in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).items():
+    for stage, entry in ((yaml.load(lock.read_text(), Loader=loader) or {}).get("stages") or {}).items():
         for out in entry.get("outs") or []:
             digest = out.get("md5") or out.get(out.get("hash", ""), "")
             outs[os.path.normpath(out["path"])] = (str(digest), stage)
-    return outs
+    return tuple(outs.items())
 
 
 def lineage_tags(

@@ -1,7 +1,8 @@
-"""What a training run records about itself (Lightning callbacks and plugins): its resolved config
-(:class:`LogConfigToMLflow`), its input stores and system metrics (:class:`RunInputs`), its MLflow run
-id and inference recipe inside every checkpoint (:class:`RunIdInCheckpoint`,
-:class:`InferenceRecipe`), and checkpoints written atomically (:class:`AtomicCheckpointIO`)."""
+"""What a training run records about itself (Lightning callbacks, plugins and its logger): its resolved
+config (:class:`LogConfigToMLflow`), its input stores and system metrics (:class:`RunInputs`), its MLflow
+run id and inference recipe inside every checkpoint (:class:`RunIdInCheckpoint`,
+:class:`InferenceRecipe`), checkpoints written atomically (:class:`AtomicCheckpointIO`), and the MLflow
+logger whose calls :mod:`pipeline.timings` tells apart from training (:class:`RunLogger`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,38 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.cli import SaveConfigCallback
+from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from pipeline import inputs, tracking
+from pipeline import inputs, timings, tracking
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger, its time accounted for (``$VPIPE_TIMINGS``): opening the run is MLflow
+    set-up, what it logs (params, metrics, checkpoints at the end) is logging."""
+
+    @property
+    def experiment(self):
+        if self._initialized:
+            return super().experiment
+        with timings.phase("mlflow"):
+            return super().experiment
+
+    def log_hyperparams(self, params) -> None:
+        with timings.phase("logging"):
+            super().log_hyperparams(params)
+
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        with timings.phase("logging"):
+            super().log_metrics(metrics, step)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        with timings.phase("logging"):
+            super().after_save_checkpoint(checkpoint_callback)
+
+    def finalize(self, status: str = "success") -> None:
+        with timings.phase("logging"):
+            super().finalize(status)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -55,6 +85,10 @@ class RunInputs(Callback):
         logger = tracking.run_logger(trainer)
         if logger is None or not trainer.is_global_zero:
             return
+        with timings.phase("logging"):
+            self._start(trainer, logger, stage)
+
+    def _start(self, trainer: pl.Trainer, logger, stage: str) -> None:
         if not self.logged:
             stores = [
                 s
@@ -74,7 +108,8 @@ class RunInputs(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.monitor is not None:
-            self.monitor.__exit__(None, None, None)
+            with timings.phase("logging"):
+                self.monitor.__exit__(None, None, None)
             self.monitor = None
 
 
@@ -138,6 +173,10 @@ class LogConfigToMLflow(SaveConfigCallback):
         super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        with timings.phase("logging"):
+            self._log_config(trainer)
+
+    def _log_config(self, trainer: pl.Trainer) -> None:
         if (logger := tracking.run_logger(trainer)) is not None:
             text = self.parser.dump(self.config, skip_none=False)
             params = tracking.readable_params(tracking.flatten(self.config.as_dict()))

@@ -123,14 +123,16 @@ def mlflow_logger(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     run_id: str | None = None,
+    cls=None,
 ):
-    """An MLFlowLogger on this project's store, experiment ``experiment``, best checkpoint logged at the
-    end; with ``run_id``, logging continues that run (a resumed fit)."""
+    """An MLFlowLogger (or ``cls``, a subclass such as :class:`pipeline.lineage.RunLogger`) on this
+    project's store, experiment ``experiment``, best checkpoint logged at the end; with ``run_id``,
+    logging continues that run (a resumed fit)."""
     from pytorch_lightning.loggers import MLFlowLogger
 
     uri = tracking_uri()
     ensure_store(uri)  # before the logger: its client opens the store (on every rank) as it is made
-    return MLFlowLogger(
+    return (cls or MLFlowLogger)(
         experiment_name=experiment,
         run_name=run_name,
         tracking_uri=uri,
@@ -243,21 +245,28 @@ def job_run(
         return
     from mlflow.entities import Param
 
-    uri = tracking_uri()
-    ensure_store(uri)
-    client = registry_client()
-    found = client.get_experiment_by_name(experiment)
-    location = None if uri.startswith(("http://", "https://")) else (artifact_root() / experiment).as_uri()
-    experiment_id = (
-        found.experiment_id if found else client.create_experiment(experiment, artifact_location=location)
-    )
+    from pipeline import timings
     from pipeline.inputs import lineage_tags, log_datasets
 
-    run = client.create_run(
-        experiment_id, run_name=run_name, tags=run_tags(**lineage_tags(frames=stores[0] if stores else None))
-    )
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    log_datasets(client, run.info.run_id, stores, context)
+    with timings.phase("mlflow"):
+        uri = tracking_uri()
+        ensure_store(uri)
+        client = registry_client()
+        found = client.get_experiment_by_name(experiment)
+        location = (
+            None if uri.startswith(("http://", "https://")) else (artifact_root() / experiment).as_uri()
+        )
+        experiment_id = (
+            found.experiment_id if found else client.create_experiment(experiment, artifact_location=location)
+        )
+        run = client.create_run(
+            experiment_id,
+            run_name=run_name,
+            tags=run_tags(**lineage_tags(frames=stores[0] if stores else None)),
+        )
+    with timings.phase("logging"):
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        log_datasets(client, run.info.run_id, stores, context)
     status = "FAILED"
     try:
         with SystemMetrics(run.info.run_id, system_metrics):

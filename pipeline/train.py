@@ -25,9 +25,9 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
-from pipeline import inputs, tracking
+from pipeline import inputs, timings, tracking
 from pipeline.callbacks import PredictionCSV, fit_callbacks, report_callbacks
-from pipeline.lineage import AtomicCheckpointIO, LogConfigToMLflow, RunIdInCheckpoint, RunInputs
+from pipeline.lineage import AtomicCheckpointIO, LogConfigToMLflow, RunIdInCheckpoint, RunInputs, RunLogger
 
 
 class CommandError(ValueError):
@@ -145,21 +145,8 @@ class VPipeCLI(LightningCLI):
             self.datamodule.predict_split = split
             callbacks.append(PredictionCSV(root / "predictions" / f"{name}-{split}.csv"))
         if config.get("logger") in (None, True):
-            configs = [str(c) for c in self._get(self.config, "config", default=None) or []]
-            tags = tracking.run_tags(
-                feature_cache_key=getattr(self.datamodule, "cache_key", ""),
-                **inputs.lineage_tags(
-                    *inputs.data_inputs(self.datamodule),
-                    configs,
-                    grids=getattr(self.datamodule, "inputs", {}).get("grids"),
-                ),
-            )
-            run_id = self._resumed_run_id(root / "models" / name) if self.subcommand == "fit" else None
-            # Under `dvc exp run` the run is named after the DVC experiment, so a sweep's runs tell apart.
-            run_name = os.environ.get("DVC_EXP_NAME") if self.subcommand == "fit" else None
-            kwargs["logger"] = tracking.mlflow_logger(
-                name, run_name=run_name or f"{name}-{self.subcommand}", tags=tags, run_id=run_id
-            )
+            with timings.phase("mlflow"):
+                kwargs["logger"] = self._logger(root, name)
             callbacks += [RunIdInCheckpoint(), RunInputs(self._get(self.config, "system_metrics"))]
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
@@ -167,6 +154,31 @@ class VPipeCLI(LightningCLI):
             # DDP waits for a gradient of every parameter unless told some may have none.
             kwargs["strategy"] = "ddp_find_unused_parameters_true"
         return self._instantiate_trainer({**config, **kwargs}, callbacks)
+
+    def _logger(self, root: Path, name: str):
+        """The run's MLFlowLogger, with its lineage tags (the git commit, the stores and configs read)."""
+        configs = [str(c) for c in self._get(self.config, "config", default=None) or []]
+        tags = tracking.run_tags(
+            feature_cache_key=getattr(self.datamodule, "cache_key", ""),
+            **inputs.lineage_tags(
+                *inputs.data_inputs(self.datamodule),
+                configs,
+                grids=getattr(self.datamodule, "inputs", {}).get("grids"),
+            ),
+        )
+        run_id = self._resumed_run_id(root / "models" / name) if self.subcommand == "fit" else None
+        # Under `dvc exp run` the run is named after the DVC experiment, so a sweep's runs tell apart.
+        run_name = os.environ.get("DVC_EXP_NAME") if self.subcommand == "fit" else None
+        return tracking.mlflow_logger(
+            name, run_name=run_name or f"{name}-{self.subcommand}", tags=tags, run_id=run_id, cls=RunLogger
+        )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        from pipeline.cli import start_work
+
+        start_work()  # start-up is over: the garbage collector runs again (see pipeline.cli)
+        timings.switch("work")  # the phases of what follows: training and testing, MLflow logging
+        super()._run_subcommand(subcommand)
 
     def _resumed_run_id(self, models: Path) -> str | None:
         """The MLflow run of the checkpoint a fit resumes from (``--ckpt_path last`` or a path), if any."""
@@ -198,19 +210,22 @@ class VPipeCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
         metrics = self.after_test()
         if (logger := tracking.run_logger(self.trainer)) is not None and self.trainer.is_global_zero and best:
-            tags = {
-                k: v
-                for k, v in logger.experiment.get_run(logger.run_id).data.tags.items()
-                if k in ("git_commit", "git_dirty", "dvc_stage", "dvc_exp_name", "data.features.cache_key")
-            }
-            from pipeline import serving  # mlflow.pyfunc and pandas: only when a model is registered
+            with timings.phase("logging"):
+                self._register(logger, Path(best), metrics)
 
-            version = serving.register_best(
-                logger.experiment, self.experiment, logger.run_id, Path(best), metrics, tags
-            )
-            logger.experiment.set_tag(
-                logger.run_id, "registered_model", f"models:/{self.experiment}/{version}"
-            )
+    def _register(self, logger, best: Path, metrics: dict[str, float]) -> None:
+        """The best checkpoint as a new version of the registered model NAME, linked from the run."""
+        tags = {
+            k: v
+            for k, v in logger.experiment.get_run(logger.run_id).data.tags.items()
+            if k in ("git_commit", "git_dirty", "dvc_stage", "dvc_exp_name", "data.features.cache_key")
+        }
+        from pipeline import serving  # mlflow.pyfunc and pandas: only when a model is registered
+
+        version = serving.register_best(
+            logger.experiment, self.experiment, logger.run_id, best, metrics, tags
+        )
+        logger.experiment.set_tag(logger.run_id, "registered_model", f"models:/{self.experiment}/{version}")
 
     def export_backbone(self) -> None:
         """The backbone stage's ending: validate the best checkpoint, then write its CNN (no classifier) to
@@ -244,9 +259,10 @@ class VPipeCLI(LightningCLI):
         path = tracking.workspace() / "models" / self.experiment / "backbone.safetensors"
         card = backbone.save(model.encoder.model, path, card)
         if (logger := tracking.run_logger(self.trainer)) is not None:
-            for file in (path, backbone.card_path(path)):
-                logger.experiment.log_artifact(logger.run_id, str(file), "backbone")
-            logger.experiment.set_tag(logger.run_id, "backbone.weights_sha256", card["weights_sha256"])
+            with timings.phase("logging"):
+                for file in (path, backbone.card_path(path)):
+                    logger.experiment.log_artifact(logger.run_id, str(file), "backbone")
+                logger.experiment.set_tag(logger.run_id, "backbone.weights_sha256", card["weights_sha256"])
 
     def _best_epoch(self) -> int | None:
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
@@ -271,11 +287,13 @@ class VPipeCLI(LightningCLI):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(metrics, indent=2) + "\n")
             if (logger := tracking.run_logger(self.trainer)) is not None:
-                logger.log_metrics(metrics, step=self.trainer.global_step)  # the file's values, not float32's
+                with timings.phase("logging"):  # the file's values, not float32's
+                    logger.log_metrics(metrics, step=self.trainer.global_step)
         return metrics
 
 
 def cli_main(args: list[str] | None = None) -> VPipeCLI:
+    timings.switch("config")
     # Subnormal floats (below 1.2e-38: gates and cell states of saturated recurrent cells, their
     # gradients) take the CPU's slow path, up to 4x slower per step; they are flushed to zero instead.
     torch.set_flush_denormal(True)
@@ -292,6 +310,7 @@ def cli_main(args: list[str] | None = None) -> VPipeCLI:
             parser_kwargs={"default_env": False},
         )
     finally:
+        timings.switch("other")
         if os.environ.get("MLFLOW_TRACKING_URI") != previous:
             # mlflow.set_tracking_uri (the logger calls it) exports the run's store to the environment,
             # where a later run in this process (of another VPIPE_ROOT) would take it for its own.

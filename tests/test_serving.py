@@ -88,6 +88,12 @@ def test_registered_version_is_a_pyfunc_model_with_the_numbers_of_vpipe_classify
     assert json.loads(out["top_k"][1]) == expected[:2]
     with pytest.raises(Exception, match="needs `video`"):
         model.predict(pd.DataFrame([{"filename": "x.mp4"}]))
+    # The input example (a short clip; registration logs it without running the model on it) is a request
+    # the model answers.
+    local = mlflow.artifacts.download_artifacts("models:/gesture_gru/1")
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    assert list(example.columns) == ["video_b64", "filename"]
+    assert model.predict(example)["label"][0] in {"left", "right"}
 
 
 def test_classify_reads_versions_registered_as_bare_checkpoints(project_store, trained_project, tmp_path):
