@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# `make repro TARGETS='train@own_lstm'`: only those stages (and what they need), then the report.
 repro: setup
-	dvc repro
+	dvc repro $(TARGETS)
 	vpipe report
 
 test: setup

@@ -127,6 +127,51 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "add-dataset",
+        help="add your own dataset and its experiments to params.yaml, configs/ and dvc.yaml (one change, printed as a diff)",
+        formatter_class=fmt,
+        description="Check the manifest (vpipe check's rules), then add, in one change printed as a unified "
+        "diff: datasets.NAME, NAME in features.datasets and an experiment NAME_HEAD per head in params.yaml; "
+        "configs/backbone_NAME.yaml and configs/NAME_HEAD.yaml from the template's configs, pointing at "
+        "NAME's stores; NAME's plots in dvc.yaml. Nothing changes when anything is wrong.",
+    )
+    p.add_argument("name", metavar="NAME", help="the dataset's name: data/frames/NAME, experiments NAME_HEAD")
+    p.add_argument("--manifest", required=True, help="CSV of video_id,path,label,split (written by --import)")
+    p.add_argument("--fps", type=float, default=10.0, help="extraction frame rate (0 keeps every frame)")
+    p.add_argument("--size", default="112", help="extracted frame size: S (S×S) or WxH")
+    p.add_argument("--codec", choices=["jpeg", "raw"], default="jpeg", help="frame store codec")
+    p.add_argument(
+        "--template",
+        default="gestures",
+        help="backbone recipe: configs/backbone_TEMPLATE.yaml (gestures, actions)",
+    )
+    p.add_argument(
+        "--heads",
+        default="lstm,gru",
+        help="experiments to add, comma-separated: lstm, gru, transformer, meanpool, rnn",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="max_epochs of every new config (default: the templates')"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
+    p.add_argument(
+        "--import",
+        dest="importer",
+        nargs=argparse.REMAINDER,
+        metavar="KIND ROOT ...",
+        help="last: run python -m data_scripts.importers KIND ROOT ... --out MANIFEST first (tree, ucf101, ...)",
+    )
+    p = sub.add_parser(
+        "remove-dataset",
+        help="undo vpipe add-dataset NAME (the stores, models and metrics stay unless --purge)",
+        formatter_class=fmt,
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--purge", action="store_true", help="also delete NAME's stores, models, metrics and plots"
+    )
+
+    p = sub.add_parser(
         "features",
         help="cache CNN features of a frame store, or straight from videos (Lightning predict job)",
         formatter_class=fmt,
@@ -226,11 +271,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "report",
-        help="table of every metrics/*.json, also written to metrics/summary.md",
+        help="table of every metrics/*.json, also written to reports/summary.md",
         formatter_class=fmt,
     )
     p.add_argument("--metrics", default="metrics", help="folder of metrics JSON files")
-    p.add_argument("--out", default="metrics/summary.md", help="Markdown copy of the table ('' for none)")
+    p.add_argument("--out", default="reports/summary.md", help="Markdown copy of the table ('' for none)")
     p.add_argument("--no-timings", action="store_true", help="leave out the run durations read from MLflow")
     p.add_argument(
         "--columns",

@@ -80,6 +80,72 @@ def run_check(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def run_add_dataset(args: argparse.Namespace) -> None:
+    import subprocess
+    from pathlib import Path
+
+    from pipeline.add_dataset import DatasetError, check_manifest, plan_add
+
+    root, manifest = Path.cwd(), Path(args.manifest)
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    try:
+        # Everything that does not need the manifest first: a wrong name or template costs no import.
+        plan_add(root, args.name, manifest, template=args.template, heads=heads, size=args.size, check=False)
+        if args.importer:
+            if len(args.importer) < 2:
+                sys.exit("vpipe add-dataset: --import KIND ROOT [importer options...]")
+            done = subprocess.run(
+                [sys.executable, "-m", "data_scripts.importers", *args.importer, "--out", str(manifest)]
+            )
+            if done.returncode:
+                sys.exit(
+                    f"vpipe add-dataset: the {args.importer[0]} importer failed (exit {done.returncode}); nothing changed"
+                )
+        summary = check_manifest(manifest)
+        change = plan_add(
+            root,
+            args.name,
+            manifest,
+            fps=args.fps,
+            size=args.size,
+            codec=args.codec,
+            template=args.template,
+            heads=heads,
+            epochs=args.epochs,
+        )
+        print(change.diff(), end="")
+        if args.dry_run:
+            print("(--dry-run: nothing written)")
+            return
+        change.apply()
+    except (DatasetError, OSError) as err:
+        sys.exit(f"vpipe add-dataset: {err}")
+    targets = " ".join(f"train@{args.name}_{h}" for h in dict.fromkeys(heads))
+    print(
+        f"\n{summary}\nAdded {args.name}. Run its pipeline (extract, backbone, features, heads) and the report:"
+    )
+    print(f"  make repro TARGETS='{targets}'")
+
+
+def run_remove_dataset(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pipeline.add_dataset import DatasetError, plan_remove, purge
+
+    root = Path.cwd()
+    try:
+        change, outputs = plan_remove(root, args.name)
+        print(change.diff(), end="")
+        change.apply()
+        if args.purge:
+            purge(root, outputs)
+    except (DatasetError, OSError) as err:
+        sys.exit(f"vpipe remove-dataset: {err}")
+    if outputs:
+        kept = "deleted" if args.purge else "kept (--purge deletes them)"
+        print(f"{', '.join(outputs)}: {kept}")
+
+
 def run_features(args: argparse.Namespace) -> None:
     from pipeline import inputs, tracking
     from pipeline.backbone import BackboneError
@@ -231,6 +297,8 @@ def run_classify(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
+    "add-dataset": run_add_dataset,
+    "remove-dataset": run_remove_dataset,
     "extract": run_extract,
     "merge": run_merge,
     "check": run_check,

@@ -158,7 +158,7 @@ def durations(names: list[str]) -> str:
 
 def report(
     metrics_dir: str = "metrics",
-    out: str | None = "metrics/summary.md",
+    out: str | None = "reports/summary.md",
     columns: list[str] | None = None,
     every: bool = False,
     timings: bool = True,

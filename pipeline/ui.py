@@ -8,6 +8,10 @@ from disk) and those uploaded through it by clients that train against it over H
 runs tables (``?workflowType=machine_learning``: MLflow 3 opens on its GenAI views otherwise).
 MLflow's usage telemetry is off for the processes ``vpipe`` starts (``MLFLOW_DISABLE_TELEMETRY=true``
 unless the environment sets it: ``MLFLOW_DISABLE_TELEMETRY=false`` opts in).
+
+The server runs MLflow's app without the assistant (``--app-name vpipe``, :mod:`pipeline.mlflow_app`):
+MLflow 3.17 has no setting that turns the assistant off for local clients, and its API can run commands
+on this machine. A port already taken stops it with one line, before MLflow starts.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def command(host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list
         str(port),
         "--workers",
         str(workers),
+        "--app-name",
+        "vpipe",
     ]
 
 
@@ -55,6 +61,22 @@ def urls(base: str) -> list[tuple[str, str]]:
     return found
 
 
+def port_taken(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be listened on (empty when it can)."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+            )  # as the server will: only a listener counts
+            sock.bind((host, port))
+    except OSError as err:
+        return err.strerror or str(err)
+    return ""
+
+
 def serve(host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> None:
     """Replace this process with the MLflow server (Ctrl-C stops it)."""
     import os
@@ -64,6 +86,11 @@ def serve(host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> None:
         raise SystemExit(
             f"vpipe ui: MLFLOW_TRACKING_URI is the tracking server {uri}: it serves its own UI; open it "
             "in a browser (or unset MLFLOW_TRACKING_URI for the project's store)"
+        )
+    taken = port_taken(host, port)
+    if taken:
+        raise SystemExit(
+            f"vpipe ui: port {port} on {host} is taken ({taken}): another vpipe ui? Choose one with --port"
         )
     tracking.ensure_store(uri)
     tracking.artifact_root().mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,7 @@ def test_dvc_repro_runs_every_stage(tmp_path):
         assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
         epochs = (repo / "plots" / name / "epochs.csv").read_text().splitlines()
         assert epochs[0].startswith("epoch,") and len(epochs) == 3  # header + 2 epochs
-    summary = (repo / "metrics" / "summary.md").read_text()
+    summary = (repo / "reports" / "summary.md").read_text()
     assert "| gesture_gru |" in summary and "Run durations (MLflow)" in summary
     plots = run(["dvc", "plots", "show", "--json"], repo, env)
     assert "plots/gesture_gru/predictions.csv" in plots and "val_accuracy" in plots
