@@ -1,5 +1,5 @@
 """A team's tracking server as the README sets it up: PostgreSQL as the backend store, artifacts served
-by the server, MLflow's basic-auth app in front. A real PostgreSQL (the Debian package, on loopback, in
+by the server, MLflow's basic-auth app in front (`--app-name vpipe-basic-auth`: without the assistant). A real PostgreSQL (the Debian package, on loopback, in
 a temporary data directory) and a real `mlflow server` are started and stopped here."""
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def server(postgres, tmp_path):
             "--port",
             str(port),
             "--app-name",
-            "basic-auth",
+            "vpipe-basic-auth",  # MLflow's basic-auth app without the assistant (pipeline/mlflow_app.py)
             "--workers",
             "1",
         ],
@@ -178,6 +178,12 @@ def test_team_server_on_postgres_with_logins(server, tmp_path, trained_project, 
         ).status_code
         == 401
     )
+
+    # The assistant's API refuses even the admin on the server's own host (MLflow would serve it there).
+    refused = requests.get(
+        f"{url}/ajax-api/3.0/mlflow/assistant/config", auth=(admin, admin_password), timeout=10
+    )
+    assert refused.status_code == 403 and "assistant is off" in refused.text
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin_password)
