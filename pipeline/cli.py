@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         default="jpeg",
         help="jpeg: frames as JPEG images (about half the videos' bytes at 112 px); raw: uint8 arrays (8x more)",
     )
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality (1-95) of --codec jpeg")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (1-100) of --codec jpeg")
     p.add_argument(
         "--image-fps",
         type=float,

@@ -171,7 +171,9 @@ def log_model(checkpoint: Path, run_id: str) -> mlflow.models.model.ModelInfo:
         # What mlflow.pyfunc.log_model does, less its check of the input example: loading the model and
         # running it on the clip (the backbone, the decoder: seconds per fit). The signature is given, so
         # nothing is inferred from the example either; the tests serve and predict registered versions.
-        with _installed_requirements():
+        # Inside the run: the logged model belongs to the run's experiment (without an active run MLflow
+        # files it under the default experiment, which a team server may not let the user write).
+        with _installed_requirements(), mlflow.start_run(run_id=run_id):
             return mlflow.models.Model.log(
                 artifact_path=None,  # deprecated for `name`, yet a required argument
                 name="model",
