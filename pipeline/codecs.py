@@ -131,8 +131,18 @@ def offsets_path(mjpeg: Path) -> Path:
     return mjpeg.with_name(mjpeg.name[: -len(".mjpeg")] + ".offsets.npy")
 
 
+# Decoded frames a process keeps, over all its JPEG shards (MiB): a shard that fits is decoded once and
+# later epochs read it as fast as a raw store; one that does not is decoded on every read.
+DECODED_CACHE_MB = int(os.environ.get("VPIPE_DECODED_CACHE_MB", 2048))
+_cache_left = [DECODED_CACHE_MB << 20]
+
+
 class JpegShard:
-    """A ``jpeg`` shard read as a uint8 ``(N, H, W, 3)`` array; frames are decoded when indexed."""
+    """A ``jpeg`` shard read as a uint8 ``(N, H, W, 3)`` array; frames are decoded when indexed.
+
+    Decoded frames are kept, so each frame is decoded once per process, while the process's decoded
+    frames fit in ``VPIPE_DECODED_CACHE_MB`` (2048 by default; 0 turns it off): training reads the same
+    frames every epoch."""
 
     dtype = np.dtype(np.uint8)
     ndim = 4
@@ -147,6 +157,11 @@ class JpegShard:
             )
         self.data = np.memmap(self.path, np.uint8, mode="r") if size else np.zeros(0, np.uint8)
         self._shape: tuple[int, ...] | None = None
+        self._decoded: np.ndarray | None = None  # (N, H, W, 3), allocated when it fits the budget
+        self._done: np.ndarray | None = None  # which of its rows hold their decoded frame
+
+    def __getstate__(self) -> dict:  # a copy sent to another process keeps a cache of its own
+        return {**self.__dict__, "_decoded": None, "_done": None}
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -160,20 +175,36 @@ class JpegShard:
     def _frame(self, i: int) -> np.ndarray:
         return decode_jpeg(self.data[self.offsets[i] : self.offsets[i + 1]])
 
+    def _checked(self, i: int) -> np.ndarray:
+        frame = self._frame(i)
+        if frame.shape != self.shape[1:]:
+            raise CodecError(f"{self.path}: frame {i} is {frame.shape}, the shard's frames {self.shape[1:]}")
+        return frame
+
+    def _cached(self) -> bool:
+        """Whether this shard keeps its decoded frames (reserving their memory on first use)."""
+        if self._decoded is None:
+            need = len(self) * int(np.prod(self.shape[1:]))
+            if not len(self) or need > _cache_left[0]:
+                return False
+            _cache_left[0] -= need
+            self._decoded, self._done = np.empty(self.shape, np.uint8), np.zeros(len(self), bool)
+        return True
+
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
-            return self._frame(int(range(len(self))[key]))
+            return self[np.array([int(range(len(self))[key])])][0]
         picked = np.arange(len(self))[key]
         if picked.ndim != 1:
             raise IndexError(f"{self.path}: index frames with an int, a slice or a 1-D array")
+        if self._cached():
+            for i in np.unique(picked[~self._done[picked]]):
+                self._decoded[i] = self._checked(int(i))
+                self._done[i] = True
+            return self._decoded[picked]  # fancy indexing: a copy
         out = np.empty((len(picked), *self.shape[1:]), np.uint8)
         for n, i in enumerate(picked):
-            frame = self._frame(int(i))
-            if frame.shape != out.shape[1:]:
-                raise CodecError(
-                    f"{self.path}: frame {i} is {frame.shape}, the shard's frames {out.shape[1:]}"
-                )
-            out[n] = frame
+            out[n] = self._checked(int(i))
         return out
 
     def encoded(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:

@@ -87,6 +87,26 @@ def test_jpeg_shard_reads_like_an_array(tmp_path):
     assert len(lengths) == 2 and len(data) == lengths.sum()
 
 
+def test_decoded_jpeg_frames_are_kept_within_the_budget(tmp_path, monkeypatch):
+    from pipeline import codecs
+
+    frames = np.random.default_rng(2).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    with StoreWriter(tmp_path / "s", "frames", codec="jpeg") as writer:
+        writer.add(frames, video_id="a", **INFO)
+        writer.finish({"kind": "frames", "codec": "jpeg"})
+    monkeypatch.setattr(codecs, "_cache_left", [4 * 16 * 16 * 3])  # room for exactly this shard
+    kept = FrameStore(tmp_path / "s").shard(0)
+    first = kept[[3, 1]]
+    assert kept._done.tolist() == [False, True, False, True] and codecs._cache_left == [0]
+    np.testing.assert_array_equal(kept[:], FrameStore(tmp_path / "s").shard(0)[:])
+    first[:] = 0  # what a reader gets is its own copy
+    np.testing.assert_array_equal(kept[[3, 1]], kept[:][[3, 1]])
+    assert kept[[3, 1]].any()
+    other = FrameStore(tmp_path / "s").shard(0)  # over the budget: decoded on every read, same frames
+    np.testing.assert_array_equal(other[:], kept[:])
+    assert other._decoded is None
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="nvJPEG needs a CUDA GPU")
 def test_jpeg_frames_decode_on_the_gpu_as_on_the_cpu(tmp_path):
     from pipeline.codecs import decode_batch_cuda, decode_jpeg, encode_jpeg
