@@ -103,8 +103,15 @@ def test_dvc_repro_runs_every_stage(tmp_path):
     for dataset in ("gestures", "actions", "digits"):
         assert (repo / "data/raw" / dataset / "manifest.csv").is_file()
         store = repo / "data/frames" / dataset
-        for name in ("frames-00000.npy", "index.csv", "errors.csv", "meta.json"):
+        for name in (
+            "frames-00000.mjpeg",
+            "frames-00000.offsets.npy",
+            "index.csv",
+            "errors.csv",
+            "meta.json",
+        ):
             assert (store / name).is_file(), store / name
+        assert json.loads((store / "meta.json").read_text())["codec"] == "jpeg"  # params.yaml's codec
     for dataset in ("gestures", "actions"):
         for name in ("features-00000.npy", "index.csv", "errors.csv", "meta.json"):
             assert (repo / "data/features" / dataset / name).is_file()
