@@ -21,14 +21,14 @@ on disk (sources, frame store, feature store, DVC cache beyond the workspace, ML
 the peak RSS of one worker decoding one long video (``--long-minutes`` at 1280x720).
 
 The projection to UCF101 (13,320 clips, 26.7 h, 6.5 GB) and Kinetics-400 (about 240,000 clips of
-10 s, 650 h, about 450 GB) is linear in hours of video, from the measured seconds of video per
-second of each stage: on this machine as measured; on a 16-core node with one GPU, extraction at
-16/cores times this machine's rate (decoding is one video per core), features and training at the
-rates of an H200 measured for this pipeline (features 13,068 frames/s: 18,295 frames in 1.4 s; the
-head's 30 epochs in 8 s) where the GPU sets the pace, plus each stage's start-up as measured here.
-Store bytes project as their bytes per hour of video; this dataset's videos are not real ones, so
-the sources' bytes are projected from the real datasets' own sizes and the stores from their ratio
-to this dataset's videos is not assumed. Results: bench/results/scale.json.
+10 s, 650 h, about 450 GB) keeps each stage's start-up as measured and scales its work: decoding and
+the features by hours of video, the backbone and the head by clips (they sample 8 frames a clip). On
+this machine as measured; on a 16-core node with one GPU, extraction at 16/cores times this machine's
+rate (one video per core), the features at the rate an H200 reached for this pipeline (18,295
+frames in 1.4 s), the backbone faster by the same GPU-to-CPU ratio, and the head at the H200's 8 s
+for 30 epochs over 800 clips. Store bytes scale by hours; the generated videos compress far better
+than real ones, so the stores are also given as a fraction of the real datasets' own bytes.
+Results: bench/results/scale.json (``--report FILE`` prints an earlier run's table again).
 """
 
 from __future__ import annotations
@@ -199,8 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights", default=None, help="backbone weights (.safetensors) instead of training")
     p.add_argument("--long-minutes", type=float, default=20.0, help="the long video's length (0: skip)")
     p.add_argument("--work", default=str(HERE / "results" / "scale"), help="scratch project (kept)")
-    p.add_argument("--fresh", action="store_true", help="delete the scratch project's stores first")
+    p.add_argument("--report", metavar="JSON", help="print the table of an earlier run's results and stop")
     args = p.parse_args(argv)
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return
     w, h = (int(x) for x in args.size.lower().split("x"))
     work = Path(args.work).resolve()
     data = work / f"videos-{args.clips}x{args.seconds:g}s-{w}x{h}-{args.classes}"
@@ -327,7 +330,7 @@ def report(r: dict) -> None:
             f"peak RSS {lv['peak_rss_mb']:.0f} MB (largest process)"
         )
     names = list(DATASETS)
-    print("\nprojection (start-up as measured + work x hours of video; see bench/scale.py):")
+    print("\nprojection (start-up as measured + work x the dataset's hours, or clips for backbone and head):")
     print(f"{'':34}" + "".join(f"{n:>16}" for n in names))
     row = lambda label, values: print(f"{label:34}" + "".join(f"{v:>16}" for v in values))  # noqa: E731
     for label, key in (("frame store", "frame store"), ("feature store", "feature store")):
@@ -341,7 +344,7 @@ def report(r: dict) -> None:
             continue
         row(
             f"{name}, this machine",
-            [_duration(s["fixed_s"] + s["work_s"] * ds[1] / d["hours"]) for ds in DATASETS.values()],
+            [_duration(s["fixed_s"] + s["work_s"] * scale_of(name, r, ds)) for ds in DATASETS.values()],
         )
         row(
             f"{name}, 16 cores + 1 GPU",
@@ -349,17 +352,24 @@ def report(r: dict) -> None:
         )
 
 
+def scale_of(name: str, r: dict, dataset: tuple) -> float:
+    """How much more work ``dataset`` (clips, hours, bytes) is for a stage: decoding and the features
+    grow with the hours of video; the backbone and the heads sample 8 frames per clip (TSN), so their
+    epochs grow with the clips."""
+    d = r["dataset"]
+    return dataset[0] / d["clips"] if name in ("backbone", "head") else dataset[1] / d["hours"]
+
+
 def gpu_node_seconds(name: str, stage: dict, r: dict, dataset: tuple) -> float:
     """A stage's time on a 16-core node with one GPU, for ``dataset`` (clips, hours, bytes)."""
     d, cores = r["dataset"], r["machine"]["cores"]
-    scale = dataset[1] / d["hours"]
-    frames = d["frames_stored"] * scale
+    scale = scale_of(name, r, dataset)
     if name == "extract":  # one video per core: the rate grows with the cores
         work = stage["work_s"] * scale * cores / 16
     elif name == "features":  # frames at the H200's measured rate
-        work = frames / H200_FEATURES_FRAMES_S
-    elif name == "head":  # the cached head's 30 epochs: 8 s for the 18,295 frames of gestures on an H200
-        work = 8.0 * frames / 18_295
+        work = d["frames_stored"] * scale / H200_FEATURES_FRAMES_S
+    elif name == "head":  # the cached GRU's 30 epochs took 8 s over the 800 gesture clips on an H200
+        work = 8.0 * dataset[0] / 800
     else:  # the backbone: faster by the features' GPU-to-this-machine ratio
         here = d["frames_stored"] / r["stages"]["features"]["work_s"]
         work = stage["work_s"] * scale * here / H200_FEATURES_FRAMES_S
