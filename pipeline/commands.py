@@ -21,16 +21,9 @@ def run_extract(args: argparse.Namespace) -> None:
         extract(
             args.manifest,
             args.out,
-            fps=args.fps,
-            size=args.size,
-            max_frames=args.max_frames,
-            workers=args.workers,
-            on_error=args.on_error,
-            timeout=args.timeout or None,
+            **_decoding(args),
             shard_mb=args.shard_mb,
             part=parse_part(args.part) if args.part else None,
-            image_fps=args.image_fps,
-            root=args.root,
             codec=args.codec,
             quality=args.quality,
         )
@@ -193,15 +186,7 @@ def run_features(args: argparse.Namespace) -> None:
             if args.manifest:
                 from pipeline.video_features import compute_from_videos
 
-                decoding = {k: getattr(args, k) for k in DECODING}
-                meta = compute_from_videos(
-                    args.manifest,
-                    args.out,
-                    **dict(decoding, timeout=args.timeout or None),
-                    image_fps=args.image_fps,
-                    root=args.root,
-                    **backbone,
-                )
+                meta = compute_from_videos(args.manifest, args.out, **_decoding(args), **backbone)
             else:
                 meta = compute(args.frames, args.out, num_workers=args.num_workers, **backbone)
             if run is not None and meta:
@@ -215,6 +200,13 @@ def run_features(args: argparse.Namespace) -> None:
 
 # The options of cli._decoding_options, as attributes of the parsed arguments.
 DECODING = ("fps", "size", "max_frames", "workers", "on_error", "timeout")
+
+
+def _decoding(args: argparse.Namespace) -> dict:
+    """How ``vpipe extract`` and ``vpipe features --manifest`` decode: their shared options as keyword
+    arguments (``--timeout 0``: no limit)."""
+    return {**{k: getattr(args, k) for k in DECODING}, "timeout": args.timeout or None,
+            "image_fps": args.image_fps, "root": args.root}  # fmt: skip
 
 
 def run_grids(args: argparse.Namespace) -> None:

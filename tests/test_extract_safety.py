@@ -171,9 +171,9 @@ def test_incremental_rerun_decodes_only_new_videos_and_equals_a_fresh_run(tmp_pa
     assert extract(manifest, tmp_path / "store", fps=5, size="24", workers=2)["decoded"] == 6
 
 
-def test_incremental_extraction_under_dvc_repro(tmp_path, make_video):
-    """A dvc.yaml stage with a persistent output: adding videos re-runs it and decodes only those."""
-    _manifest(tmp_path, make_video, 3)
+def _extract_repo(tmp_path: Path) -> dict:
+    """A git + DVC repository in ``tmp_path`` whose one stage extracts ``m.csv`` into a persistent
+    ``frames`` output; returns the environment that finds ``vpipe`` and ``dvc``."""
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n  extract:\n    cmd: vpipe extract --manifest m.csv --out frames --fps 10 --size 24 --workers 1\n"
         "    deps: [m.csv, v]\n    outs:\n      - frames:\n          persist: true\n"
@@ -181,12 +181,23 @@ def test_incremental_extraction_under_dvc_repro(tmp_path, make_video):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
-    first = subprocess.run(["dvc", "repro"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr + first.stdout
+    return env
+
+
+def _repro(tmp_path: Path, env: dict) -> str:
+    """``dvc repro`` in ``tmp_path``, which must succeed; its output."""
+    run = subprocess.run(["dvc", "repro"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr + run.stdout
+    return run.stderr + run.stdout
+
+
+def test_incremental_extraction_under_dvc_repro(tmp_path, make_video):
+    """A dvc.yaml stage with a persistent output: adding videos re-runs it and decodes only those."""
+    _manifest(tmp_path, make_video, 3)
+    env = _extract_repo(tmp_path)
+    _repro(tmp_path, env)
     _manifest(tmp_path, make_video, 5)
-    second = subprocess.run(["dvc", "repro"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr + second.stdout
-    assert "extracted 5 (3 reused from the previous store)" in second.stderr + second.stdout
+    assert "extracted 5 (3 reused from the previous store)" in _repro(tmp_path, env)
     lock = (tmp_path / "dvc.lock").read_text()
     status = subprocess.run(["dvc", "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout  # dvc.lock describes what is on disk
@@ -215,20 +226,13 @@ def test_dvc_cache_links_instead_of_copying_and_an_incremental_rerun_corrupts_no
     import yaml
 
     _manifest(tmp_path, make_video, 4)
-    (tmp_path / "dvc.yaml").write_text(
-        "stages:\n  extract:\n    cmd: vpipe extract --manifest m.csv --out frames --fps 10 --size 24 --workers 1\n"
-        "    deps: [m.csv, v]\n    outs:\n      - frames:\n          persist: true\n"
-    )
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
+    env = _extract_repo(tmp_path)
     (tmp_path / ".dvc" / "config").write_text((ROOT / ".dvc" / "config").read_text())
 
-    def repro() -> str:
-        run = subprocess.run(["dvc", "repro"], cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr + run.stdout
+    def repro() -> tuple[str, str]:
+        log = _repro(tmp_path, env)
         lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
-        return lock["stages"]["extract"]["outs"][0]["md5"], run.stderr + run.stdout
+        return lock["stages"]["extract"]["outs"][0]["md5"], log
 
     old, _ = repro()
     store = tmp_path / "frames"
