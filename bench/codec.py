@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,8 +35,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
 from features import bare  # noqa: E402
+from machine import machine  # noqa: E402
 
 from pipeline.classification import Classifier  # noqa: E402
 from pipeline.data import FrameDataModule  # noqa: E402
@@ -50,12 +48,6 @@ from pipeline.stores import FrameStore  # noqa: E402
 CODECS = ("raw", "jpeg")
 
 
-def machine() -> dict:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
-    return {"cores": os.cpu_count(), "cpu": model, "torch_threads": torch.get_num_threads()}
 
 
 def folder_bytes(folder: Path) -> int:

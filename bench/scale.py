@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import machine  # noqa: E402
 
 from pipeline.manifest import write_manifest  # noqa: E402
 from pipeline.video import write_video  # noqa: E402
@@ -181,12 +182,6 @@ def long_video_rss(folder: Path, minutes: float) -> dict:
     return {"minutes": minutes, "width": 1280, "height": 720, "bytes": path.stat().st_size, **result}
 
 
-def machine() -> dict:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
-    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -274,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     features_frames = sum(r.length for r in FeatureStore(project / "data/features/scale").index)
     results = {
         "command": "python bench/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(),
+        "machine": machine(torch_threads=False),
         "dataset": {"clips": args.clips, "seconds": args.seconds, "size": [w, h], "classes": args.classes,
                     "fps": FPS, "hours": hours, "frames_stored": frames, "generate_s": generated},
         "stages": stages,

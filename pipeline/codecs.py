@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,35 @@ def decode_jpeg(data) -> np.ndarray:
 
     with Image.open(io.BytesIO(bytes(data))) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def _decode_many(images: list) -> list:
+    """JPEG images (uint8 arrays, or uint8 tensors where torch is loaded) as uint8 frames: ``(H, W, 3)``
+    arrays, or ``(3, H, W)`` tensors where torch is loaded. In a process that has imported torch (every
+    reader of a store) torchvision's batched libjpeg-turbo decoder, about 2× Pillow's per-image call on
+    small frames and the same pixels; elsewhere (extraction, which never imports torch) Pillow."""
+    tv_decode = _torchvision_decoder()
+    if tv_decode is not None:
+        import torch
+        from torchvision.io import ImageReadMode
+
+        tensors = [
+            image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
+            for image in images
+        ]
+        return tv_decode(tensors, mode=ImageReadMode.RGB) if tensors else []
+    return [decode_jpeg(image) for image in images]
+
+
+def _torchvision_decoder():
+    """torchvision's ``decode_jpeg`` where torch is already loaded and torchvision is installed."""
+    if "torch" not in sys.modules:
+        return None
+    try:
+        from torchvision.io import decode_jpeg as tv_decode
+    except ImportError:
+        return None
+    return tv_decode
 
 
 def as_stored(frames: np.ndarray, params: dict | None) -> np.ndarray:
@@ -142,13 +172,14 @@ class JpegShard:
 
     Decoded frames are kept, so each frame is decoded once per process, while the process's decoded
     frames fit in ``VPIPE_DECODED_CACHE_MB`` (2048 by default; 0 turns it off): training reads the same
-    frames every epoch."""
+    frames every epoch. ``keep=False`` keeps none, for a reader that reads each frame once (the
+    features stage): no memory held, no copy into the cache."""
 
     dtype = np.dtype(np.uint8)
     ndim = 4
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, keep: bool = True):
+        self.path, self.keep = Path(path), keep
         self.offsets = np.load(offsets_path(self.path))
         size = self.path.stat().st_size
         if len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != size:
@@ -159,9 +190,10 @@ class JpegShard:
         self._shape: tuple[int, ...] | None = None
         self._decoded: np.ndarray | None = None  # (N, H, W, 3), allocated when it fits the budget
         self._done: np.ndarray | None = None  # which of its rows hold their decoded frame
+        self._tensor = None  # the memory map as a torch tensor, made on first decode in a torch process
 
     def __getstate__(self) -> dict:  # a copy sent to another process keeps a cache of its own
-        return {**self.__dict__, "_decoded": None, "_done": None}
+        return {**self.__dict__, "_decoded": None, "_done": None, "_tensor": None}
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -175,14 +207,45 @@ class JpegShard:
     def _frame(self, i: int) -> np.ndarray:
         return decode_jpeg(self.data[self.offsets[i] : self.offsets[i + 1]])
 
-    def _checked(self, i: int) -> np.ndarray:
-        frame = self._frame(i)
-        if frame.shape != self.shape[1:]:
-            raise CodecError(f"{self.path}: frame {i} is {frame.shape}, the shard's frames {self.shape[1:]}")
-        return frame
+    def _decode(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Decode frames ``rows`` into ``out`` (``(len(rows), H, W, 3)``), checking each one's size."""
+        data, starts, stops = self._bytes(), self.offsets[rows], self.offsets[np.asarray(rows) + 1]
+        try:
+            frames = _decode_many([data[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)])
+        except (RuntimeError, OSError, ValueError) as err:  # torchvision's and Pillow's decode errors
+            raise CodecError(
+                f"{self.path}: a frame of rows {rows[0]}..{rows[-1]} is not a JPEG image ({err})"
+            ) from err
+        if frames and not isinstance(frames[0], np.ndarray):  # (3, H, W) tensors
+            import torch
+
+            frames = [frame.permute(1, 2, 0) for frame in frames]
+        for i, frame in zip(rows, frames, strict=True):
+            if tuple(frame.shape) != out.shape[1:]:
+                raise CodecError(
+                    f"{self.path}: frame {i} is {tuple(frame.shape)}, the shard's frames {out.shape[1:]}"
+                )
+        if frames and not isinstance(frames[0], np.ndarray):
+            torch.stack(frames, out=torch.from_numpy(out))  # one copy into (N, H, W, 3)
+        elif frames:
+            out[:] = frames
+
+    def _bytes(self):
+        """The shard's bytes: a read-only tensor over the memory map where torch decodes, else the map."""
+        if self._tensor is None and _torchvision_decoder() is not None and len(self.data):
+            import warnings
+
+            import torch
+
+            with warnings.catch_warnings():  # read-only memory: decode_jpeg only reads its input
+                warnings.simplefilter("ignore", UserWarning)
+                self._tensor = torch.frombuffer(self.data, dtype=torch.uint8)
+        return self.data if self._tensor is None else self._tensor
 
     def _cached(self) -> bool:
         """Whether this shard keeps its decoded frames (reserving their memory on first use)."""
+        if not self.keep:
+            return False
         if self._decoded is None:
             need = len(self) * int(np.prod(self.shape[1:]))
             if not len(self) or need > _cache_left[0]:
@@ -198,13 +261,14 @@ class JpegShard:
         if picked.ndim != 1:
             raise IndexError(f"{self.path}: index frames with an int, a slice or a 1-D array")
         if self._cached():
-            for i in np.unique(picked[~self._done[picked]]):
-                self._decoded[i] = self._checked(int(i))
-                self._done[i] = True
+            missing = np.unique(picked[~self._done[picked]])
+            if len(missing):
+                fresh = np.empty((len(missing), *self.shape[1:]), np.uint8)
+                self._decode(missing, fresh)
+                self._decoded[missing], self._done[missing] = fresh, True
             return self._decoded[picked]  # fancy indexing: a copy
         out = np.empty((len(picked), *self.shape[1:]), np.uint8)
-        for n, i in enumerate(picked):
-            out[n] = self._checked(int(i))
+        self._decode(picked, out)
         return out
 
     def encoded(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:

@@ -51,7 +51,7 @@ class FrameSlices(Dataset):
 
     def __getitem__(self, i: int):
         if self._store is None:
-            self._store = FrameStore(self.root)
+            self._store = FrameStore(self.root, keep_decoded=False)  # each frame is read once
         shard, start, stop = self.slices[i]
         if self.modality == "rgb":
             return (

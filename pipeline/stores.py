@@ -102,12 +102,14 @@ def fingerprint(path: str | os.PathLike) -> str:
 class Store:
     """Reads a frame or feature store; shards are memory-mapped on first use. A frame store's
     ``codec`` (``meta.json``; ``raw`` when absent) decides how a shard is read
-    (:mod:`pipeline.codecs`): either way :meth:`shard` gives an array-like of uint8 frames."""
+    (:mod:`pipeline.codecs`): either way :meth:`shard` gives an array-like of uint8 frames.
+    ``keep_decoded=False``: a ``jpeg`` store's decoded frames are not kept (a reader that reads each
+    frame once)."""
 
     prefix = ""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike, keep_decoded: bool = True):
+        self.root, self.keep_decoded = Path(root), keep_decoded
         for name in ("index.csv", "meta.json"):
             if not (self.root / name).is_file():
                 raise StoreError(
@@ -145,7 +147,11 @@ class Store:
         if k not in self._shards:
             path = self.shard_path(k)
             try:
-                self._shards[k] = JpegShard(path) if self.codec == "jpeg" else np.load(path, mmap_mode="r")
+                self._shards[k] = (
+                    JpegShard(path, self.keep_decoded)
+                    if self.codec == "jpeg"
+                    else np.load(path, mmap_mode="r")
+                )
             except (OSError, ValueError) as err:
                 raise StoreError(f"{path}: cannot be read ({err})") from err
         return self._shards[k]

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.codecs import CodecError
 from pipeline.store_writer import StoreWriter
 from pipeline.stores import FeatureStore, FrameStore, StoreError
 
@@ -105,6 +106,55 @@ def test_decoded_jpeg_frames_are_kept_within_the_budget(tmp_path, monkeypatch):
     other = FrameStore(tmp_path / "s").shard(0)  # over the budget: decoded on every read, same frames
     np.testing.assert_array_equal(other[:], kept[:])
     assert other._decoded is None
+
+
+def test_torchvisions_batched_decoder_gives_pillows_pixels():
+    import torch  # readers decode through torchvision once torch is loaded
+
+    from pipeline.codecs import _decode_many, decode_jpeg, encode_jpeg
+
+    rng = np.random.default_rng(4)
+    smooth = rng.integers(0, 256, (6, 6, 8, 3)).repeat(8, 1).repeat(8, 2).astype(np.uint8)
+    gray = np.repeat(smooth[..., :1], 3, axis=-1)  # grey frames (the digits) decode to three equal channels
+    images = [np.frombuffer(encode_jpeg(f, q), np.uint8) for f in (*smooth, *gray) for q in (75, 90)]
+    for image, frame in zip(images, _decode_many(images), strict=True):
+        assert frame.shape == (3, 48, 64) and frame.dtype == torch.uint8
+        np.testing.assert_array_equal(frame.permute(1, 2, 0).numpy(), decode_jpeg(image))
+
+
+def test_a_damaged_jpeg_frame_is_named_with_its_shard(tmp_path):
+    import torch  # noqa: F401  (the batched decoder's error, as readers meet it)
+
+    frames = np.random.default_rng(5).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    with StoreWriter(tmp_path / "s", "frames", codec="jpeg") as writer:
+        writer.add(frames, video_id="a", **INFO)
+        writer.finish({"kind": "frames", "codec": "jpeg"})
+    shard = tmp_path / "s" / "frames-00000.mjpeg"
+    data = bytearray(shard.read_bytes())
+    offsets = np.load(tmp_path / "s" / "frames-00000.offsets.npy")
+    data[offsets[1] : offsets[1] + 4] = b"\x00" * 4  # frame 1's SOI marker gone
+    shard.write_bytes(bytes(data))
+    store = FrameStore(tmp_path / "s", keep_decoded=False)
+    np.testing.assert_array_equal(store.shard(0)[[0]].shape, (1, 16, 16, 3))  # the others still read
+    with pytest.raises(CodecError, match=r"frames-00000\.mjpeg: a frame of rows 0\.\.2 is not a JPEG image"):
+        store.shard(0)[0:3]
+
+
+def test_a_store_opened_to_read_each_frame_once_keeps_no_decoded_frames(tmp_path, monkeypatch):
+    from pipeline import codecs
+    from pipeline.frame_slices import FrameSlices
+
+    frames = np.random.default_rng(3).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    with StoreWriter(tmp_path / "s", "frames", codec="jpeg") as writer:
+        writer.add(frames, video_id="a", **INFO)
+        writer.finish({"kind": "frames", "codec": "jpeg"})
+    monkeypatch.setattr(codecs, "_cache_left", [1 << 30])
+    once = FrameStore(tmp_path / "s", keep_decoded=False).shard(0)
+    np.testing.assert_array_equal(once[:], FrameStore(tmp_path / "s").shard(0)[:])
+    assert once._decoded is None and codecs._cache_left[0] == (1 << 30) - frames.nbytes  # only the kept one
+    slices = FrameSlices(FrameStore(tmp_path / "s"), batch=2)  # the features stage's reader
+    assert [s[2].shape[0] for s in (slices[0], slices[1], slices[2])] == [2, 2, 1]
+    assert slices._store.shard(0)._decoded is None and codecs._cache_left[0] == (1 << 30) - frames.nbytes
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="nvJPEG needs a CUDA GPU")
