@@ -217,18 +217,14 @@ class JpegShard:
                 f"{self.path}: a frame of rows {rows[0]}..{rows[-1]} is not a JPEG image ({err})"
             ) from err
         if frames and not isinstance(frames[0], np.ndarray):  # (3, H, W) tensors
-            import torch
-
-            frames = [frame.permute(1, 2, 0) for frame in frames]
+            frames = [frame.numpy().transpose(1, 2, 0) for frame in frames]
         for i, frame in zip(rows, frames, strict=True):
             if tuple(frame.shape) != out.shape[1:]:
                 raise CodecError(
                     f"{self.path}: frame {i} is {tuple(frame.shape)}, the shard's frames {out.shape[1:]}"
                 )
-        if frames and not isinstance(frames[0], np.ndarray):
-            torch.stack(frames, out=torch.from_numpy(out))  # one copy into (N, H, W, 3)
-        elif frames:
-            out[:] = frames
+        for n, frame in enumerate(frames):  # numpy's copy: no torch threads woken for small copies
+            out[n] = frame
 
     def _bytes(self):
         """The shard's bytes: a read-only tensor over the memory map where torch decodes, else the map."""
