@@ -49,6 +49,10 @@ class Captioner(WarmupCosineAdamW, pl.LightningModule):
         beam_size: beam width for test and ``vpipe caption`` (1: greedy).
         max_length: most words generated.
         length_penalty: beam scores are log-probability / length ** this.
+        num_classes: the clips' classes (linked from the data module).
+        class_weight: weight of an auxiliary loss, the clip's class predicted from the encoder's
+            summary (0: none). It makes the summary the decoder starts from carry what the class
+            is about (the motion), not only what the references' other words need.
     """
 
     def __init__(
@@ -68,6 +72,8 @@ class Captioner(WarmupCosineAdamW, pl.LightningModule):
         beam_size: int = 3,
         max_length: int = 20,
         length_penalty: float = 0.7,
+        num_classes: int | None = None,
+        class_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -79,6 +85,9 @@ class Captioner(WarmupCosineAdamW, pl.LightningModule):
         self.model = CaptionModel(
             input_dim, len(self.vocab), encoder, decoder, hidden_size, embed_dim, attention, dropout
         )
+        if class_weight < 0 or (class_weight and not num_classes):
+            raise ValueError(f"class_weight {class_weight} needs num_classes from the data module and >= 0")
+        self.classes = nn.Linear(hidden_size, num_classes) if class_weight else None
         self.losses = nn.ModuleDict(
             {f"{stage}_loss": torchmetrics.MeanMetric() for stage in ("train", "val", "test")}
         )
@@ -101,13 +110,19 @@ class Captioner(WarmupCosineAdamW, pl.LightningModule):
 
     def _loss(self, batch: dict, stage: str) -> torch.Tensor:
         tokens = batch["tokens"]
-        logits = self.model(batch["x"], tokens[:, :-1])
+        memory, state = self.model.encode(batch["x"])
+        logits = self.model.step(tokens[:, :-1], state, memory)[0]
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(),
             tokens[:, 1:].flatten(),
             ignore_index=Vocabulary.PAD,
             label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0,
         )
+        if self.classes is not None and stage == "train":
+            summary = state[1]
+            loss = loss + self.hparams.class_weight * F.cross_entropy(
+                self.classes(summary).float(), batch["y"]
+            )
         self.losses[f"{stage}_loss"].update(loss.detach(), len(tokens))
         return loss
 

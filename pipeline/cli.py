@@ -278,6 +278,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/summary.md", help="Markdown copy of the table ('' for none)")
     p.add_argument("--no-timings", action="store_true", help="leave out the run durations read from MLflow")
     p.add_argument(
+        "--seeds",
+        default="bench/results/seeds.json",
+        help="bench/seeds.py's results: the quality as mean ± sd over seeds, shown first ('' for none)",
+    )
+    p.add_argument(
         "--columns",
         nargs="+",
         metavar="PATTERN",

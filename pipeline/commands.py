@@ -247,7 +247,16 @@ def run_forecast(args: argparse.Namespace) -> None:
 def run_report(args: argparse.Namespace) -> None:
     from pipeline.report import report
 
-    print(report(args.metrics, args.out or None, args.columns, args.all, timings=not args.no_timings))
+    print(
+        report(
+            args.metrics,
+            args.out or None,
+            args.columns,
+            args.all,
+            timings=not args.no_timings,
+            seeds=args.seeds or None,
+        )
+    )
 
 
 def run_ui(args: argparse.Namespace) -> None:

@@ -68,10 +68,17 @@ def kind(row: dict[str, float]) -> str:
     return next((title for marker, title in KINDS if marker in row), "Other")
 
 
-def table(metrics_dir: Path, columns: list[str] | None = None, every: bool = False) -> str:
+def table(
+    metrics_dir: Path,
+    columns: list[str] | None = None,
+    every: bool = False,
+    spread: dict[tuple[str, str], float] | None = None,
+) -> str:
     """Markdown tables of the flat JSON metrics files in ``metrics_dir``, one per kind of experiment
     (:data:`KINDS`), each with the metrics its experiments have: every metric but the per-step ones
-    (those too with ``every``), only those matching ``columns`` if given."""
+    (those too with ``every``), only those matching ``columns`` if given. A best is in bold only when it
+    beats the runner-up by more than the larger of their seed spreads (``spread``:
+    ``{(experiment, metric): sd}``, from :func:`seed_spread`; 0 where unknown)."""
     results = read(Path(metrics_dir))
     if not results:
         return f"no metrics in {metrics_dir}/*.json yet"
@@ -79,14 +86,19 @@ def table(metrics_dir: Path, columns: list[str] | None = None, every: bool = Fal
     for name, row in results.items():
         groups.setdefault(kind(row), {})[name] = row
     order = [title for _, title in KINDS] + ["Other"]
-    tables = [_table(groups[title], columns, every) for title in order if title in groups]
+    tables = [_table(groups[title], columns, every, spread) for title in order if title in groups]
     titled = [(title, t) for title, t in zip([t for t in order if t in groups], tables, strict=True) if t]
     if len(titled) == 1:
         return titled[0][1]
     return "\n\n".join(f"{title}:\n\n{t}" for title, t in titled)
 
 
-def _table(results: dict[str, dict[str, float]], columns: list[str] | None, every: bool) -> str:
+def _table(
+    results: dict[str, dict[str, float]],
+    columns: list[str] | None,
+    every: bool,
+    spread: dict[tuple[str, str], float] | None = None,
+) -> str:
     names = {k for row in results.values() for k in row}
     if not every:
         names = {k for k in names if not PER_STEP.search(k)}
@@ -104,13 +116,15 @@ def _table(results: dict[str, dict[str, float]], columns: list[str] | None, ever
     for c in ordered:
         if any(b in c for b in BASELINES):
             continue
-        groups: dict[tuple, list[float]] = {}
-        for row in results.values():
+        groups: dict[tuple, list[tuple[float, float]]] = {}
+        for name, row in results.items():
             if c in row:
-                groups.setdefault(same_data(row), []).append(row[c])
+                groups.setdefault(same_data(row), []).append((row[c], (spread or {}).get((name, c), 0.0)))
         for key, values in groups.items():
             if len(values) > 1:
-                best[c, key] = min(values) if lower_is_better(c) else max(values)
+                first, second = sorted(values, reverse=not lower_is_better(c))[:2]
+                if abs(first[0] - second[0]) > max(first[1], second[1]):  # beyond the seed spread
+                    best[c, key] = first[0]
 
     def cell(row: dict, c: str) -> str:
         if c not in row:
@@ -156,16 +170,71 @@ def durations(names: list[str]) -> str:
     return "\n".join(["| experiment | newest run | status | seconds |", "|---|---|---|---:|", *rows])
 
 
+def _mean_sd(metric: dict) -> str:
+    return f"{metric['mean']:.4f} ± {metric['sd']:.4f}"
+
+
+def seeds_table(path: Path) -> str:
+    """Markdown tables of ``bench/results/seeds.json`` (``bench/seeds.py``): each experiment's headline
+    metrics as mean ± sd over seeds, one table per kind and training data. A mean is in bold only when
+    it beats every other experiment's of its table by more than the larger of their two sds: a best
+    within the seed spread is not a best."""
+    record = json.loads(Path(path).read_text())
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for name, result in record["results"].items():
+        groups.setdefault((kind(result["metrics"]), result.get("data", "")), {})[name] = result
+    out = []
+    for (title, data), results in groups.items():
+        columns = list(dict.fromkeys(k for r in results.values() for k in r["metrics"]))
+        seeds = sorted({len(r["seeds"]) for r in results.values()})
+        lines = [
+            f"{title}, {data or 'its data'} (mean ± sd over {'/'.join(map(str, seeds))} seeds):",
+            "",
+            "| experiment | " + " | ".join(columns) + " |",
+            "|---" * (len(columns) + 1) + "|",
+        ]
+        for name, result in results.items():
+            cells = []
+            for c in columns:
+                metric = result["metrics"].get(c)
+                text = _mean_sd(metric) if metric else ""
+                rivals = [r["metrics"][c] for n, r in results.items() if n != name and c in r["metrics"]]
+                if metric and rivals and not any(b in c for b in BASELINES):
+                    sign = -1 if lower_is_better(c) else 1
+                    if all(sign * (metric["mean"] - o["mean"]) > max(metric["sd"], o["sd"]) for o in rivals):
+                        text = f"**{text}**"
+                cells.append(text)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def seed_spread(path: Path) -> dict[tuple[str, str], float]:
+    """``{(experiment, metric): sd over seeds}`` from ``bench/results/seeds.json``; empty without it."""
+    if not Path(path).is_file():
+        return {}
+    results = json.loads(Path(path).read_text())["results"]
+    return {(name, k): m["sd"] for name, r in results.items() for k, m in r["metrics"].items()}
+
+
 def report(
     metrics_dir: str = "metrics",
     out: str | None = "reports/summary.md",
     columns: list[str] | None = None,
     every: bool = False,
     timings: bool = True,
+    seeds: str | None = "bench/results/seeds.json",
 ) -> str:
-    """Print-ready table, then (``timings``) each experiment's newest run duration from MLflow; also
+    """Print-ready tables: the quality over seeds (``seeds``, from ``bench/seeds.py``, when it exists),
+    this run's metrics, then (``timings``) each experiment's newest run duration from MLflow; also
     written to ``out`` (Markdown) when there are metrics."""
-    text = table(Path(metrics_dir), columns, every)
+    spread = seed_spread(Path(seeds)) if seeds else {}
+    text = table(Path(metrics_dir), columns, every, spread)
+    if spread and not text.startswith("no metrics"):
+        text = (
+            f"Quality over seeds ({seeds}):\n\n{seeds_table(Path(seeds))}\n\n"
+            f"This run (one seed; metrics/):\n\n{text}"
+        )
     if timings and not text.startswith("no metrics"):
         took = durations(sorted(read(Path(metrics_dir))))
         if took:
