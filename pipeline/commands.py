@@ -11,8 +11,9 @@ import time
 
 def run_extract(args: argparse.Namespace) -> None:
     from pipeline.codecs import CodecError
-    from pipeline.extract import ExtractError, extract, parse_part
+    from pipeline.extract import ExtractError, extract
     from pipeline.manifest import ManifestError
+    from pipeline.parts import PartError, parse_part
     from pipeline.stores import StoreError
 
     try:
@@ -27,12 +28,12 @@ def run_extract(args: argparse.Namespace) -> None:
             codec=args.codec,
             quality=args.quality,
         )
-    except (ExtractError, ManifestError, StoreError, CodecError) as err:
+    except (ExtractError, PartError, ManifestError, StoreError, CodecError) as err:
         sys.exit(f"vpipe extract: {err}")
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    from pipeline.extract import merge
+    from pipeline.parts import merge
     from pipeline.stores import StoreError
 
     try:

@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.atomic import clean_stale, replace_dir
 from pipeline.codecs import DEFAULT_QUALITY, JpegAppender, JpegShard, check_codec, shard_files
-from pipeline.stores import ERROR_FIELDS, INDEX_FIELDS, IndexRow, StoreError, file_sha256
+from pipeline.stores import ERROR_FIELDS, INDEX_FIELDS, FrameStore, IndexRow, StoreError, file_sha256
 
 
 def write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
@@ -207,6 +207,17 @@ class StoreWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
         if self._lock is not None:
             self._lock.close()  # releases the lock
+
+
+def copy_row(writer: StoreWriter, store: FrameStore, old: IndexRow, **ids) -> IndexRow:
+    """Append one video of ``store`` to ``writer`` as it is stored (JPEG bytes are not re-encoded): an
+    incremental extraction's reused videos and a merge's parts."""
+    info = {k: getattr(old, k) for k in ("src_fps", "fps", "width", "height", "duration_sec")}
+    if writer.codec == "jpeg":
+        return writer.add_encoded(
+            store.shard(old.shard), start=old.offset, keep=np.arange(old.length), **ids, **info
+        )
+    return writer.add(store.rows(old.video_id), **ids, **info)
 
 
 def finalize(tmp: Path, out: Path, index: list[IndexRow], errors: list[dict], meta: dict) -> dict:

@@ -8,7 +8,7 @@ frames of consecutive videos into batches of ``batch_size`` frames (a batch may 
 uint8 goes to the device, as in :mod:`pipeline.features`).
 
 Under DDP (``--devices N``, ``--num-nodes M``, torchrun or SLURM) each rank takes a contiguous block of
-the manifest (:func:`pipeline.extract.part_of`) and streams its features into a part file
+the manifest (:func:`pipeline.parts.part_of`) and streams its features into a part file
 (:class:`pipeline.feature_job.PartWriter`) and the list of its videos into ``videos-RANK.json``; global
 rank 0 then writes the store, in manifest order, through :class:`pipeline.store_writer.StoreWriter`
 (written under a temporary name, put in place atomically). The result has the contract of a feature
@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data import rgb_difference
-from pipeline.extract import part_of
+from pipeline.parts import part_of
 from pipeline.feature_job import (
     Encoder,
     FeatureCacheError,

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import extract_command, same_files
 from pipeline.codecs import CodecError
-from pipeline.extract import ExtractError, extract, merge, parse_part, part_path
+from pipeline.extract import ExtractError, extract
+from pipeline.parts import PartError, merge, parse_part, part_path
 from pipeline.manifest import ManifestError, read_manifest, write_manifest
 from pipeline.stores import FrameStore, StoreError
 from pipeline.video import decode
@@ -189,9 +190,9 @@ def test_merge_refuses_incomplete_or_mismatched_parts(tiny_dataset, tmp_path):
     with pytest.raises(StoreError, match="parts of different splits"):
         merge(None, out)
     assert not out.exists()  # nothing was written
-    with pytest.raises(ExtractError, match=r"--part 3/3: I must be in 0..N-1"):
+    with pytest.raises(PartError, match=r"--part 3/3: I must be in 0..N-1"):
         parse_part("3/3")
-    with pytest.raises(ExtractError, match=r"--part two: expected I/N"):
+    with pytest.raises(PartError, match=r"--part two: expected I/N"):
         parse_part("two")
     with pytest.raises(ExtractError, match=r"--quality 0: a JPEG quality is 1 to 100"):
         extract(tiny_dataset, tmp_path / "q", quality=0)
