@@ -36,7 +36,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data import rgb_difference
-from pipeline.parts import part_of
 from pipeline.feature_job import (
     Encoder,
     FeatureCacheError,
@@ -51,6 +50,7 @@ from pipeline.feature_job import (
     up_to_date,
 )
 from pipeline.manifest import Entry, read_manifest, validate
+from pipeline.parts import part_of
 from pipeline.resample import parse_size, uniform_indices
 from pipeline.sources import inputs_hash, source_row
 from pipeline.store_writer import StoreWriter

@@ -11,8 +11,8 @@ import pytest
 from conftest import extract_command, same_files
 from pipeline.codecs import CodecError
 from pipeline.extract import ExtractError, extract
-from pipeline.parts import PartError, merge, parse_part, part_path
 from pipeline.manifest import ManifestError, read_manifest, write_manifest
+from pipeline.parts import PartError, merge, parse_part, part_path
 from pipeline.stores import FrameStore, StoreError
 from pipeline.video import decode
 
