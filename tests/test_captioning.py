@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -137,16 +138,63 @@ def test_scores_order_metric_and_nearest_neighbour():
     assert nearest_captions(train, ["fwd", "rev"], refs, query, ["q"]) == {"q": "reversed"}
 
 
+def _caption_scores(model: CaptionModel, x: torch.Tensor, captions: list[list[int]], max_length: int):
+    """Each caption's log-probability for the clip ``x`` ``(1, T, D)`` (teacher forcing from BOS; its EOS
+    counted unless it has ``max_length`` words) divided by its length ** 0.7: what beam search ranks by.
+    The captions are scored in one batch per length."""
+    out = {}
+    for length in sorted({len(c) for c in captions}):
+        group = [c for c in captions if len(c) == length]
+        targets = torch.tensor([c + [Vocabulary.EOS] for c in group])  # (N, length + 1)
+        tokens = torch.cat([torch.full((len(group), 1), Vocabulary.BOS), targets[:, :-1]], 1)
+        with torch.no_grad():
+            logp = model(x.expand(len(group), -1, -1), tokens).log_softmax(-1)
+        picked = logp.gather(-1, targets[..., None])[..., 0]  # (N, length + 1)
+        total = picked.sum(1) if length < max_length else picked[:, :-1].sum(1)
+        out.update({tuple(c): float(t) / max(1, length) ** 0.7 for c, t in zip(group, total, strict=True)})
+    return [out[tuple(c)] for c in captions]
+
+
 @pytest.mark.parametrize("decoder", ["gru", "lstm"])
-def test_beam_search_of_width_one_is_greedy(decoder):
+def test_greedy_and_beam_search_decode_the_models_best_captions(decoder):
     torch.manual_seed(0)
     model = CaptionModel(input_dim=6, vocab_size=12, decoder=decoder, hidden_size=16, embed_dim=8).eval()
     x = torch.randn(5, 4, 6)
-    greedy = model.greedy(x, max_length=7)
-    assert model.beam_search(x, beam_size=1, max_length=7) == greedy
-    assert any(len(words) == 7 for words in greedy) or all(Vocabulary.EOS not in w for w in greedy)
-    wide = model.beam_search(x, beam_size=4, max_length=7)
-    assert len(wide) == 5 and all(all(Vocabulary.BOS < w for w in words) or words == [] for words in wide)
+    lengths = {}
+    for eos_shift in (0.0, 100.0):  # as initialised; then EOS always the likeliest word
+        with torch.no_grad():
+            model.out.bias[Vocabulary.EOS] += eos_shift
+        greedy = model.greedy(x, max_length=7)
+        lengths[eos_shift] = sorted(len(w) for w in greedy)
+        assert model.beam_search(x, beam_size=1, max_length=7) == greedy
+        for i, words in enumerate(greedy):
+            # Each word is the argmax after the words before it; the caption ends where EOS is the argmax
+            # (EOS itself left out) or at 7 words.
+            with torch.no_grad():
+                best = model(x[i : i + 1], torch.tensor([[Vocabulary.BOS, *words]]))[0].argmax(-1).tolist()
+            assert best[: len(words)] == words and Vocabulary.EOS not in words and len(words) <= 7
+            assert len(words) == 7 or best[len(words)] == Vocabulary.EOS
+    assert greedy == [[]] * 5  # EOS first: empty captions
+    # As initialised, the GRU's captions end early or run to 7 words: both ends of a caption are checked.
+    assert lengths[0.0] == ([1, 1, 1, 7, 7] if decoder == "gru" else [7] * 5)
+
+    # A beam as wide as every partial caption (5 words besides EOS, at most 3 words: 1 + 5 + 25 + 125
+    # captions) is an exhaustive search: it returns the best of all captions by score / length ** 0.7.
+    torch.manual_seed(16)
+    small = CaptionModel(input_dim=6, vocab_size=6, decoder=decoder, hidden_size=16, embed_dim=8).eval()
+    with torch.no_grad():
+        for p in small.parameters():
+            p.normal_(0, 0.5)
+    words = [w for w in range(6) if w != Vocabulary.EOS]
+    every = [[]] + [[a] for a in words]
+    every += [[a, b] for a in words for b in words] + [[a, b, c] for a in words for b in words for c in words]
+    assert len(every) == 156
+    x = x[:3]
+    wide = small.beam_search(x, beam_size=150, max_length=3)
+    for i in range(len(x)):
+        scored = _caption_scores(small, x[i : i + 1], every, 3)
+        assert wide[i] == every[max(range(len(every)), key=scored.__getitem__)]
+    assert wide != small.greedy(x, max_length=3)  # here the search finds what greedy decoding misses
 
 
 @pytest.mark.parametrize("encoder", ["gru", "meanpool"])
@@ -227,11 +275,24 @@ def test_fit_writes_metrics_samples_and_registers(captioner):
     metrics = json.loads((captioner / "metrics" / "caption_gru.json").read_text())
     for prefix in ("test", "test/nn_mean", "test/nn_seq"):
         assert {f"{prefix}/{k}" for k in ("bleu1", "bleu4", "rouge_l", "cider", "order")} <= set(metrics)
-    assert 0 <= metrics["test/order"] <= 1 and metrics["test/nn_seq/bleu1"] > 0
     samples = (captioner / "plots" / "caption_gru" / "captions.csv").read_text().splitlines()
     assert (
         samples[0] == "video_id,label,generated,nn_mean,nn_seq,references" and len(samples) == 1 + 4
     )  # 4 test clips
+    # The metrics are those of the captions in the samples table, rescored here.
+    rows = list(csv.DictReader(samples))
+    labels = {r["video_id"]: r["label"] for r in rows}
+    references = {r["video_id"]: r["references"].split(" | ") for r in rows}
+    keywords = read_keywords(captioner / "caption_keywords.json")
+    for prefix, column in (("test", "generated"), ("test/nn_mean", "nn_mean"), ("test/nn_seq", "nn_seq")):
+        captions = {r["video_id"]: r[column] for r in rows}
+        assert metrics[f"{prefix}/order"] == pytest.approx(
+            order_accuracy(captions, labels, keywords), abs=1e-5
+        )
+        assert metrics[f"{prefix}/bleu1"] == pytest.approx(scores(references, captions)["bleu1"], abs=1e-5)
+    # Squares moving right or left (a clip and its reverse): the training clip nearest by its ordered
+    # steps moves the same way, so its first caption names the test clip's direction.
+    assert metrics["test/nn_seq/order"] == 1.0
     client = mlflow.MlflowClient(f"sqlite:///{captioner / 'mlflow.db'}")
     version = client.get_model_version("caption_gru", "1")
     run = client.get_run(version.run_id)

@@ -60,7 +60,12 @@ def test_text_json_and_registered_model(trained_project, tmp_path, capsys, monke
     records = [json.loads(row) for row in out.splitlines()]
     assert len(records) == 2 and records[0] == records[1] and records[0]["video"] == video
     [best] = records[0]["top"]
-    assert best["label"] in line.split(": ")[1].split()[0] and 0.5 <= best["probability"] <= 1.0
+    # Text: both classes, likeliest first, probabilities summing to 1; the JSON's best is the text's first.
+    ranked = [entry.split() for entry in line.split(": ")[1].split(", ")]
+    assert [label for label, _ in ranked] in (["left", "right"], ["right", "left"])
+    assert float(ranked[0][1]) >= float(ranked[1][1])
+    assert float(ranked[0][1]) + float(ranked[1][1]) == pytest.approx(1, abs=0.0015)
+    assert [best["label"], f"{best['probability']:.3f}"] == ranked[0]
 
     # The same model through the MLflow registry: `latest` in a fresh process elsewhere (no state left by
     # training), a version number and a missing version in this one.

@@ -6,9 +6,15 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
+from jsonargparse import ArgumentParser
 from test_training import feature_store, frame_store
+
+from pipeline.data import segment_indices
+from pipeline.stores import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "tests" / "configs" / "gru_features.yaml")
@@ -158,7 +164,22 @@ def test_test_validate_and_predict_default_to_the_best_checkpoint(features, tmp_
     assert all(
         r["label"] == f"c{int(r['video_id'][4:]) % 3}" and r["predicted"] in ("c0", "c1", "c2") for r in rows
     )
-    assert all(1 / 3 <= float(r["score"]) <= 1 for r in rows)  # the top class's probability of three
+    # Each row's class and score: the argmax and top softmax probability of best.ckpt on the clip's
+    # evaluation steps (the centres of 4 segments), computed here from the store.
+    checkpoint = torch.load(tmp_path / "models/gesture_gru/best.ckpt", map_location="cpu", weights_only=True)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=pl.LightningModule)
+    model = parser.instantiate_classes(parser.parse_object({"model": checkpoint["vpipe"]["model"]})).model
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    store = FeatureStore(features)
+    for r in rows:
+        clip = np.asarray(store.rows(r["video_id"]), np.float32)
+        x = torch.from_numpy(clip[segment_indices(len(clip), 4, None)]).flatten(1)[None]
+        with torch.inference_mode():
+            probabilities = model(x).softmax(-1)[0]
+        assert r["predicted"] == f"c{int(probabilities.argmax())}", r
+        assert float(r["score"]) == pytest.approx(float(probabilities.max()), abs=2e-6), r
     accuracy = sum(r["label"] == r["predicted"] for r in rows) / len(rows)
     assert accuracy == pytest.approx(fitted["test/acc"], abs=1e-6)  # the same predictions as the test
 
