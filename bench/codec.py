@@ -48,8 +48,6 @@ from pipeline.stores import FrameStore  # noqa: E402
 CODECS = ("raw", "jpeg")
 
 
-
-
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 

@@ -182,8 +182,6 @@ def long_video_rss(folder: Path, minutes: float) -> dict:
     return {"minutes": minutes, "width": 1280, "height": 720, "bytes": path.stat().st_size, **result}
 
 
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=1000)
