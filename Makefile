@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test test-fast ui lint bench bench-repro bench-scale bench-codec seeds
+.PHONY: setup repro test test-fast ui lint bench bench-repro bench-scale bench-codec seeds unseen
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ bench-scale: setup
 bench-codec: setup
 	python bench/codec.py
 
-# gesture_gru and action_lstm test accuracy as mean ± sd over 3 seeds (after `make repro`).
+# Every head over cached features and both captioners as mean ± sd over 3 seeds (after `make repro`):
+# bench/results/seeds.json, the first table of `vpipe report`.
 seeds: setup
 	python bench/seeds.py
+
+# Captions and classes of clips from another generator seed, side by side (after `make repro`).
+unseen: setup
+	python bench/unseen.py
