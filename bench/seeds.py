@@ -4,7 +4,8 @@
     python bench/seeds.py --configs gesture_gru --seeds 0 1 2 3 4
     python bench/seeds.py --configs gesture_gru_e2e      # an end-to-end model too (about a minute a seed)
 
-Needs the feature stores of `dvc repro` (data/features/...). The default configs are every experiment
+Needs the feature stores of `dvc repro` (data/features/...). Configs not run keep their results in
+bench/results/seeds.json (`--configs caption_gru` re-runs one and leaves the others). The default configs are every experiment
 of params.yaml over a feature store (the recognition heads and the feature forecaster) and every
 captioner. Each seed re-runs `vpipe fit -c configs/NAME.yaml --seed_everything S --data.init_args.seed S`
 (initialisation, dropout, and the training clips' sampling) into bench/results/seeds/ (its own models/,
@@ -72,6 +73,12 @@ def fit(config: str, seed: int, env: dict) -> dict[str, float]:
     return json.loads((OUT / "metrics" / f"{name}.json").read_text())
 
 
+def _order(configs: list[str], results: dict):
+    """Sort key: the default configs' order (params.yaml's), then the others by name."""
+    known = default_configs() + [c for c in configs if c not in default_configs()]
+    return lambda name: (known.index(name) if name in known else len(known), name)
+
+
 def headline(metrics: dict[str, float]) -> list[str]:
     return next((names for marker, names in HEADLINE.items() if marker in metrics), sorted(metrics))
 
@@ -104,11 +111,17 @@ def main(argv: list[str] | None = None) -> int:
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 metrics[key] = {"mean": statistics.mean(values), "sd": sd, "values": values}
         results[config] = {"data": inputs().get(config, ""), "seeds": args.seeds, "metrics": metrics}
+    command = "python bench/seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if Path(args.out).is_file():  # configs not run this time keep their results (and their command)
+        kept = json.loads(Path(args.out).read_text())
+        for name, result in kept["results"].items():
+            if name not in results:
+                results[name] = {**result, "command": result.get("command", kept.get("command"))}
     record = {
-        "command": "python bench/seeds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         **machine(),
         "seconds": round(time.perf_counter() - started, 1),
-        "results": results,
+        "results": {name: results[name] for name in sorted(results, key=_order(configs, results))},
     }
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     from pipeline.report import seeds_table
