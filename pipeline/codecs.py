@@ -172,8 +172,9 @@ class JpegShard:
 
     Decoded frames are kept, so each frame is decoded once per process, while the process's decoded
     frames fit in ``VPIPE_DECODED_CACHE_MB`` (2048 by default; 0 turns it off): training reads the same
-    frames every epoch. ``keep=False`` keeps none, for a reader that reads each frame once (the
-    features stage): no memory held, no copy into the cache."""
+    frames every epoch. Only the frames read are kept, one array each (a buffer for the whole shard
+    would cost the first epoch the zeroing of memory for frames never read). ``keep=False`` keeps
+    none, for a reader that reads each frame once (the features stage)."""
 
     dtype = np.dtype(np.uint8)
     ndim = 4
@@ -188,12 +189,11 @@ class JpegShard:
             )
         self.data = np.memmap(self.path, np.uint8, mode="r") if size else np.zeros(0, np.uint8)
         self._shape: tuple[int, ...] | None = None
-        self._decoded: np.ndarray | None = None  # (N, H, W, 3), allocated when it fits the budget
-        self._done: np.ndarray | None = None  # which of its rows hold their decoded frame
+        self._kept: dict[int, np.ndarray] = {}  # row → its decoded frame, within the budget
         self._tensor = None  # the memory map as a torch tensor, made on first decode in a torch process
 
     def __getstate__(self) -> dict:  # a copy sent to another process keeps a cache of its own
-        return {**self.__dict__, "_decoded": None, "_done": None, "_tensor": None}
+        return {**self.__dict__, "_kept": {}, "_tensor": None}
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -238,33 +238,27 @@ class JpegShard:
                 self._tensor = torch.frombuffer(self.data, dtype=torch.uint8)
         return self.data if self._tensor is None else self._tensor
 
-    def _cached(self) -> bool:
-        """Whether this shard keeps its decoded frames (reserving their memory on first use)."""
-        if not self.keep:
-            return False
-        if self._decoded is None:
-            need = len(self) * int(np.prod(self.shape[1:]))
-            if not len(self) or need > _cache_left[0]:
-                return False
-            _cache_left[0] -= need
-            self._decoded, self._done = np.empty(self.shape, np.uint8), np.zeros(len(self), bool)
-        return True
-
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
             return self[np.array([int(range(len(self))[key])])][0]
         picked = np.arange(len(self))[key]
         if picked.ndim != 1:
             raise IndexError(f"{self.path}: index frames with an int, a slice or a 1-D array")
-        if self._cached():
-            missing = np.unique(picked[~self._done[picked]])
-            if len(missing):
-                fresh = np.empty((len(missing), *self.shape[1:]), np.uint8)
-                self._decode(missing, fresh)
-                self._decoded[missing], self._done[missing] = fresh, True
-            return self._decoded[picked]  # fancy indexing: a copy
         out = np.empty((len(picked), *self.shape[1:]), np.uint8)
-        self._decode(picked, out)
+        if not self.keep:
+            self._decode(picked, out)
+            return out
+        missing = np.array(sorted({int(i) for i in picked} - self._kept.keys()), np.int64)
+        fresh: dict[int, np.ndarray] = {}
+        if len(missing):
+            decoded = np.empty((len(missing), *self.shape[1:]), np.uint8)
+            self._decode(missing, decoded)
+            fresh = dict(zip(missing.tolist(), decoded, strict=True))
+            if decoded.nbytes <= _cache_left[0]:  # kept: views into this block, one per frame
+                _cache_left[0] -= decoded.nbytes
+                self._kept.update(fresh)
+        for n, i in enumerate(picked.tolist()):
+            out[n] = self._kept[i] if i in self._kept else fresh[i]
         return out
 
     def encoded(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:

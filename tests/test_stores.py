@@ -98,14 +98,14 @@ def test_decoded_jpeg_frames_are_kept_within_the_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(codecs, "_cache_left", [4 * 16 * 16 * 3])  # room for exactly this shard
     kept = FrameStore(tmp_path / "s").shard(0)
     first = kept[[3, 1]]
-    assert kept._done.tolist() == [False, True, False, True] and codecs._cache_left == [0]
+    assert sorted(kept._kept) == [1, 3] and codecs._cache_left == [2 * 16 * 16 * 3]  # only the frames read
     np.testing.assert_array_equal(kept[:], FrameStore(tmp_path / "s").shard(0)[:])
     first[:] = 0  # what a reader gets is its own copy
     np.testing.assert_array_equal(kept[[3, 1]], kept[:][[3, 1]])
     assert kept[[3, 1]].any()
     other = FrameStore(tmp_path / "s").shard(0)  # over the budget: decoded on every read, same frames
     np.testing.assert_array_equal(other[:], kept[:])
-    assert other._decoded is None
+    assert codecs._cache_left == [0] and other._kept == {}  # the first shard took the whole budget
 
 
 def test_torchvisions_batched_decoder_gives_pillows_pixels():
@@ -151,10 +151,10 @@ def test_a_store_opened_to_read_each_frame_once_keeps_no_decoded_frames(tmp_path
     monkeypatch.setattr(codecs, "_cache_left", [1 << 30])
     once = FrameStore(tmp_path / "s", keep_decoded=False).shard(0)
     np.testing.assert_array_equal(once[:], FrameStore(tmp_path / "s").shard(0)[:])
-    assert once._decoded is None and codecs._cache_left[0] == (1 << 30) - frames.nbytes  # only the kept one
+    assert once._kept == {} and codecs._cache_left[0] == (1 << 30) - frames.nbytes  # only the kept one
     slices = FrameSlices(FrameStore(tmp_path / "s"), batch=2)  # the features stage's reader
     assert [s[2].shape[0] for s in (slices[0], slices[1], slices[2])] == [2, 2, 1]
-    assert slices._store.shard(0)._decoded is None and codecs._cache_left[0] == (1 << 30) - frames.nbytes
+    assert slices._store.shard(0)._kept == {} and codecs._cache_left[0] == (1 << 30) - frames.nbytes
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="nvJPEG needs a CUDA GPU")
