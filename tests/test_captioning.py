@@ -303,7 +303,14 @@ def test_fit_writes_metrics_samples_and_registers(captioner):
     )
     words = checkpoint["hyper_parameters"]["vocabulary"]
     assert words[:4] == Vocabulary.SPECIALS and "rightwards" in words  # built from the training captions
-    assert "num_classes" not in checkpoint["vpipe"]["model"]["init_args"]  # only the model's own arguments
+    recipe = checkpoint["vpipe"]["model"]["init_args"]
+    assert (
+        recipe["num_classes"] == 2 and recipe["class_weight"] == 1.0
+    )  # linked from the data: the class loss is on
+    assert checkpoint["state_dict"]["classes.weight"].shape == (
+        2,
+        32,
+    )  # its head: two classes from the summary
 
 
 @pytest.mark.slow

@@ -82,7 +82,7 @@ def test_report_orders_columns_marks_the_best_and_filters(tmp_path, capsys):
     (tmp_path / "gru.json").write_text('{"test/loss": 0.4, "test/f1": 0.8, "test/acc": 0.9, "epoch": 3}')
     (tmp_path / "meanpool.json").write_text('{"test/loss": 0.9, "test/f1": 0.5, "test/acc": 0.6}')
     (tmp_path / "forecast.json").write_text('{"test/mse": 0.01, "test/mse_t1": 0.002, "test/ssim": 0.7}')
-    main(["report", "--metrics", str(tmp_path), "--out", ""])
+    main(["report", "--metrics", str(tmp_path), "--out", "", "--seeds", ""])  # this run's tables only
     out = capsys.readouterr().out.splitlines()
     # One table per kind of experiment, each with its own columns.
     assert out[0] == "Classification:" and out.index("Forecasting:") > out.index("Classification:")
@@ -92,7 +92,20 @@ def test_report_orders_columns_marks_the_best_and_filters(tmp_path, capsys):
     forecast = out[out.index("Forecasting:") + 2 :]
     assert forecast[0] == "| experiment | test/mse | test/mse_t1 | test/ssim |"
     assert forecast[2] == "| forecast | 0.0100 | 0.0020 | 0.7000 |"  # nothing to compare: no bold
-    main(["report", "--metrics", str(tmp_path), "--out", "", "--columns", "test/acc", "test/mse*"])
+    main(
+        [
+            "report",
+            "--metrics",
+            str(tmp_path),
+            "--out",
+            "",
+            "--seeds",
+            "",
+            "--columns",
+            "test/acc",
+            "test/mse*",
+        ]
+    )
     out = capsys.readouterr().out.splitlines()
     assert out[2] == "| experiment | test/acc |" and "| experiment | test/mse | test/mse_t1 |" in out
     (tmp_path / "forecast2.json").write_text(
@@ -101,11 +114,11 @@ def test_report_orders_columns_marks_the_best_and_filters(tmp_path, capsys):
     (tmp_path / "forecast.json").write_text(
         '{"test/mse": 0.01, "test/h01/mse": 0.002, "test/copy_last/mse": 0.05}'
     )
-    main(["report", "--metrics", str(tmp_path), "--out", "", "--columns", "test/*mse"])
+    main(["report", "--metrics", str(tmp_path), "--out", "", "--seeds", "", "--columns", "test/*mse"])
     header, _, *rows = capsys.readouterr().out.splitlines()
     assert header == "| experiment | test/copy_last/mse | test/mse |"  # per-step columns left out by default
     assert rows[0] == "| forecast | 0.0500 | **0.0100** |"  # a baseline is never the best
-    main(["report", "--metrics", str(tmp_path), "--out", "", "--all"])
+    main(["report", "--metrics", str(tmp_path), "--out", "", "--seeds", "", "--all"])
     assert "| test/copy_last/mse | test/h01/mse | test/mse |" in capsys.readouterr().out
     (tmp_path / "broken.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="broken.json: expected a JSON object"):
