@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from conftest import free_port
 from pipeline import classify, tracking, ui
 from pipeline.cli import main
 
@@ -119,15 +119,9 @@ def test_classify_reads_versions_registered_as_bare_checkpoints(project_store, t
     assert json.loads(lines[0])["top"] == _classify(video, ckpt)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_the_top_k_of_vpipe_classify(project_store, trained_project):
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{trained_project / 'mlflow.db'}",

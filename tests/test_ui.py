@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,8 @@ import urllib.request
 
 import pytest
 
+from conftest import free_port
 from pipeline.mlflow_app import WithoutAssistant
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def request(url: str, payload: dict | None = None) -> tuple[int, str]:
