@@ -59,8 +59,9 @@ def inputs() -> dict[str, str]:
     return stores
 
 
-def default_configs() -> list[str]:
-    return [name for name, store in inputs().items() if "/features/" in store]
+def default_configs(stores: dict[str, str]) -> list[str]:
+    """Every config over a feature store, in params.yaml's order."""
+    return [name for name, store in stores.items() if "/features/" in store]
 
 
 def fit(config: str, seed: int, env: dict) -> dict[str, float]:
@@ -73,9 +74,11 @@ def fit(config: str, seed: int, env: dict) -> dict[str, float]:
     return json.loads((OUT / "metrics" / f"{name}.json").read_text())
 
 
-def _order(configs: list[str], results: dict):
-    """Sort key: the default configs' order (params.yaml's), then the others by name."""
-    known = default_configs() + [c for c in configs if c not in default_configs()]
+def _order(stores: dict[str, str]):
+    """Sort key: the default configs in params.yaml's order, then the others (end to end, pixel space)
+    in that order, then any config params.yaml lacks, by name."""
+    defaults = default_configs(stores)
+    known = defaults + [name for name in stores if name not in defaults]
     return lambda name: (known.index(name) if name in known else len(known), name)
 
 
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "seeds.json"))
     args = parser.parse_args(argv)
-    configs = args.configs or default_configs()
+    stores = inputs()
+    configs = args.configs or default_configs(stores)
     OUT.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VPIPE_ROOT": str(OUT), "DVC_NO_ANALYTICS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(values) == len(runs):
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 metrics[key] = {"mean": statistics.mean(values), "sd": sd, "values": values}
-        results[config] = {"data": inputs().get(config, ""), "seeds": args.seeds, "metrics": metrics}
+        results[config] = {"data": stores.get(config, ""), "seeds": args.seeds, "metrics": metrics}
     command = "python bench/seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if Path(args.out).is_file():  # configs not run this time keep their results (and their command)
         kept = json.loads(Path(args.out).read_text())
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         **machine(),
         "seconds": round(time.perf_counter() - started, 1),
-        "results": {name: results[name] for name in sorted(results, key=_order(configs, results))},
+        "results": {name: results[name] for name in sorted(results, key=_order(stores))},
     }
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     from pipeline.report import seeds_table

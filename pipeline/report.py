@@ -78,7 +78,7 @@ def table(
     (:data:`KINDS`), each with the metrics its experiments have: every metric but the per-step ones
     (those too with ``every``), only those matching ``columns`` if given. A best is in bold only when it
     beats the runner-up by more than the larger of their seed spreads (``spread``:
-    ``{(experiment, metric): sd}``, from :func:`seed_spread`; 0 where unknown)."""
+    ``{(experiment, metric): sd}``, from :func:`seed_spread`; 0 where unknown; :func:`best_beyond_spread`)."""
     results = read(Path(metrics_dir))
     if not results:
         return f"no metrics in {metrics_dir}/*.json yet"
@@ -121,10 +121,9 @@ def _table(
             if c in row:
                 groups.setdefault(same_data(row), []).append((row[c], (spread or {}).get((name, c), 0.0)))
         for key, values in groups.items():
-            if len(values) > 1:
-                first, second = sorted(values, reverse=not lower_is_better(c))[:2]
-                if abs(first[0] - second[0]) > max(first[1], second[1]):  # beyond the seed spread
-                    best[c, key] = first[0]
+            winner = best_beyond_spread(values, lower_is_better(c))
+            if winner is not None:
+                best[c, key] = winner
 
     def cell(row: dict, c: str) -> str:
         if c not in row:
@@ -170,6 +169,15 @@ def durations(names: list[str]) -> str:
     return "\n".join(["| experiment | newest run | status | seconds |", "|---|---|---|---:|", *rows])
 
 
+def best_beyond_spread(values: list[tuple[float, float]], lower: bool) -> float | None:
+    """The best of ``(value, sd)`` pairs (the lowest with ``lower``) when it beats the runner-up by more
+    than the larger of their two sds; None when there is no runner-up or it is within the spread."""
+    if len(values) < 2:
+        return None
+    first, second = sorted(values, reverse=not lower)[:2]
+    return first[0] if abs(first[0] - second[0]) > max(first[1], second[1]) else None
+
+
 def _mean_sd(metric: dict) -> str:
     return f"{metric['mean']:.4f} ± {metric['sd']:.4f}"
 
@@ -177,15 +185,30 @@ def _mean_sd(metric: dict) -> str:
 def seeds_table(path: Path) -> str:
     """Markdown tables of ``bench/results/seeds.json`` (``bench/seeds.py``): each experiment's headline
     metrics as mean ± sd over seeds, one table per kind and training data. A mean is in bold only when
-    it beats every other experiment's of its table by more than the larger of their two sds: a best
-    within the seed spread is not a best."""
-    record = json.loads(Path(path).read_text())
+    it beats the next of its table by more than the larger of their two sds
+    (:func:`best_beyond_spread`): a best within the seed spread is not a best."""
+    return _seeds_tables(json.loads(Path(path).read_text()))
+
+
+def _seeds_tables(record: dict) -> str:
     groups: dict[tuple[str, str], dict[str, dict]] = {}
     for name, result in record["results"].items():
         groups.setdefault((kind(result["metrics"]), result.get("data", "")), {})[name] = result
     out = []
     for (title, data), results in groups.items():
         columns = list(dict.fromkeys(k for r in results.values() for k in r["metrics"]))
+        best = {
+            c: best_beyond_spread(
+                [
+                    (r["metrics"][c]["mean"], r["metrics"][c]["sd"])
+                    for r in results.values()
+                    if c in r["metrics"]
+                ],
+                lower_is_better(c),
+            )
+            for c in columns
+            if not any(b in c for b in BASELINES)
+        }
         seeds = sorted({len(r["seeds"]) for r in results.values()})
         lines = [
             f"{title}, {data or 'its data'} (mean ± sd over {'/'.join(map(str, seeds))} seeds):",
@@ -198,23 +221,15 @@ def seeds_table(path: Path) -> str:
             for c in columns:
                 metric = result["metrics"].get(c)
                 text = _mean_sd(metric) if metric else ""
-                rivals = [r["metrics"][c] for n, r in results.items() if n != name and c in r["metrics"]]
-                if metric and rivals and not any(b in c for b in BASELINES):
-                    sign = -1 if lower_is_better(c) else 1
-                    if all(sign * (metric["mean"] - o["mean"]) > max(metric["sd"], o["sd"]) for o in rivals):
-                        text = f"**{text}**"
-                cells.append(text)
+                cells.append(f"**{text}**" if metric and best.get(c) == metric["mean"] else text)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
 
-def seed_spread(path: Path) -> dict[tuple[str, str], float]:
-    """``{(experiment, metric): sd over seeds}`` from ``bench/results/seeds.json``; empty without it."""
-    if not Path(path).is_file():
-        return {}
-    results = json.loads(Path(path).read_text())["results"]
-    return {(name, k): m["sd"] for name, r in results.items() for k, m in r["metrics"].items()}
+def seed_spread(record: dict) -> dict[tuple[str, str], float]:
+    """``{(experiment, metric): sd over seeds}`` of a ``bench/results/seeds.json`` record."""
+    return {(name, k): m["sd"] for name, r in record["results"].items() for k, m in r["metrics"].items()}
 
 
 def report(
@@ -228,11 +243,11 @@ def report(
     """Print-ready tables: the quality over seeds (``seeds``, from ``bench/seeds.py``, when it exists),
     this run's metrics, then (``timings``) each experiment's newest run duration from MLflow; also
     written to ``out`` (Markdown) when there are metrics."""
-    spread = seed_spread(Path(seeds)) if seeds else {}
-    text = table(Path(metrics_dir), columns, every, spread)
-    if spread and not text.startswith("no metrics"):
+    record = json.loads(Path(seeds).read_text()) if seeds and Path(seeds).is_file() else None
+    text = table(Path(metrics_dir), columns, every, seed_spread(record) if record else None)
+    if record and not text.startswith("no metrics"):
         text = (
-            f"Quality over seeds ({seeds}):\n\n{seeds_table(Path(seeds))}\n\n"
+            f"Quality over seeds ({seeds}):\n\n{_seeds_tables(record)}\n\n"
             f"This run (one seed; metrics/):\n\n{text}"
         )
     if timings and not text.startswith("no metrics"):
