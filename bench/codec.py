@@ -11,7 +11,7 @@ Generates the embedded gestures dataset (H.264 MP4, `python -m data_scripts.synt
   GRU, batch 16, 8 segments) over each store, each timed from its first step to its last by a
   callback, no validation (target: jpeg at most 1.1x raw). A JPEG store decodes its frames in the
   first epoch and keeps them (``VPIPE_DECODED_CACHE_MB``), so the second epoch shows the steady state;
-- features: the features stage (`pipeline.features.compute`, test_resnet at 64 px as the backbone
+- features: the features stage (`pipeline.stages.features.compute`, test_resnet at 64 px as the backbone
   stage trains it, grid pooling) over each store, against a bare timm forward on the same frames
   already in memory (bench/features.py `bare`; target: stage at least 0.9x bare).
 
@@ -38,12 +38,12 @@ import pytorch_lightning as pl  # noqa: E402
 from features import bare  # noqa: E402
 from machine import machine  # noqa: E402
 
-from pipeline.classification import Classifier  # noqa: E402
-from pipeline.data import FrameDataModule  # noqa: E402
-from pipeline.extract import extract  # noqa: E402
-from pipeline.features import compute  # noqa: E402
-from pipeline.heads import GRUHead  # noqa: E402
-from pipeline.stores import FrameStore  # noqa: E402
+from pipeline.datasets.clips import FrameDataModule  # noqa: E402
+from pipeline.models.heads import GRUHead  # noqa: E402
+from pipeline.stages.extract import extract  # noqa: E402
+from pipeline.stages.features import compute  # noqa: E402
+from pipeline.storage.store import FrameStore  # noqa: E402
+from pipeline.systems.classifier import Classifier  # noqa: E402
 
 CODECS = ("raw", "jpeg")
 

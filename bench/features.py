@@ -7,7 +7,7 @@ For each backbone (resnet18 and mobilenetv3_small_100 at 112 px, random init), i
 - bare: `model(x)` under `torch.inference_mode()` on the same frames, already normalised, channels_last
   and in memory, batch B, after one warm-up batch; the faster of one batch fed again and again and
   16 distinct batches in turn: the limit;
-- ours: `pipeline.features.compute(...)` over a frame store of N frames of 112×112 (reading the
+- ours: `pipeline.stages.features.compute(...)` over a frame store of N frames of 112×112 (reading the
   memory-mapped shards, uint8 to the device, normalising there, the forward pass, writing float16
   shards, assembling and hashing the store): the whole stage, start to finish;
 
@@ -35,10 +35,10 @@ sys.path.insert(0, str(HERE))
 
 from machine import machine  # noqa: E402
 
-from pipeline import backbone  # noqa: E402
-from pipeline.features import compute  # noqa: E402
-from pipeline.store_writer import StoreWriter  # noqa: E402
-from pipeline.stores import FrameStore  # noqa: E402
+from pipeline.models import backbone  # noqa: E402
+from pipeline.stages.features import compute  # noqa: E402
+from pipeline.storage.store import FrameStore  # noqa: E402
+from pipeline.storage.writer import StoreWriter  # noqa: E402
 
 BACKBONES = ["resnet18", "mobilenetv3_small_100"]
 INFO = dict(label="x", split="train", src_fps=10.0, fps=10.0, width=112, height=112, duration_sec=1.0)

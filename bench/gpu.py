@@ -6,10 +6,10 @@
 Generates its own H.264 clips (320x240, 30 fps, a square moving over noise; PyAV, as the tests'
 fixtures), then, on the first GPU, bf16 autocast and channels_last throughout:
 
-(a) features stage: ``pipeline.features.compute`` over a raw frame store of the clips (extracted
+(a) features stage: ``pipeline.stages.features.compute`` over a raw frame store of the clips (extracted
     beforehand, not timed) against a bare timm forward of the same model, input size and batch on
     tensors already normalised on the GPU;
-(b) streaming features: ``pipeline.video_features.compute_from_videos`` (``vpipe features --manifest``:
+(b) streaming features: ``pipeline.stages.video_features.compute_from_videos`` (``vpipe features --manifest``:
     decoding included) against the same bare forward;
 (c) one training epoch of configs/gesture_gru_e2e.yaml's model (Classifier: timm CNN + GRU head,
     trained jointly) under ``pl.Trainer.fit`` against a bare PyTorch loop of the same model, loss,
@@ -42,10 +42,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.manifest import read_manifest, write_manifest  # noqa: E402
-from pipeline.resample import parse_size  # noqa: E402
-from pipeline.video import write_video  # noqa: E402
-from pipeline.workers import Job, pool_results  # noqa: E402
+from pipeline.media.manifest import read_manifest, write_manifest  # noqa: E402
+from pipeline.media.resample import parse_size  # noqa: E402
+from pipeline.media.video import write_video  # noqa: E402
+from pipeline.stages.workers import Job, pool_results  # noqa: E402
 
 
 def make_clips(folder: Path, count: int, frames: int, width: int = 320, height: int = 240) -> Path:
@@ -96,7 +96,7 @@ def fixed_and_rate(small: tuple[int, float], big: tuple[int, float]) -> dict:
 
 def timed(run) -> tuple[int, float]:
     """(frames, seconds) of ``run()``, which returns a feature store's meta."""
-    from pipeline.stores import FeatureStore
+    from pipeline.storage.store import FeatureStore
 
     started = time.perf_counter()
     meta = run()
@@ -108,7 +108,7 @@ def bare_forward(name: str, input_size: int, batch: int, device: str, steps: int
     """The limit: frames/s of the timm model alone on normalised tensors already on the device."""
     import torch
 
-    from pipeline import backbone
+    from pipeline.models import backbone
 
     model, _ = backbone.create(name)
     model = model.to(device, memory_format=torch.channels_last)
@@ -136,9 +136,9 @@ def sync(device: str) -> None:
 
 def features_paths(manifest: Path, work: Path, args, accelerator: str) -> dict:
     """(a) and (b): each path on a quarter of the clips and on all of them."""
-    from pipeline.extract import extract
-    from pipeline.features import compute
-    from pipeline.video_features import compute_from_videos
+    from pipeline.stages.extract import extract
+    from pipeline.stages.features import compute
+    from pipeline.stages.video_features import compute_from_videos
 
     net = dict(name=args.backbone, input_size=args.input_size, batch_size=args.batch_size)
     net.update(accelerator=accelerator, precision="bf16-mixed", overwrite=True)
@@ -164,9 +164,9 @@ def train_epochs(frames: Path, args, device: str) -> dict:
     import yaml
     from torch.nn import functional as F
 
-    from pipeline.classification import Classifier
-    from pipeline.data import FrameDataModule
-    from pipeline.heads import GRUHead
+    from pipeline.datasets.clips import FrameDataModule
+    from pipeline.models.heads import GRUHead
+    from pipeline.systems.classifier import Classifier
 
     config = yaml.safe_load((ROOT / "configs" / "gesture_gru_e2e.yaml").read_text())
     init = dict(config["model"]["init_args"])

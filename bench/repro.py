@@ -9,7 +9,7 @@ Streams `dvc repro`, stamps each "Running stage 'X'" line, and prints one row pe
 seconds (from its start to the next stage's start, or to the end), and the limit it is held to — the
 whole repro within 15 minutes on a 2-core machine, each stage over cached features within 60 s.
 
-The run sets VPIPE_TIMINGS (see pipeline/timings.py): every `vpipe` process a stage starts appends its
+The run sets VPIPE_TIMINGS (see pipeline/tracking/timings.py): every `vpipe` process a stage starts appends its
 phases, which the row splits the stage's seconds into — imports (the interpreter's start and every
 module loaded), config (training config parsed, data and model built), mlflow (store opened, run
 created), work (training, validation, testing; a command's own work), logging (params, metrics,
@@ -35,7 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TOTAL_LIMIT_S = 15 * 60
 CACHED_HEAD_LIMIT_S = 60
 STAGE = re.compile(r"Running stage '([^']+)'")
-PHASES = ("imports", "config", "mlflow", "work", "logging")  # pipeline/timings.py's, less its "other"
+PHASES = (
+    "imports",
+    "config",
+    "mlflow",
+    "work",
+    "logging",
+)  # pipeline/tracking/timings.py's, less its "other"
 
 
 def cached_heads() -> set[str]:

@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 from machine import machine  # noqa: E402
 
-from pipeline.manifest import write_manifest  # noqa: E402
-from pipeline.video import write_video  # noqa: E402
+from pipeline.media.manifest import write_manifest  # noqa: E402
+from pipeline.media.video import write_video  # noqa: E402
 
 FPS = 25
 DATASETS = {  # clips, hours of video, source bytes
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         "extract", [*vpipe, "extract", "--manifest", str(manifest), "--out", "data/frames/scale", "--fps", "10", "--size", "112"],
         project, env,
     )  # fmt: skip
-    from pipeline.stores import FeatureStore, FrameStore
+    from pipeline.storage.store import FeatureStore, FrameStore
 
     frames = sum(r.length for r in FrameStore(project / "data/frames/scale").index)
     weights = args.weights

@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import machine  # noqa: E402
 
-from pipeline.extract import extract  # noqa: E402
-from pipeline.manifest import write_manifest  # noqa: E402
-from pipeline.stores import FrameStore  # noqa: E402
+from pipeline.media.manifest import write_manifest  # noqa: E402
+from pipeline.stages.extract import extract  # noqa: E402
+from pipeline.storage.store import FrameStore  # noqa: E402
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v"}
 

@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from pipeline.timings import process_started  # noqa: E402 - standard library only
+from pipeline.tracking.timings import process_started  # noqa: E402 - standard library only
 
 CONFIG = HERE.parent / "configs" / "gesture_gru.yaml"
 TOOLS = ("bare", "vpipe fit")
@@ -60,7 +60,7 @@ def config() -> dict:
 def feature_store(folder: Path, videos: int) -> Path:
     import numpy as np
 
-    from pipeline.store_writer import StoreWriter
+    from pipeline.storage.writer import StoreWriter
 
     rng = np.random.default_rng(0)
     with StoreWriter(folder, "features") as writer:
@@ -151,8 +151,8 @@ def bare(store: Path, epochs: int) -> dict:
     import numpy as np
     import torch
 
-    from pipeline.loaders import read_rows
-    from pipeline.stores import FeatureStore
+    from pipeline.datasets.loaders import read_rows
+    from pipeline.storage.store import FeatureStore
 
     cfg = config()
     model_args, data_args = cfg["model"]["init_args"], cfg["data"]["init_args"]

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import machine  # noqa: E402
 
-from pipeline.captions import named_motion, read_keywords  # noqa: E402
+from pipeline.storage.captions import read_keywords  # noqa: E402
+from pipeline.systems.caption_scores import named_motion  # noqa: E402
 
 VPIPE = [sys.executable, "-m", "pipeline"]
 

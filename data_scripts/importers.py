@@ -13,7 +13,7 @@ validation set becomes ``test``. Where a dataset has no validation split, ``val`
 train with a seed (``--val-fraction``), by UCF101 group so one actor's clips never straddle splits.
 Paths are written relative to the manifest's folder when they lie inside it. A video's id is its
 path without the extension; files that would share an id (``a.mp4`` and ``a.avi``) keep their
-extension instead. The manifest is then checked (:func:`pipeline.manifest.validate`) and the report
+extension instead. The manifest is then checked (:func:`pipeline.media.manifest.validate`) and the report
 printed. Any problem is one line on stderr and a non-zero exit.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.manifest import ManifestError, read_manifest, validate, write_manifest
+from pipeline.media.manifest import ManifestError, read_manifest, validate, write_manifest
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".mpg", ".mpeg", ".m4v", ".flv", ".wmv")
 

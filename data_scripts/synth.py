@@ -7,7 +7,7 @@ seed: the same arguments give byte-identical files. Splits are 60/20/20 train/va
 
 ``gestures`` and ``actions`` also get reference captions (``captions.csv``: ``video_id,caption``, twelve
 per clip, from what was rendered) and ``caption_keywords.json`` (the words that name each class's
-motion and direction: the captioning order metric reads them); see :mod:`pipeline.captions`.
+motion and direction: the captioning order metric reads them); see :mod:`pipeline.storage.captions`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from types import ModuleType
 import numpy as np
 
 from data_scripts import actions, digits, gestures
-from pipeline.captions import write_captions
-from pipeline.manifest import write_manifest
+from pipeline.media.manifest import write_manifest
+from pipeline.storage.captions import write_captions
 
 DATASETS: dict[str, ModuleType] = {"gestures": gestures, "actions": actions, "digits": digits}
 
@@ -59,7 +59,7 @@ def fps_of(module: ModuleType, params) -> float:
 
 
 def _write(item: dict, name: str, folder: Path) -> dict:
-    from pipeline.video import write_video
+    from pipeline.media.video import write_video
 
     module = DATASETS[name]
     frames = module.render(item["label"], item["params"])

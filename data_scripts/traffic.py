@@ -141,7 +141,7 @@ def write(out: str | os.PathLike, days: int, seed: int = 0) -> Path:
     """Write ``flows.h5`` and ``events.csv`` into ``out`` (replaced as a whole)."""
     import h5py
 
-    from pipeline.atomic import replace_dir
+    from pipeline.storage.atomic import replace_dir
 
     data, dates, events = generate(days, seed)
     out = Path(out)

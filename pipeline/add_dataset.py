@@ -2,7 +2,7 @@
 pipeline, in one change.
 
 ``add-dataset NAME --manifest M.csv`` checks the manifest (``vpipe check``'s rules:
-:func:`pipeline.manifest.validate`), then writes
+:func:`pipeline.media.manifest.validate`), then writes
 
 - three entries in ``params.yaml``: ``datasets.NAME`` (root, manifest, fps, size, codec),
   ``NAME`` in ``features.datasets``, and one experiment ``NAME_HEAD: data/features/NAME`` per head;
@@ -230,7 +230,7 @@ def _project_path(path: Path, root: Path) -> str:
 
 def check_manifest(manifest: Path) -> str:
     """``vpipe check``'s rules; a one-line refusal on any error, else a one-line summary."""
-    from pipeline.manifest import ManifestError, read_manifest, validate
+    from pipeline.media.manifest import ManifestError, read_manifest, validate
 
     try:
         entries = read_manifest(manifest)

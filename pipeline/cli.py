@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
 import os
 import sys
 
-from pipeline import timings
+from pipeline.tracking import timings
 
 TRAINING = ("fit", "validate", "test", "predict")
 
@@ -99,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         "merge",
         help="join the part stores of vpipe extract --part into one store",
         formatter_class=fmt,
-        description="Join OUT.part-0-of-N ... OUT.part-(N-1)-of-N (or the PART folders given) into OUT, "
+        description="Join OUT.part-0000-of-000N ... (four-digit part numbers; or the PART folders given) into OUT, "
         "atomically; the result is byte for byte what one process extracting the whole manifest writes.",
     )
     p.add_argument(
@@ -354,37 +352,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_gc_held = False
-
-
-def _hold_gc() -> None:
-    """The start-up of a ``vpipe`` process, with the garbage collector held. Importing torch, Lightning
-    and MLflow makes ~0.8M long-lived objects and next to no garbage, yet each of the collector's full
-    passes walks them all: ten passes during a one-epoch fit's start-up (~1.5 s on 2 cores) and one more
-    as the interpreter exits (~1.6 s). :func:`start_work` freezes what start-up made (no pass walks it
-    again) and lets the collector run; at exit everything is frozen, so the last pass has nothing to walk
-    (the process's memory goes back to the system with it)."""
-    global _gc_held
-    if gc.isenabled():
-        gc.disable()
-        _gc_held = True
-    atexit.register(gc.freeze)
-
-
-def start_work() -> None:
-    """The command's own work begins: what start-up made is frozen and the garbage collector runs again
-    (a no-op unless :func:`main` held it: in a process that only calls ``main(argv)``, e.g. a test)."""
-    global _gc_held
-    if _gc_held:
-        gc.freeze()
-        gc.enable()
-        _gc_held = False
-
-
 def main(argv: list[str] | None = None) -> None:
     timings.start()  # with $VPIPE_TIMINGS set: this process's phases, appended to that file at exit
     if argv is None:  # the process's own command line (console script, python -m pipeline)
-        _hold_gc()
+        timings.hold_gc()
     # The project runs offline and sends nothing anywhere by default: MLflow's usage telemetry stays off
     # (in this process and those it starts) unless the environment says otherwise.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -392,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in TRAINING:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-        from pipeline.tracking import TrackingError
+        from pipeline.tracking.runs import TrackingError
         from pipeline.train import CommandError, cli_main
 
         try:
@@ -409,6 +380,6 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     from pipeline.commands import COMMANDS
 
-    start_work()
+    timings.start_work()
     timings.switch("work")
     COMMANDS[args.command](args)

@@ -10,11 +10,11 @@ import time
 
 
 def run_extract(args: argparse.Namespace) -> None:
-    from pipeline.codecs import CodecError
-    from pipeline.extract import ExtractError, extract
-    from pipeline.manifest import ManifestError
-    from pipeline.parts import PartError, parse_part
-    from pipeline.stores import StoreError
+    from pipeline.media.codecs import CodecError
+    from pipeline.media.manifest import ManifestError
+    from pipeline.stages.extract import ExtractError, extract
+    from pipeline.stages.parts import PartError, parse_part
+    from pipeline.storage.store import StoreError
 
     try:
         if not args.manifest:
@@ -33,8 +33,8 @@ def run_extract(args: argparse.Namespace) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    from pipeline.parts import merge
-    from pipeline.stores import StoreError
+    from pipeline.stages.parts import merge
+    from pipeline.storage.store import StoreError
 
     try:
         merge(args.parts, args.out, link=args.link, remove_parts=args.remove_parts)
@@ -45,8 +45,8 @@ def run_merge(args: argparse.Namespace) -> None:
 def run_check(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from pipeline.captions import CAPTIONS, check_captions
-    from pipeline.manifest import ManifestError, read_manifest, validate
+    from pipeline.media.manifest import ManifestError, read_manifest, validate
+    from pipeline.storage.captions import CAPTIONS, check_captions
 
     try:
         entries = read_manifest(args.manifest)
@@ -141,11 +141,12 @@ def run_remove_dataset(args: argparse.Namespace) -> None:
 
 
 def run_features(args: argparse.Namespace) -> None:
-    from pipeline import inputs, tracking
-    from pipeline.backbone import BackboneError
-    from pipeline.features import FeatureCacheError, compute
-    from pipeline.manifest import ManifestError
-    from pipeline.stores import StoreError
+    from pipeline.media.manifest import ManifestError
+    from pipeline.models.backbone import BackboneError
+    from pipeline.stages.features import FeatureCacheError, compute
+    from pipeline.storage.store import StoreError
+    from pipeline.tracking import inputs
+    from pipeline.tracking import runs as tracking
 
     if args.manifest and args.num_workers:
         sys.exit("vpipe features: --num-workers reads a frame store; with --manifest, --workers decodes")
@@ -185,7 +186,7 @@ def run_features(args: argparse.Namespace) -> None:
         ) as run:
             started = time.perf_counter()
             if args.manifest:
-                from pipeline.video_features import compute_from_videos
+                from pipeline.stages.video_features import compute_from_videos
 
                 meta = compute_from_videos(args.manifest, args.out, **_decoding(args), **backbone)
             else:
@@ -211,8 +212,8 @@ def _decoding(args: argparse.Namespace) -> dict:
 
 
 def run_grids(args: argparse.Namespace) -> None:
-    from pipeline.grids import import_grids
-    from pipeline.stores import StoreError
+    from pipeline.storage.grids import import_grids
+    from pipeline.storage.store import StoreError
 
     try:
         meta = import_grids(
@@ -232,7 +233,7 @@ def run_grids(args: argparse.Namespace) -> None:
 
 
 def run_forecast(args: argparse.Namespace) -> None:
-    from pipeline.forecast import ForecastError, forecast
+    from pipeline.inference.rollout import ForecastError, forecast
 
     try:
         done = forecast(args.video, args.ckpt, args.out, context=args.context, steps=args.steps)
@@ -269,7 +270,7 @@ def run_ui(args: argparse.Namespace) -> None:
 def _on_files(command: str, run, args: argparse.Namespace, **options) -> None:
     """A trained model over the files of ``args.videos`` with the options every such command shares
     (``cli._model_options``); exits with its status, or with the message of a ClassifyError."""
-    from pipeline.classify import ClassifyError
+    from pipeline.inference.classify import ClassifyError
 
     try:
         status = run(
@@ -287,13 +288,13 @@ def _on_files(command: str, run, args: argparse.Namespace, **options) -> None:
 
 
 def run_caption(args: argparse.Namespace) -> None:
-    from pipeline.captioning import run
+    from pipeline.inference.describe import run
 
     _on_files("caption", run, args, beam=args.beam)
 
 
 def run_classify(args: argparse.Namespace) -> None:
-    from pipeline.classify import run
+    from pipeline.inference.classify import run
 
     _on_files("classify", run, args, topk=args.topk, window=args.window, stride=args.stride)
 

@@ -141,7 +141,7 @@ def durations(names: list[str]) -> str:
     """A Markdown table of how long the newest MLflow run of each experiment in ``names`` took
     (``vpipe fit``: from the logger's start to the end of the test, process start-up not included);
     empty when the store has none of them."""
-    from pipeline import tracking
+    from pipeline.tracking import runs as tracking
 
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

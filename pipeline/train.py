@@ -25,9 +25,16 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
-from pipeline import inputs, timings, tracking
-from pipeline.callbacks import PredictionCSV, fit_callbacks, report_callbacks
-from pipeline.lineage import AtomicCheckpointIO, LogConfigToMLflow, RunIdInCheckpoint, RunInputs, RunLogger
+from pipeline.tracking import inputs, timings
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.callbacks import PredictionCSV, fit_callbacks, report_callbacks
+from pipeline.tracking.lineage import (
+    AtomicCheckpointIO,
+    LogConfigToMLflow,
+    RunIdInCheckpoint,
+    RunInputs,
+    RunLogger,
+)
 
 
 class CommandError(ValueError):
@@ -66,9 +73,9 @@ class VPipeCLI(LightningCLI):
         parser.set_defaults({"trainer.enable_progress_bar": sys.stderr.isatty()})
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_dim", "model.init_args.input_dim", apply_on="instantiate")
-        # Forecasting data modules (pipeline.sequences.SequenceDataModule) also give the window and the
+        # Forecasting data modules (pipeline.datasets.sequences.SequenceDataModule) also give the window and the
         # video format; a link whose source or target a class lacks is skipped.
-        # pipeline.caption_data.CaptionDataModule gives the vocabulary.
+        # pipeline.datasets.caption_clips.CaptionDataModule gives the vocabulary.
         for key in ("context", "horizon", "video_format", "vocabulary", "covariates", "scale"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
@@ -129,7 +136,7 @@ class VPipeCLI(LightningCLI):
         if self.subcommand == "predict" and not is_overridden("predict_step", self.model):
             raise CommandError(
                 f"{type(self.model).__qualname__} has no predict step: vpipe predict writes the class "
-                "predictions of a pipeline.classification.Classifier; roll out a forecaster with "
+                "predictions of a pipeline.systems.classifier.Classifier; roll out a forecaster with "
                 "`vpipe forecast VIDEO --ckpt CKPT --out OUT.mp4`"
             )
         config = self._get(self.config_init, "trainer", default={})
@@ -174,9 +181,7 @@ class VPipeCLI(LightningCLI):
         )
 
     def _run_subcommand(self, subcommand: str) -> None:
-        from pipeline.cli import start_work
-
-        start_work()  # start-up is over: the garbage collector runs again (see pipeline.cli)
+        timings.start_work()  # start-up is over: the garbage collector runs again
         timings.switch("work")  # the phases of what follows: training and testing, MLflow logging
         super()._run_subcommand(subcommand)
 
@@ -220,7 +225,7 @@ class VPipeCLI(LightningCLI):
             for k, v in logger.experiment.get_run(logger.run_id).data.tags.items()
             if k in ("git_commit", "git_dirty", "dvc_stage", "dvc_exp_name", "data.features.cache_key")
         }
-        from pipeline import serving  # mlflow.pyfunc and pandas: only when a model is registered
+        from pipeline.inference import serving  # mlflow.pyfunc and pandas: only when a model is registered
 
         version = serving.register_best(
             logger.experiment, self.experiment, logger.run_id, best, metrics, tags
@@ -232,7 +237,7 @@ class VPipeCLI(LightningCLI):
         ``models/NAME/backbone.safetensors`` with a card ``backbone.json`` (name, input size, modality,
         frame store hash, objective, val metrics) and the val metrics to ``metrics/NAME.json``. The test
         split stays unseen: the temporal heads trained on these features report on it."""
-        from pipeline import backbone
+        from pipeline.models import backbone
 
         model, dm = self.model, self.datamodule
         if getattr(model, "encoder", None) is None:

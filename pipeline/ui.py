@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline import tracking
+from pipeline.tracking import runs as tracking
 
 
 def command(host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:

@@ -13,9 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from pipeline.manifest import write_manifest  # noqa: E402
-from pipeline.store_writer import StoreWriter  # noqa: E402
-from pipeline.video import write_video  # noqa: E402
+from pipeline.media.manifest import write_manifest  # noqa: E402
+from pipeline.media.video import write_video  # noqa: E402
+from pipeline.storage.writer import StoreWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,8 +168,8 @@ def trained_project(tmp_path_factory) -> Path:
     two classes (a square moving right, the same clips reversed) → frame store (10 fps, 32×32) →
     feature store (timm ``test_resnet``, grid pooling) → ``vpipe fit`` of ``gesture_gru`` for two
     epochs with MLflow on (``mlflow.db``, ``mlartifacts/``, a registered model version)."""
-    from pipeline.extract import extract
-    from pipeline.features import compute
+    from pipeline.stages.extract import extract
+    from pipeline.stages.features import compute
 
     root = tmp_path_factory.mktemp("project")
     rows = []

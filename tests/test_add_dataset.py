@@ -16,7 +16,7 @@ from test_e2e import copy_repository, run
 
 from conftest import moving_square
 from pipeline.cli import main
-from pipeline.video import write_video
+from pipeline.media.video import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_PATH = "/usr/bin:/bin"  # a plain shell's PATH: no virtualenv on it
@@ -89,7 +89,7 @@ def test_add_dataset_prints_its_diff_and_remove_dataset_undoes_it(
     assert backbone["name"] == "backbone_own" and backbone["data"]["init_args"]["frames"] == "data/frames/own"
     gru = yaml.safe_load((root / "configs/own_gru.yaml").read_text())
     assert gru["name"] == "own_gru" and gru["data"]["init_args"]["features"] == "data/features/own"
-    assert gru["model"]["init_args"]["head"]["class_path"] == "pipeline.heads.GRUHead"
+    assert gru["model"]["init_args"]["head"]["class_path"] == "pipeline.models.heads.GRUHead"
     assert "own_val_accuracy" in str(yaml.safe_load((root / "dvc.yaml").read_text())["plots"])
     assert not list(root.rglob(".*add-dataset*"))  # no temporaries left
 

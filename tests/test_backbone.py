@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pipeline import backbone
-from pipeline.weights import lite0_weights
+from pipeline.models import backbone
+from pipeline.models.weights import lite0_weights
 
 
 def _lite0_state() -> dict:
@@ -116,8 +116,8 @@ def test_seed_is_local_and_none_uses_the_global_rng():
 def test_end_to_end_classifier_follows_seed_everything():
     import pytorch_lightning as pl
 
-    from pipeline.classification import Classifier
-    from pipeline.heads import GRUHead
+    from pipeline.models.heads import GRUHead
+    from pipeline.systems.classifier import Classifier
 
     def backbone_weights(seed: int) -> torch.Tensor:
         pl.seed_everything(seed, verbose=False)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_training import frame_store
 
-from pipeline import backbone
-from pipeline.data import rgb_difference
-from pipeline.features import FeatureCacheError, compute
-from pipeline.stores import FeatureStore, FrameStore
+from pipeline.datasets.clips import rgb_difference
+from pipeline.models import backbone
+from pipeline.stages.features import FeatureCacheError, compute
+from pipeline.storage.store import FeatureStore, FrameStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_report_lists_run_durations(trained_project, monkeypatch):
 
 
 def test_classify_finds_the_stage_weights_where_features_read_them(stage, tmp_path):
-    from pipeline.checkpoints import ClassifyError, rebuild_backbone
+    from pipeline.inference.checkpoints import ClassifyError, rebuild_backbone
 
     meta = _stage_features(stage, tmp_path / "f")
     encoder = rebuild_backbone(

@@ -12,22 +12,19 @@ import torch
 from PIL import Image
 
 from conftest import fit_in
-from pipeline.caption_head import CaptionModel
-from pipeline.captioning import Captioner
-from pipeline.captions import (
+from pipeline.cli import main
+from pipeline.models.caption_decoder import CaptionModel
+from pipeline.storage.captions import (
     CaptionError,
     Vocabulary,
     check_captions,
-    named_motion,
-    nearest_captions,
-    order_accuracy,
     read_captions,
     read_keywords,
-    scores,
     tokenize,
     write_captions,
 )
-from pipeline.cli import main
+from pipeline.systems.caption_scores import named_motion, nearest_captions, order_accuracy, scores
+from pipeline.systems.captioner import Captioner
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYWORDS = {"right": ["to the right", "rightwards"], "left": ["to the left", "leftwards"]}
@@ -343,7 +340,7 @@ def test_vpipe_caption_names_bad_inputs(captioner, trained_project, tmp_path, ca
         main(["caption", str(tmp_path / "missing.mp4"), "--ckpt", ckpt])
     with pytest.raises(
         SystemExit,
-        match=r"gesture_gru/best.ckpt: a checkpoint of pipeline.classification.Classifier, not of a Captioner",
+        match=r"gesture_gru/best.ckpt: a checkpoint of pipeline.systems.classifier.Classifier, not of a Captioner",
     ):
         main(
             [

@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, moving_square
 from pipeline.cli import main
-from pipeline.video import write_video
+from pipeline.media.video import write_video
 
 
 def _classify(args: list[str], capsys) -> tuple[int, str, str]:
@@ -30,10 +30,10 @@ def _classify(args: list[str], capsys) -> tuple[int, str, str]:
 
 def test_features_on_the_fly_equal_the_cached_ones(trained_project):
     """The recipe in the checkpoint rebuilds decoding and the backbone: same probabilities as the store's features."""
-    from pipeline.checkpoints import load
-    from pipeline.data import segment_indices
-    from pipeline.stores import FeatureStore
-    from pipeline.video import decode
+    from pipeline.datasets.clips import segment_indices
+    from pipeline.inference.checkpoints import load
+    from pipeline.media.video import decode
+    from pipeline.storage.store import FeatureStore
 
     classifier = load(trained_project / "models" / "gesture_gru" / "best.ckpt")
     assert classifier.classes == ["left", "right"] and classifier.num_segments == 4
@@ -136,7 +136,7 @@ def test_bad_inputs_fail_clearly_and_print_no_result(trained_project, tmp_path, 
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     checkpoint["vpipe"] = {
         **checkpoint["vpipe"],
-        "task": "pipeline.forecasting.FeatureForecaster",
+        "task": "pipeline.systems.forecaster.FeatureForecaster",
         "classes": [],
     }
     torch.save(checkpoint, tmp_path / "forecaster.ckpt")
@@ -144,7 +144,7 @@ def test_bad_inputs_fail_clearly_and_print_no_result(trained_project, tmp_path, 
     assert (
         code == 1
         and out == ""
-        and "forecaster.ckpt: a checkpoint of pipeline.forecasting.FeatureForecaster, not of a Classifier"
+        and "forecaster.ckpt: a checkpoint of pipeline.systems.forecaster.FeatureForecaster, not of a Classifier"
         in err
     )
 
@@ -156,12 +156,12 @@ def test_bad_inputs_fail_clearly_and_print_no_result(trained_project, tmp_path, 
 def test_end_to_end_model_is_given_the_frames(trained_project, tmp_path, monkeypatch):
     """A Classifier with its own backbone, trained on a frame store: classify feeds it the decoded frames,
     which equal the store's (same decoder, same parameters)."""
-    from pipeline.checkpoints import load
-    from pipeline.codecs import as_stored
-    from pipeline.data import segment_indices
-    from pipeline.stores import FrameStore
+    from pipeline.datasets.clips import segment_indices
+    from pipeline.inference.checkpoints import load
+    from pipeline.media.codecs import as_stored
+    from pipeline.media.video import decode
+    from pipeline.storage.store import FrameStore
     from pipeline.train import cli_main
-    from pipeline.video import decode
 
     monkeypatch.setenv("VPIPE_ROOT", str(tmp_path))
     cli_main(

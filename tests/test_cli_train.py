@@ -13,8 +13,8 @@ import torch
 from jsonargparse import ArgumentParser
 from test_training import feature_store, frame_store
 
-from pipeline.data import segment_indices
-from pipeline.stores import FeatureStore
+from pipeline.datasets.clips import segment_indices
+from pipeline.storage.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "tests" / "configs" / "gru_features.yaml")
@@ -64,9 +64,9 @@ def schedule_trainer(lrs: LearningRates, **limits) -> pl.Trainer:
 )
 def test_warmup_reaches_the_peak_learning_rate_whatever_bounds_the_run(features, limits):
     """12 training clips in batches of 5: 3 steps per epoch, so a one-epoch warm-up ends at step 3."""
-    from pipeline.classification import Classifier
-    from pipeline.data import FeatureDataModule
-    from pipeline.heads import GRUHead
+    from pipeline.datasets.clips import FeatureDataModule
+    from pipeline.models.heads import GRUHead
+    from pipeline.systems.classifier import Classifier
 
     data = FeatureDataModule(str(features), num_segments=4, batch_size=5)
     lrs = LearningRates(stop_after=None if "max_steps" in limits else 9)
@@ -89,9 +89,9 @@ def test_warmup_reaches_the_peak_learning_rate_whatever_bounds_the_run(features,
 def test_backbone_rate_follows_the_same_schedule_scaled(tmp_path):
     """End to end, the backbone's groups run at backbone_lr / lr of the head's rate at every step of the
     warm-up and the decay (timm's lr_scale), not at a warm-up of their own."""
-    from pipeline.classification import Classifier
-    from pipeline.data import FrameDataModule
-    from pipeline.heads import GRUHead
+    from pipeline.datasets.clips import FrameDataModule
+    from pipeline.models.heads import GRUHead
+    from pipeline.systems.classifier import Classifier
 
     data = FrameDataModule(str(frame_store(tmp_path / "frames", test_videos=3)), num_segments=2, batch_size=4)
     model = Classifier(

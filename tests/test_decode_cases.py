@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import moving_square
-from pipeline.video import decode, write_video
+from pipeline.media.video import decode, write_video
 
 
 def quadrants(frames: int, height: int, width: int) -> np.ndarray:

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import extract_command, same_files
-from pipeline.codecs import CodecError
-from pipeline.extract import ExtractError, extract
-from pipeline.manifest import ManifestError, read_manifest, write_manifest
-from pipeline.parts import PartError, merge, parse_part, part_path
-from pipeline.stores import FrameStore, StoreError
-from pipeline.video import decode
+from pipeline.media.codecs import CodecError
+from pipeline.media.manifest import ManifestError, read_manifest, write_manifest
+from pipeline.media.video import decode
+from pipeline.stages.extract import ExtractError, extract
+from pipeline.stages.parts import PartError, merge, parse_part, part_path
+from pipeline.storage.store import FrameStore, StoreError
 
 
 @pytest.mark.parametrize("codec", ["raw", "jpeg"])
@@ -92,7 +92,7 @@ def _add_rows(manifest, extra):
 def test_every_kind_of_bad_input_is_recorded(tiny_dataset, tmp_path):
     import av
 
-    from pipeline.video import write_video
+    from pipeline.media.video import write_video
 
     root = tiny_dataset.parent
     (root / "zero.mp4").write_bytes(b"")
@@ -203,7 +203,7 @@ def test_merge_refuses_incomplete_or_mismatched_parts(tiny_dataset, tmp_path):
 
 
 def test_two_writers_of_one_store_the_second_refused(tmp_path):
-    from pipeline.store_writer import StoreWriter
+    from pipeline.storage.writer import StoreWriter
 
     with StoreWriter(tmp_path / "s", "frames"):
         with pytest.raises(StoreError, match=r"s: another process is writing this store"):
@@ -279,7 +279,7 @@ def test_mixed_formats_in_one_run(tmp_path):
     from test_decode_cases import quadrants
 
     from conftest import moving_square
-    from pipeline.video import write_video
+    from pipeline.media.video import write_video
 
     clips = {
         "avi": ("a.avi", dict(codec="mpeg4", options={"qscale": "2"}), (48, 64)),
@@ -322,7 +322,7 @@ def test_mixed_formats_in_one_run(tmp_path):
     assert summary["failed"] == 0, FrameStore(tmp_path / "store").errors
     index = {r.video_id: r for r in FrameStore(tmp_path / "store").index}
     assert all((r.width, r.height) == (32, 24) for r in index.values())
-    from pipeline.video import decode
+    from pipeline.media.video import decode
 
     for vid in ("vfr", "late"):  # resampled by presentation time, exactly as decode() does (tested there)
         assert index[vid].length == len(decode(tmp_path / clips[vid][0], fps=10).frames)

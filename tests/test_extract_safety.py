@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import extract_command, moving_square, same_files
-from pipeline import video
-from pipeline.atomic import clean_stale
-from pipeline.extract import extract
-from pipeline.manifest import read_manifest, write_manifest
-from pipeline.store_writer import NpyAppender, StoreWriter
-from pipeline.stores import FrameStore, fingerprint
+from pipeline.media import video
+from pipeline.media.manifest import read_manifest, write_manifest
+from pipeline.stages.extract import extract
+from pipeline.storage.atomic import clean_stale
+from pipeline.storage.store import FrameStore, fingerprint
+from pipeline.storage.writer import NpyAppender, StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,8 @@ def test_worker_killed_mid_video_costs_that_video_only(tmp_path, make_video, mon
 def test_a_worker_that_died_while_idle_is_replaced(tmp_path, make_video):
     """SIGKILL to a worker between two videos: the next video goes to a fresh worker (the parent's
     send used to raise BrokenPipeError and end the run)."""
-    from pipeline.manifest import Entry
-    from pipeline.workers import Job, _context, _Slot
+    from pipeline.media.manifest import Entry
+    from pipeline.stages.workers import Job, _context, _Slot
 
     clip = make_video("a.mp4", frames=20)
     slot = _Slot(_context(), (10.0, (16, 16), 12.0))

@@ -4,17 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import backbone
-from pipeline.extract import extract
-from pipeline.features import FeatureCacheError, compute
-from pipeline.stores import FeatureStore, FrameStore, StoreError
+from pipeline.models import backbone
+from pipeline.stages.extract import extract
+from pipeline.stages.features import FeatureCacheError, compute
+from pipeline.storage.store import FeatureStore, FrameStore, StoreError
 
 
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
     from conftest import moving_square
-    from pipeline.manifest import write_manifest
-    from pipeline.video import write_video
+    from pipeline.media.manifest import write_manifest
+    from pipeline.media.video import write_video
 
     root = tmp_path_factory.mktemp("feat")
     rows = []

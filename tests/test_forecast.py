@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import write_store
-from pipeline import cores
+from pipeline.models import cores
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
@@ -43,7 +43,7 @@ TINY_FRAMES = [
 def digits(tmp_path_factory) -> dict:
     """13 digit sequences (7 train, 3 val, 3 test) as MP4 files and as a 32×32 frame store."""
     from data_scripts.synth import generate
-    from pipeline.extract import extract
+    from pipeline.stages.extract import extract
 
     folder = tmp_path_factory.mktemp("digits")
     raw = generate("digits", folder / "raw", count=13, seed=0, workers=1)
@@ -140,8 +140,8 @@ def test_residual_conv_core_starts_as_copy_last_and_reads_covariates():
 
 
 def test_mirror_augmentation_only_mirrors(digits):
-    from pipeline.sequences import Sequences
-    from pipeline.stores import FrameStore
+    from pipeline.datasets.sequences import Sequences
+    from pipeline.storage.store import FrameStore
 
     store = FrameStore(digits["frames"])
     rows = store.split("train")[:1]
@@ -167,8 +167,8 @@ def test_mirror_augmentation_only_mirrors(digits):
 
 def _models(tbptt):
     """A feature and a frame forecaster reading 5 context steps, then their own predictions."""
-    from pipeline.conv_forecasting import FrameForecaster
-    from pipeline.forecasting import FeatureForecaster
+    from pipeline.systems.conv_forecaster import FrameForecaster
+    from pipeline.systems.forecaster import FeatureForecaster
 
     torch.manual_seed(0)
     feature = FeatureForecaster(
@@ -214,7 +214,7 @@ def test_no_gradient_crosses_a_chunk_boundary(which):
 
 def test_full_chunk_equals_full_bptt_reference():
     """k ≥ the sequence: the one chunk's gradients equal an independent full-sequence forward."""
-    from pipeline.forecasting import FeatureForecaster
+    from pipeline.systems.forecaster import FeatureForecaster
 
     torch.manual_seed(0)
     model = FeatureForecaster(input_dim=8, context=3, horizon=6, hidden_size=8, tbptt_steps=50)
@@ -233,8 +233,8 @@ def test_tbptt_in_training_steps_per_chunk(digits):
     k = 5 takes 4 optimiser steps and ends elsewhere."""
     import pytorch_lightning as pl
 
-    from pipeline.conv_forecasting import FrameForecaster
-    from pipeline.sequences import SequenceDataModule
+    from pipeline.datasets.sequences import SequenceDataModule
+    from pipeline.systems.conv_forecaster import FrameForecaster
 
     weights, steps = {}, {}
     for tbptt in (None, 19, 5):
@@ -271,7 +271,7 @@ def test_tbptt_in_training_steps_per_chunk(digits):
 
 
 def test_frame_metrics_units():
-    from pipeline.conv_forecasting import FrameForecaster
+    from pipeline.systems.conv_forecaster import FrameForecaster
 
     model = FrameForecaster(hidden_channels=[4], patch_size=2)
     truth = torch.zeros(2, 3, 1, 8, 8)
@@ -291,7 +291,7 @@ def test_frame_metrics_units():
 def test_loss_ssim_equals_torchmetrics():
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    from pipeline.conv_forecasting import gaussian_ssim
+    from pipeline.systems.conv_forecaster import gaussian_ssim
 
     torch.manual_seed(0)
     pred, target = torch.rand(3, 1, 24, 20), (torch.rand(3, 1, 24, 20) > 0.7).float()
@@ -437,7 +437,7 @@ def frame_checkpoint(digits, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])
 def test_forecast_writes_context_then_prediction(suffix, digits, frame_checkpoint, tmp_path, capsys):
     from pipeline.cli import main
-    from pipeline.video import decode
+    from pipeline.media.video import decode
 
     out = tmp_path / f"rollout{suffix}"
     video = digits["raw"] / "videos" / "seq_00000.mp4"
@@ -471,7 +471,7 @@ def test_forecast_errors_name_the_file(digits, frame_checkpoint, features, tmp_p
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(video.read_bytes()[:600])
     feature_ckpt = tmp_path / "feature.ckpt"
-    from pipeline.forecasting import FeatureForecaster
+    from pipeline.systems.forecaster import FeatureForecaster
 
     torch.save(
         {"state_dict": {}, "hyper_parameters": dict(FeatureForecaster(input_dim=4).hparams)}, feature_ckpt
@@ -497,7 +497,7 @@ def test_forecast_from_one_still_image(digits, frame_checkpoint, tmp_path, monke
     from PIL import Image
 
     from pipeline.cli import main
-    from pipeline.video import decode
+    from pipeline.media.video import decode
 
     fit(
         [

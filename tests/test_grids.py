@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from data_scripts import traffic
-from pipeline.grid_data import GridDataModule
-from pipeline.grids import GridStore, import_grids
-from pipeline.stores import StoreError
+from pipeline.datasets.flows import GridDataModule
+from pipeline.storage.grids import GridStore, import_grids
+from pipeline.storage.store import StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,7 +224,7 @@ def test_windows_history_and_known_values(city):
 
 
 def test_untrained_grid_forecaster_carries_the_anomaly_forward(city):
-    from pipeline.conv_forecasting import GridForecaster
+    from pipeline.systems.conv_forecaster import GridForecaster
 
     dm = GridDataModule(str(city), context=3, horizon=2, history_weeks=1)
     model = GridForecaster(

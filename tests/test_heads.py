@@ -1,9 +1,9 @@
-"""The shape contract of the temporal heads (see pipeline.heads)."""
+"""The shape contract of the temporal heads (see pipeline.models.heads)."""
 
 import pytest
 import torch
 
-from pipeline import heads
+from pipeline.models import heads
 
 HEADS = [
     heads.RNNHead,
@@ -76,7 +76,7 @@ def test_row_lstm_in_front_of_any_head(temporal):
 def test_weight_decay_spares_biases_norms_and_positions():
     """AdamW's groups (timm's param_groups_weight_decay): decay on weight matrices only; the Transformer
     head's learned positions, the biases and the LayerNorm scales are left alone."""
-    from pipeline.optim import decay_groups
+    from pipeline.systems.optim import decay_groups
 
     head = heads.TransformerHead(16, 4, d_model=32, num_layers=1, nhead=2)
     names = {id(p): n for n, p in head.named_parameters()}

@@ -12,10 +12,10 @@ from PIL import Image
 
 from conftest import moving_square
 from data_scripts import importers
-from pipeline.extract import extract
-from pipeline.manifest import ManifestError, read_manifest, validate, write_manifest
-from pipeline.stores import FrameStore
-from pipeline.video import write_video
+from pipeline.media.manifest import ManifestError, read_manifest, validate, write_manifest
+from pipeline.media.video import write_video
+from pipeline.stages.extract import extract
+from pipeline.storage.store import FrameStore
 
 
 def clip(path: Path, seed: int = 0, frames: int = 6) -> Path:
@@ -132,7 +132,7 @@ def test_jester_image_sequences(tmp_path):
 
 
 def test_image_sequence_natural_order(tmp_path):
-    from pipeline.video import decode
+    from pipeline.media.video import decode
 
     folder = tmp_path / "seq"
     folder.mkdir()

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.manifest import ManifestError, read_manifest
+from pipeline.media.manifest import ManifestError, read_manifest
 
 
 def write(tmp_path, text):

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from pipeline import heads
-from pipeline.optim import WarmupCosine, decay_groups
+from pipeline.models import heads
+from pipeline.systems.optim import WarmupCosine, decay_groups
 
 
 def _names(module: torch.nn.Module, groups: list[dict]) -> list[tuple[float, set[str]]]:
@@ -68,9 +68,9 @@ def test_schedule_is_timms_value_for_value(total, warmup):
 
 def test_a_model_over_cached_features_does_not_import_timm():
     code = (
-        "import sys, torch; from pipeline.classification import Classifier; from pipeline.heads import GRUHead;"
+        "import sys, torch; from pipeline.systems.classifier import Classifier; from pipeline.models.heads import GRUHead;"
         "m = Classifier(lambda d, c: GRUHead(d, c, hidden_size=8), input_dim=4, num_classes=2);"
-        "from pipeline.optim import decay_groups; decay_groups(m, 0.01);"
+        "from pipeline.systems.optim import decay_groups; decay_groups(m, 0.01);"
         "assert 'timm' not in sys.modules, 'timm imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,8 +18,10 @@ import pandas as pd
 import pytest
 
 from conftest import free_port
-from pipeline import classify, tracking, ui
+from pipeline import ui
 from pipeline.cli import main
+from pipeline.inference import classify
+from pipeline.tracking import runs as tracking
 
 
 @pytest.fixture

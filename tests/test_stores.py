@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.codecs import CodecError
-from pipeline.store_writer import StoreWriter
-from pipeline.stores import FeatureStore, FrameStore, StoreError
+from pipeline.media.codecs import CodecError
+from pipeline.storage.store import FeatureStore, FrameStore, StoreError
+from pipeline.storage.writer import StoreWriter
 
 INFO = dict(label="x", split="train", src_fps=25.0, fps=25.0, width=8, height=6, duration_sec=1.0)
 
@@ -62,7 +62,7 @@ def test_missing_and_truncated_stores_name_the_file(tmp_path):
 
 
 def test_jpeg_shard_reads_like_an_array(tmp_path):
-    from pipeline.codecs import JpegShard, as_stored, decode_jpeg, encode_jpeg
+    from pipeline.media.codecs import JpegShard, as_stored, decode_jpeg, encode_jpeg
 
     rng = np.random.default_rng(0)
     smooth = np.kron(rng.integers(0, 256, (5, 4, 6, 3)), np.ones((1, 8, 8, 1))).astype(
@@ -89,7 +89,7 @@ def test_jpeg_shard_reads_like_an_array(tmp_path):
 
 
 def test_decoded_jpeg_frames_are_kept_within_the_budget(tmp_path, monkeypatch):
-    from pipeline import codecs
+    from pipeline.media import codecs
 
     frames = np.random.default_rng(2).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     with StoreWriter(tmp_path / "s", "frames", codec="jpeg") as writer:
@@ -111,7 +111,7 @@ def test_decoded_jpeg_frames_are_kept_within_the_budget(tmp_path, monkeypatch):
 def test_torchvisions_batched_decoder_gives_pillows_pixels():
     import torch  # readers decode through torchvision once torch is loaded
 
-    from pipeline.codecs import _decode_many, decode_jpeg, encode_jpeg
+    from pipeline.media.codecs import _decode_many, decode_jpeg, encode_jpeg
 
     rng = np.random.default_rng(4)
     smooth = rng.integers(0, 256, (6, 6, 8, 3)).repeat(8, 1).repeat(8, 2).astype(np.uint8)
@@ -141,8 +141,8 @@ def test_a_damaged_jpeg_frame_is_named_with_its_shard(tmp_path):
 
 
 def test_a_store_opened_to_read_each_frame_once_keeps_no_decoded_frames(tmp_path, monkeypatch):
-    from pipeline import codecs
-    from pipeline.frame_slices import FrameSlices
+    from pipeline.datasets.frame_slices import FrameSlices
+    from pipeline.media import codecs
 
     frames = np.random.default_rng(3).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     with StoreWriter(tmp_path / "s", "frames", codec="jpeg") as writer:
@@ -159,7 +159,7 @@ def test_a_store_opened_to_read_each_frame_once_keeps_no_decoded_frames(tmp_path
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="nvJPEG needs a CUDA GPU")
 def test_jpeg_frames_decode_on_the_gpu_as_on_the_cpu(tmp_path):
-    from pipeline.codecs import decode_batch_cuda, decode_jpeg, encode_jpeg
+    from pipeline.media.codecs import decode_batch_cuda, decode_jpeg, encode_jpeg
 
     frames = np.random.default_rng(1).integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
     images = [np.frombuffer(encode_jpeg(f), np.uint8) for f in frames]

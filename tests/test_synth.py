@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_scripts import gestures, synth
-from pipeline.video import decode
+from pipeline.media.video import decode
 
 
 @pytest.fixture(scope="module", params=["gestures", "actions", "digits"])
@@ -91,7 +91,8 @@ def test_digits_are_real_handwriting_in_64x64():
 def test_captions_describe_what_was_rendered(generated):
     """Twelve different references per clip; each names its own class's motion and no other (the order metric's
     premise), and the gesture captions name the object's shape and, when given, its colour."""
-    from pipeline.captions import named_motion, read_captions, read_keywords
+    from pipeline.storage.captions import read_captions, read_keywords
+    from pipeline.systems.caption_scores import named_motion
 
     name, out, plan = generated
     if name == "digits":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import timings
+from pipeline.tracking import timings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -101,7 +101,7 @@ def test_torchrun_fit_on_a_fresh_store_creates_it_once(tmp_path):
 
 
 def _captions(project: Path, folder: Path) -> Path:
-    from pipeline.captions import write_captions
+    from pipeline.storage.captions import write_captions
 
     ids = [line.split(",")[0] for line in (project / "videos" / "manifest.csv").read_text().splitlines()[1:]]
     rows = [(v, f"a white square moves to the {'right' if v.startswith('right') else 'left'}") for v in ids]
@@ -134,7 +134,7 @@ def _task(kind: str, tmp_path: Path, trained_project: Path) -> tuple[str, list[s
         ]
     if kind == "frame forecaster, truncated BPTT":
         from data_scripts.synth import generate
-        from pipeline.extract import extract
+        from pipeline.stages.extract import extract
 
         raw = generate("digits", tmp_path / "raw", count=13, seed=0, workers=1)
         extract(raw / "manifest.csv", tmp_path / "frames", size="32", workers=1)
@@ -210,7 +210,7 @@ def test_two_nodes_extract_features_and_fit_like_one_process(tmp_path, trained_p
     those one process computes from its checkpoint."""
     import numpy as np
 
-    from pipeline.stores import FeatureStore
+    from pipeline.storage.store import FeatureStore
 
     root, env = _fresh_root(tmp_path)
     features = [

@@ -94,7 +94,9 @@ def test_ui_server_over_a_real_store(ui_server, trained_project):
     assert len(logged) == 2 and all(4 * v == pytest.approx(round(4 * v), abs=1e-6) for v in logged)
     assert {m["key"] for m in data["metrics"]} >= {"train/loss", "val/acc", "val/loss", "test/acc", "test/f1"}
     params = {p["key"]: p["value"] for p in data["params"]}
-    assert params["model/head/hidden_size"] == "16" and params["model/head"] == "pipeline.heads.GRUHead"
+    assert (
+        params["model/head/hidden_size"] == "16" and params["model/head"] == "pipeline.models.heads.GRUHead"
+    )
     assert params["name"] == "gesture_gru" and params["data/features"] == str(trained_project / "features")
     tags = {t["key"]: t["value"] for t in data["tags"]}
     features = json.loads((trained_project / "features" / "meta.json").read_text())
@@ -186,7 +188,7 @@ def test_lineage_tags_read_dvc_lock_only_inside_a_stage(tmp_path, monkeypatch):
     import yaml
     from test_training import feature_store
 
-    from pipeline.inputs import lineage_tags
+    from pipeline.tracking.inputs import lineage_tags
 
     monkeypatch.chdir(tmp_path)
     feature_store(tmp_path / "data/features/gestures")
@@ -228,7 +230,7 @@ def test_lineage_tags_read_dvc_lock_only_inside_a_stage(tmp_path, monkeypatch):
 
 
 def test_git_dirty_ignores_what_dvc_repro_rewrites(tmp_path, monkeypatch):
-    from pipeline.tracking import run_tags
+    from pipeline.tracking.runs import run_tags
 
     def git(*args):
         subprocess.run(

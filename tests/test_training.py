@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import write_store
-from pipeline.store_writer import StoreWriter
+from pipeline.storage.writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 # The classification configs (the forecasters' are smoke-tested in test_forecast.py).
@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(
     p
     for p in (ROOT / "configs").glob("*.yaml")
-    if "pipeline.classification.Classifier" in p.read_text() and "export_backbone: true" not in p.read_text()
+    if "pipeline.systems.classifier.Classifier" in p.read_text()
+    and "export_backbone: true" not in p.read_text()
 )
 
 
@@ -197,7 +198,7 @@ def test_killed_fit_resumes_the_same_mlflow_run(tmp_path):
 def test_clip_sampling_and_augmentation(features):
     import torch
 
-    from pipeline.data import FeatureDataModule, segment_indices
+    from pipeline.datasets.clips import FeatureDataModule, segment_indices
 
     assert segment_indices(16, 4, None).tolist() == [2, 6, 10, 14]  # centres: deterministic evaluation
     rng = np.random.default_rng(0)
@@ -227,7 +228,7 @@ def test_worker_processes_read_the_same_clips(features):
 
     import torch
 
-    from pipeline.data import FeatureDataModule, segment_indices
+    from pipeline.datasets.clips import FeatureDataModule, segment_indices
 
     data = FeatureDataModule(str(features), num_segments=4, batch_size=5)
     inline = list(data.test_dataloader())
@@ -254,10 +255,10 @@ def test_training_epoch_values_cover_every_step(features, tmp_path):
     import pytorch_lightning as pl
     import torch
 
-    from pipeline.callbacks import EpochCSV
-    from pipeline.classification import Classifier
-    from pipeline.data import FeatureDataModule
-    from pipeline.heads import GRUHead
+    from pipeline.datasets.clips import FeatureDataModule
+    from pipeline.models.heads import GRUHead
+    from pipeline.systems.classifier import Classifier
+    from pipeline.tracking.callbacks import EpochCSV
 
     class StepLosses(pl.Callback):
         def __init__(self):
@@ -304,8 +305,8 @@ def test_test_metrics_keep_top1_and_top5_apart():
     import torch
     from sklearn.metrics import f1_score
 
-    from pipeline.classification import Classifier
-    from pipeline.heads import GRUHead
+    from pipeline.models.heads import GRUHead
+    from pipeline.systems.classifier import Classifier
 
     model = Classifier(GRUHead, input_dim=4, num_classes=10)
     metrics = model.metrics["test_metrics"]
@@ -327,9 +328,9 @@ def test_test_metrics_keep_top1_and_top5_apart():
 def test_end_to_end_classifier_trains_its_backbone(frames, features):
     import torch
 
-    from pipeline.classification import Classifier
-    from pipeline.data import FeatureDataModule, FrameDataModule
-    from pipeline.heads import GRUHead
+    from pipeline.datasets.clips import FeatureDataModule, FrameDataModule
+    from pipeline.models.heads import GRUHead
+    from pipeline.systems.classifier import Classifier
 
     data = FrameDataModule(str(frames), num_segments=4, batch_size=3)
     batch = next(iter(data.train_dataloader()))
@@ -384,7 +385,7 @@ def test_frame_data_module_needs_one_frame_size(tmp_path):
                 duration_sec=0.4,
             )
         writer.finish({"kind": "frames"})
-    from pipeline.data import FrameDataModule
+    from pipeline.datasets.clips import FrameDataModule
 
     with pytest.raises(ValueError, match="--size"):
         FrameDataModule(str(tmp_path / "frames"))
@@ -393,8 +394,8 @@ def test_frame_data_module_needs_one_frame_size(tmp_path):
 def test_rgb_difference_modality_matches_between_training_and_classify(frames):
     import torch
 
-    from pipeline.data import FrameDataModule, clip_frames, rgb_difference
-    from pipeline.stores import FrameStore
+    from pipeline.datasets.clips import FrameDataModule, clip_frames, rgb_difference
+    from pipeline.storage.store import FrameStore
 
     a = np.array([[0, 100, 255]], np.uint8)
     assert rgb_difference(a, a).tolist() == [[128, 128, 128]]  # nothing moved: grey

@@ -2,8 +2,8 @@ import av
 import numpy as np
 import pytest
 
-from pipeline import video
-from pipeline.resample import parse_size
+from pipeline.media import video
+from pipeline.media.resample import parse_size
 
 
 def test_decode_keeps_every_frame_at_fps_0(make_video):

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from conftest import moving_square
-from pipeline.extract import extract
-from pipeline.features import FeatureCacheError, compute
-from pipeline.manifest import write_manifest
-from pipeline.stores import INDEX_FIELDS, FeatureStore
-from pipeline.video import write_video
-from pipeline.video_features import compute_from_videos
+from pipeline.media.manifest import write_manifest
+from pipeline.media.video import write_video
+from pipeline.stages.extract import extract
+from pipeline.stages.features import FeatureCacheError, compute
+from pipeline.stages.video_features import compute_from_videos
+from pipeline.storage.store import INDEX_FIELDS, FeatureStore
 
 BACKBONE = dict(name="test_resnet", input_size=32, accelerator="cpu")
 

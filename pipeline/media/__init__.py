@@ -1,0 +1,1 @@
+"""Videos, still images and files people hand the pipeline: decoding (PyAV), resampling in time and space, image sequences, the JPEG frame codec, manifests, and pictures of frames. Imports nothing else of the pipeline."""

@@ -1,0 +1,1 @@
+"""The stores every stage reads and writes: frame and feature stores (a few large shards, ``.npy`` or JPEG ``.mjpeg``, with ``index.csv`` and ``meta.json``), their writer and atomic swaps, ``sources.csv``, grid stores and ``captions.csv``."""
