@@ -12,7 +12,8 @@ provider and stays closed. They are registered as ``mlflow.app`` entry points in
 from __future__ import annotations
 
 import json
-import os
+
+from pipeline import compat
 
 ASSISTANT = "/ajax-api/3.0/mlflow/assistant"
 REFUSAL = (
@@ -26,7 +27,7 @@ class WithoutAssistant:
 
     def __init__(self, app):
         self.app = app
-        self.prefix = os.environ.get("_MLFLOW_STATIC_PREFIX", "").rstrip("/") + ASSISTANT
+        self.prefix = compat.mlflow_static_prefix().rstrip("/") + ASSISTANT
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -53,9 +54,7 @@ class WithoutAssistant:
 
 
 def _local():
-    from mlflow.server.fastapi_app import app as mlflow_app
-
-    return WithoutAssistant(mlflow_app)
+    return WithoutAssistant(compat.mlflow_asgi_app())
 
 
 def basic_auth_app():

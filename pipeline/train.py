@@ -23,8 +23,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.model_helpers import is_overridden
 
+from pipeline import compat
 from pipeline.tracking import inputs, timings
 from pipeline.tracking import runs as tracking
 from pipeline.tracking.callbacks import PredictionCSV, fit_callbacks, report_callbacks
@@ -41,7 +41,7 @@ class CommandError(ValueError):
     """A training command cannot run as given; the message says why and what to run instead."""
 
 
-class VPipeCLI(LightningCLI):
+class VPipeCLI(compat.CheckpointHparams, LightningCLI):
     """LightningCLI plus: a ``name`` per experiment, links from data to model, MLflow, fit → test → metrics."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -81,28 +81,22 @@ class VPipeCLI(LightningCLI):
 
     @property
     def experiment(self) -> str:
-        return self._get(self.config, "name")
+        return self._setting(self.config, "name")
 
-    def _parse_ckpt_path(self) -> None:
+    def _setting(self, config, key: str, default=None):
+        """``key`` of the running subcommand's part of ``config`` (of ``config`` itself without one)."""
+        return config.get(str(self.subcommand), config).get(key, default)
+
+    def checkpoint_model(self, class_path: str | None, hparams: dict) -> dict:
         """As LightningCLI's (the checkpoint's hyperparameters become the model's arguments), less the
         ones its class does not take: values linked from a data module that this model has no use for
         (``num_classes`` for a captioner) would otherwise fail `vpipe test|validate|predict`."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-        hparams.pop("_instantiator", None)
-        if not hparams:
-            return
-        if "_class_path" in hparams:
-            class_path = hparams.pop("_class_path")
+        if class_path is not None:
             module, _, name = class_path.rpartition(".")
             accepted = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
                 hparams = {k: v for k, v in hparams.items() if k in accepted}
-            hparams = {"class_path": class_path, "dict_kwargs": hparams}
-        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        return super().checkpoint_model(class_path, hparams)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
@@ -133,38 +127,43 @@ class VPipeCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         root = tracking.workspace()
         name = self.experiment
-        if self.subcommand == "predict" and not is_overridden("predict_step", self.model):
+        if self.subcommand == "predict" and type(self.model).predict_step is pl.LightningModule.predict_step:
             raise CommandError(
                 f"{type(self.model).__qualname__} has no predict step: vpipe predict writes the class "
                 "predictions of a pipeline.systems.classifier.Classifier; roll out a forecaster with "
                 "`vpipe forecast VIDEO --ckpt CKPT --out OUT.mp4`"
             )
-        config = self._get(self.config_init, "trainer", default={})
-        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        config = self._setting(self.config_init, "trainer", default={})
+        callbacks = []  # after the config's; LightningCLI adds its own (the config saver) after these
         if self.subcommand == "fit":
-            monitor = (self._get(self.config, "monitor"), self._get(self.config, "monitor_mode"))
-            model_config = self._get(self.config, "model").as_dict()
+            monitor = (self._setting(self.config, "monitor"), self._setting(self.config, "monitor_mode"))
+            model_config = self._setting(self.config, "model").as_dict()
             callbacks += fit_callbacks(root / "models" / name, root / "plots" / name, *monitor, model_config)
         if self.subcommand in ("fit", "test"):
             callbacks += report_callbacks(root / "plots" / name, self.model)
         if self.subcommand == "predict":
-            split = self._get(self.config, "predict_split")
+            split = self._setting(self.config, "predict_split")
             self.datamodule.predict_split = split
             callbacks.append(PredictionCSV(root / "predictions" / f"{name}-{split}.csv"))
         if config.get("logger") in (None, True):
             with timings.phase("mlflow"):
                 kwargs["logger"] = self._logger(root, name)
-            callbacks += [RunIdInCheckpoint(), RunInputs(self._get(self.config, "system_metrics"))]
+            callbacks += [RunIdInCheckpoint(), RunInputs(self._setting(self.config, "system_metrics"))]
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         if config.get("strategy") == "ddp" and getattr(self.model, "unused_parameters", False):
             # DDP waits for a gradient of every parameter unless told some may have none.
             kwargs["strategy"] = "ddp_find_unused_parameters_true"
-        return self._instantiate_trainer({**config, **kwargs}, callbacks)
+        given = config.get("callbacks")  # none, one or a list, as LightningCLI takes them
+        kwargs["callbacks"] = [
+            *([] if given is None else given if isinstance(given, list) else [given]),
+            *callbacks,
+        ]
+        return super().instantiate_trainer(**kwargs)
 
     def _logger(self, root: Path, name: str):
         """The run's MLFlowLogger, with its lineage tags (the git commit, the stores and configs read)."""
-        configs = [str(c) for c in self._get(self.config, "config", default=None) or []]
+        configs = [str(c) for c in self._setting(self.config, "config", default=None) or []]
         tags = tracking.run_tags(
             feature_cache_key=getattr(self.datamodule, "cache_key", ""),
             **inputs.lineage_tags(
@@ -180,14 +179,14 @@ class VPipeCLI(LightningCLI):
             name, run_name=run_name or f"{name}-{self.subcommand}", tags=tags, run_id=run_id, cls=RunLogger
         )
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        timings.start_work()  # start-up is over: the garbage collector runs again
-        timings.switch("work")  # the phases of what follows: training and testing, MLflow logging
-        super()._run_subcommand(subcommand)
+    def after_instantiate_classes(self) -> None:
+        if self.subcommand is not None:  # LightningCLI runs it next
+            timings.start_work()  # start-up is over: the garbage collector runs again
+            timings.switch("work")  # the phases of what follows: training and testing, MLflow logging
 
     def _resumed_run_id(self, models: Path) -> str | None:
         """The MLflow run of the checkpoint a fit resumes from (``--ckpt_path last`` or a path), if any."""
-        ckpt = self._get(self.config, "ckpt_path")
+        ckpt = self._setting(self.config, "ckpt_path")
         path = (
             models / "last.ckpt"
             if ckpt == "last"
@@ -203,7 +202,7 @@ class VPipeCLI(LightningCLI):
     def after_fit(self) -> None:
         """Test the best checkpoint, write ``metrics/NAME.json``, register the best checkpoint in MLflow
         (with ``export_backbone``: :meth:`export_backbone` instead)."""
-        if self._get(self.config, "export_backbone"):
+        if self._setting(self.config, "export_backbone"):
             self.export_backbone()
             return
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""

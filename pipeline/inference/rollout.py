@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import compat
 from pipeline.media.pictures import to_uint8
 
 
@@ -32,7 +33,7 @@ def load_frame_forecaster(ckpt: str | os.PathLike):
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     task = (checkpoint.get("vpipe") or {}).get("task") if isinstance(checkpoint, dict) else None
     if not hparams.get("video_format") or not {"cell", "hidden_channels", "patch_size"} <= set(hparams):
-        kind = task or hparams.get("_class_path") or "not a LightningModule checkpoint"
+        kind = task or compat.checkpoint_class_path(hparams) or "not a LightningModule checkpoint"
         raise ForecastError(
             f"{path}: not a frame forecaster ({kind}); vpipe forecast needs a checkpoint of "
             "pipeline.systems.conv_forecaster.FrameForecaster, e.g. models/nextframe_convlstm/best.ckpt"

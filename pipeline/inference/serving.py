@@ -12,15 +12,14 @@ sends to ``mlflow models serve``), and returns per row what ``vpipe classify`` p
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow.pyfunc
 import pandas as pd
 
+from pipeline import compat
 from pipeline.tracking import runs as tracking
 
 TOP_K = 5
@@ -173,7 +172,11 @@ def log_model(checkpoint: Path, run_id: str) -> mlflow.models.model.ModelInfo:
         # nothing is inferred from the example either; the tests serve and predict registered versions.
         # Inside the run: the logged model belongs to the run's experiment (without an active run MLflow
         # files it under the default experiment, which a team server may not let the user write).
-        with _installed_requirements(), mlflow.start_run(run_id=run_id):
+        # MLflow compares every requirement of a model it saves with the installed packages, to warn of a
+        # mismatch; the first comparison maps every installed distribution's files to its modules (~0.4 s
+        # of a one-epoch fit). The requirements logged here are this installed package's own dependencies
+        # (`requirements()`), which pip checked when it installed it: the comparison is skipped.
+        with compat.skip_requirement_check(), mlflow.start_run(run_id=run_id):
             return mlflow.models.Model.log(
                 artifact_path=None,  # deprecated for `name`, yet a required argument
                 name="model",
@@ -187,25 +190,6 @@ def log_model(checkpoint: Path, run_id: str) -> mlflow.models.model.ModelInfo:
                 pip_requirements=requirements(),
                 validate_serving_input=False,
             )
-
-
-@contextlib.contextmanager
-def _installed_requirements() -> Iterator[None]:
-    """MLflow compares every requirement of a model it saves with the installed packages, to warn of a
-    mismatch; the first comparison maps every installed distribution's files to its modules (~0.4 s of a
-    one-epoch fit). The requirements logged here are this installed package's own dependencies
-    (:func:`requirements`), which pip checked when it installed it: the comparison is skipped."""
-    from mlflow.utils import environment
-
-    check = getattr(environment, "warn_dependency_requirement_mismatches", None)
-    if check is None:
-        yield
-        return
-    environment.warn_dependency_requirement_mismatches = lambda requirements: None
-    try:
-        yield
-    finally:
-        environment.warn_dependency_requirement_mismatches = check
 
 
 class _Pyfunc:
@@ -273,17 +257,5 @@ def register_best(
         tags={**{k: str(v) for k, v in headline.items()}, **(tags or {})},
     )
     if model_id:  # the logged model lists its versions (the tag mlflow.register_model sets)
-        import json
-
-        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-
-        linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
-        client.set_logged_model_tags(
-            model_id,
-            {
-                MLFLOW_MODEL_VERSIONS: json.dumps(
-                    [*linked, {"name": version.name, "version": version.version}]
-                )
-            },
-        )
+        compat.link_model_version(client, model_id, version.name, version.version)
     return version.version

@@ -14,6 +14,7 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline import compat
 from pipeline.datasets.sequences import SequenceBatch
 from pipeline.models.cores import FeatureRecurrentCore, detach_state
 from pipeline.systems.optim import WarmupCosineAdamW
@@ -180,7 +181,7 @@ class Forecaster(WarmupCosineAdamW, pl.LightningModule):
                 )
             optimizer.step()
             losses.append(loss.detach())
-        scheduler.step_update(self.trainer.fit_loop.total_batch_idx + 1)  # per batch, not per chunk
+        scheduler.step_update(compat.total_batch_idx(self.trainer) + 1)  # per batch, not per chunk
         self.losses["train_loss"].update(torch.stack(losses).mean(), len(batch["x"]))
 
     def on_train_epoch_start(self) -> None:

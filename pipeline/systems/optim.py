@@ -16,6 +16,8 @@ import math
 import pytorch_lightning as pl
 import torch
 
+from pipeline import compat
+
 
 def decay_groups(module: torch.nn.Module, weight_decay: float, lr_scale: float | None = None) -> list[dict]:
     """``module``'s parameters as AdamW groups (the rule of timm's ``param_groups_weight_decay``): biases,
@@ -133,8 +135,8 @@ def adamw_warmup_cosine(
     groups = decay_groups(module, weight_decay) if params is None else params
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     trainer = module.trainer
-    if trainer.train_dataloader is None:
-        trainer.fit_loop.setup_data()  # what estimated_stepping_batches does; needed for the epoch length
+    # The epoch length needs the training loader now (estimated_stepping_batches skips it for max_epochs -1).
+    compat.setup_train_data(trainer)
     if trainer.num_training_batches == float("inf"):
         raise ValueError(
             "warmup_epochs needs a training loader with a length (an iterable dataset has none); "

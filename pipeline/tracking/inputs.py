@@ -15,6 +15,7 @@ import functools
 import os
 from pathlib import Path
 
+from pipeline import compat
 from pipeline.tracking.workspace import workspace
 
 
@@ -91,9 +92,6 @@ def log_datasets(
     """Log each store as an input of the run (``mlflow.log_input``'s entity, context tag ``context``); a
     feature store brings the frame store it was computed from (unless not ``with_sources``). Returns the
     dataset names logged."""
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
     paths, inputs = [], []
     for store in stores:
         if store and store not in paths:
@@ -108,7 +106,7 @@ def log_datasets(
     for path in paths:
         dataset = store_dataset(path)
         if dataset is not None:
-            inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+            inputs.append(compat.dataset_input(dataset, context))
     if inputs:
         client.log_inputs(run_id, datasets=inputs)
     return [i.dataset.name for i in inputs]

@@ -25,12 +25,16 @@ class RunLogger(MLFlowLogger):
     """Lightning's MLFlowLogger, its time accounted for (``$VPIPE_TIMINGS``): opening the run is MLflow
     set-up, what it logs (params, metrics, checkpoints at the end) is logging."""
 
+    opened = False  # whether `experiment` has returned once (the run is open on rank zero)
+
     @property
     def experiment(self):
-        if self._initialized:
+        if self.opened:
             return super().experiment
         with timings.phase("mlflow"):
-            return super().experiment
+            experiment = super().experiment
+        self.opened = True
+        return experiment
 
     def log_hyperparams(self, params) -> None:
         with timings.phase("logging"):

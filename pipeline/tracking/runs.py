@@ -21,6 +21,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from pipeline import compat
 from pipeline.tracking.workspace import project_root, workspace  # noqa: F401 - runs.workspace() for callers
 
 
@@ -167,8 +168,8 @@ def readable_params(flat: dict[str, object]) -> dict[str, object]:
     params = {}
     for key, value in flat.items():
         key = key.replace("/init_args/", "/").removesuffix("/class_path")
-        if key == "config" and isinstance(value, str):
-            value = value.replace("Path_fsr(", "").replace("Path_fr(", "").replace(")", "")
+        if key == "config" and isinstance(value, list):  # jsonargparse Paths: each as it was given
+            value = ", ".join(str(path) for path in value)
         params[key] = value
     return params
 
@@ -189,32 +190,21 @@ class SystemMetrics:
     is open; nothing when ``enabled`` is False or on a rank other than 0."""
 
     def __init__(self, run_id: str | None, enabled: bool = True, interval: float = 2.0, resume: bool = False):
+        self.run_id = run_id if enabled and global_rank() == 0 else None
+        self.interval, self.resume = interval, resume
         self.monitor = None
-        if run_id and enabled and global_rank() == 0:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self.monitor = SystemMetricsMonitor(
-                run_id,
-                sampling_interval=interval,
-                samples_before_logging=1,
-                resume_logging=resume,
-                tracking_uri=tracking_uri(),
-            )
 
     def __enter__(self) -> SystemMetrics:
-        if self.monitor is not None:
-            self.monitor.start()
+        if self.run_id:
+            uri = tracking_uri()
+            self.monitor = compat.start_system_metrics(self.run_id, self.interval, self.resume, uri)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.monitor is not None:
-            self.monitor.finish()
-            # The monitor drops the samples taken since its last publication when stopped: a job shorter
-            # than one interval would show none. Publish them.
-            last = self.monitor.aggregate_metrics()
-            if last:
-                self.monitor.publish_metrics(last)
-                self.monitor.mlflow_logger.flush()
+            # With the samples taken since the last were logged: a job shorter than one interval has one.
+            compat.stop_system_metrics(self.monitor)
+            self.monitor = None
 
 
 @contextlib.contextmanager
