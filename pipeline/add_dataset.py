@@ -30,13 +30,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.media.errors import UserError
+
 HEADS = ("lstm", "gru", "transformer", "meanpool", "rnn")
 # A template's head configs are named after it (gestures → gesture_gru.yaml, actions → action_lstm.yaml).
 PREFIXES = {"gestures": "gesture", "actions": "action"}
 NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
-class DatasetError(ValueError):
+class DatasetError(ValueError, UserError):
     """The change cannot be made; the message is one line and nothing was written."""
 
 

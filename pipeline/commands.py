@@ -1,5 +1,7 @@
 """What each ``vpipe`` command does once its arguments are parsed (:mod:`pipeline.cli` parses them).
-Heavy libraries are imported inside each command, so ``vpipe --help`` needs no torch."""
+Heavy libraries are imported inside each command, so ``vpipe --help`` needs no torch. The project's
+errors (:class:`pipeline.media.errors.UserError`) are left to :func:`pipeline.cli.main`, which prints
+them as one line."""
 
 from __future__ import annotations
 
@@ -10,48 +12,35 @@ import time
 
 
 def run_extract(args: argparse.Namespace) -> None:
-    from pipeline.media.codecs import CodecError
-    from pipeline.media.manifest import ManifestError
-    from pipeline.stages.extract import ExtractError, extract
-    from pipeline.stages.parts import PartError, parse_part
-    from pipeline.storage.store import StoreError
+    from pipeline.stages.extract import extract
+    from pipeline.stages.parts import parse_part
 
-    try:
-        if not args.manifest:
-            sys.exit("vpipe extract: give --manifest (parts are joined by vpipe merge)")
-        extract(
-            args.manifest,
-            args.out,
-            **_decoding(args),
-            shard_mb=args.shard_mb,
-            part=parse_part(args.part) if args.part else None,
-            codec=args.codec,
-            quality=args.quality,
-        )
-    except (ExtractError, PartError, ManifestError, StoreError, CodecError) as err:
-        sys.exit(f"vpipe extract: {err}")
+    if not args.manifest:
+        sys.exit("vpipe extract: give --manifest (parts are joined by vpipe merge)")
+    extract(
+        args.manifest,
+        args.out,
+        **_decoding(args),
+        shard_mb=args.shard_mb,
+        part=parse_part(args.part) if args.part else None,
+        codec=args.codec,
+        quality=args.quality,
+    )
 
 
 def run_merge(args: argparse.Namespace) -> None:
     from pipeline.stages.parts import merge
-    from pipeline.storage.store import StoreError
 
-    try:
-        merge(args.parts, args.out, link=args.link, remove_parts=args.remove_parts)
-    except StoreError as err:
-        sys.exit(f"vpipe merge: {err}")
+    merge(args.parts, args.out, link=args.link, remove_parts=args.remove_parts)
 
 
 def run_check(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from pipeline.media.manifest import ManifestError, read_manifest, validate
+    from pipeline.media.manifest import read_manifest, validate
     from pipeline.storage.captions import CAPTIONS, check_captions
 
-    try:
-        entries = read_manifest(args.manifest)
-    except ManifestError as err:
-        sys.exit(f"vpipe check: {err}")
+    entries = read_manifest(args.manifest)
     report = validate(
         entries, args.manifest, root=args.root, min_per_class=args.min_per_class, show=args.show
     )
@@ -78,7 +67,7 @@ def run_add_dataset(args: argparse.Namespace) -> None:
     import subprocess
     from pathlib import Path
 
-    from pipeline.add_dataset import DatasetError, check_manifest, plan_add
+    from pipeline.add_dataset import check_manifest, plan_add
 
     root, manifest = Path.cwd(), Path(args.manifest)
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
@@ -112,7 +101,7 @@ def run_add_dataset(args: argparse.Namespace) -> None:
             print("(--dry-run: nothing written)")
             return
         change.apply()
-    except (DatasetError, OSError) as err:
+    except OSError as err:
         sys.exit(f"vpipe add-dataset: {err}")
     targets = " ".join(f"train@{args.name}_{h}" for h in dict.fromkeys(heads))
     print(
@@ -124,7 +113,7 @@ def run_add_dataset(args: argparse.Namespace) -> None:
 def run_remove_dataset(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from pipeline.add_dataset import DatasetError, plan_remove, purge
+    from pipeline.add_dataset import plan_remove, purge
 
     root = Path.cwd()
     try:
@@ -133,7 +122,7 @@ def run_remove_dataset(args: argparse.Namespace) -> None:
         change.apply()
         if args.purge:
             purge(root, outputs)
-    except (DatasetError, OSError) as err:
+    except OSError as err:
         sys.exit(f"vpipe remove-dataset: {err}")
     if outputs:
         kept = "deleted" if args.purge else "kept (--purge deletes them)"
@@ -141,10 +130,7 @@ def run_remove_dataset(args: argparse.Namespace) -> None:
 
 
 def run_features(args: argparse.Namespace) -> None:
-    from pipeline.media.manifest import ManifestError
-    from pipeline.models.backbone import BackboneError
-    from pipeline.stages.features import FeatureCacheError, compute
-    from pipeline.storage.store import StoreError
+    from pipeline.stages.features import compute
     from pipeline.tracking import inputs
     from pipeline.tracking import runs as tracking
 
@@ -175,29 +161,26 @@ def run_features(args: argparse.Namespace) -> None:
         seed=args.seed,
         overwrite=args.overwrite,
     )
-    try:
-        with tracking.job_run(
-            "features",
-            f"features-{os.path.basename(os.path.normpath(args.out))}",
-            params,
-            [args.frames] if args.frames else [],
-            "features",
-            args.system_metrics,
-        ) as run:
-            started = time.perf_counter()
-            if args.manifest:
-                from pipeline.stages.video_features import compute_from_videos
+    with tracking.job_run(
+        "features",
+        f"features-{os.path.basename(os.path.normpath(args.out))}",
+        params,
+        [args.frames] if args.frames else [],
+        "features",
+        args.system_metrics,
+    ) as run:
+        started = time.perf_counter()
+        if args.manifest:
+            from pipeline.stages.video_features import compute_from_videos
 
-                meta = compute_from_videos(args.manifest, args.out, **_decoding(args), **backbone)
-            else:
-                meta = compute(args.frames, args.out, num_workers=args.num_workers, **backbone)
-            if run is not None and meta:
-                client, run_id = run
-                client.log_metric(run_id, "seconds", time.perf_counter() - started)
-                client.set_tag(run_id, "data.features.cache_key", meta.get("cache_key", ""))
-                inputs.log_datasets(client, run_id, [args.out], "output", with_sources=False)
-    except (BackboneError, StoreError, FeatureCacheError, ManifestError, tracking.TrackingError) as err:
-        sys.exit(f"vpipe features: {err}")
+            meta = compute_from_videos(args.manifest, args.out, **_decoding(args), **backbone)
+        else:
+            meta = compute(args.frames, args.out, num_workers=args.num_workers, **backbone)
+        if run is not None and meta:
+            client, run_id = run
+            client.log_metric(run_id, "seconds", time.perf_counter() - started)
+            client.set_tag(run_id, "data.features.cache_key", meta.get("cache_key", ""))
+            inputs.log_datasets(client, run_id, [args.out], "output", with_sources=False)
 
 
 # The options of cli._decoding_options, as attributes of the parsed arguments.
@@ -213,19 +196,15 @@ def _decoding(args: argparse.Namespace) -> dict:
 
 def run_grids(args: argparse.Namespace) -> None:
     from pipeline.storage.grids import import_grids
-    from pipeline.storage.store import StoreError
 
-    try:
-        meta = import_grids(
-            args.files,
-            args.out,
-            args.val_days,
-            args.test_days,
-            args.slots_per_day,
-            tuple(args.channels.split(",")),
-        )
-    except StoreError as err:
-        sys.exit(f"vpipe grids: {err}")
+    meta = import_grids(
+        args.files,
+        args.out,
+        args.val_days,
+        args.test_days,
+        args.slots_per_day,
+        tuple(args.channels.split(",")),
+    )
     counts = ", ".join(f"{n} {split}" for split, n in meta["slots"].items())
     print(
         f"{args.out}: {sum(meta['slots'].values())} slots of {'×'.join(map(str, meta['shape']))} grids ({counts})"
@@ -233,12 +212,9 @@ def run_grids(args: argparse.Namespace) -> None:
 
 
 def run_forecast(args: argparse.Namespace) -> None:
-    from pipeline.inference.rollout import ForecastError, forecast
+    from pipeline.inference.rollout import forecast
 
-    try:
-        done = forecast(args.video, args.ckpt, args.out, context=args.context, steps=args.steps)
-    except ForecastError as err:
-        sys.exit(f"vpipe forecast: {err}")
+    done = forecast(args.video, args.ckpt, args.out, context=args.context, steps=args.steps)
     if done["note"]:
         print(f"vpipe forecast: note: {done['note']}", file=sys.stderr)
     print(
@@ -267,36 +243,31 @@ def run_ui(args: argparse.Namespace) -> None:
     ui.serve(args.host, args.port, args.workers)
 
 
-def _on_files(command: str, run, args: argparse.Namespace, **options) -> None:
+def _on_files(run, args: argparse.Namespace, **options) -> None:
     """A trained model over the files of ``args.videos`` with the options every such command shares
-    (``cli._model_options``); exits with its status, or with the message of a ClassifyError."""
-    from pipeline.inference.classify import ClassifyError
-
-    try:
-        status = run(
-            args.videos,
-            ckpt=args.ckpt,
-            model_uri=args.model,
-            as_json=args.json,
-            weights=args.weights,
-            device=args.device,
-            **options,
-        )
-    except ClassifyError as err:
-        sys.exit(f"vpipe {command}: {err}")
+    (``cli._model_options``); exits with its status."""
+    status = run(
+        args.videos,
+        ckpt=args.ckpt,
+        model_uri=args.model,
+        as_json=args.json,
+        weights=args.weights,
+        device=args.device,
+        **options,
+    )
     sys.exit(status)
 
 
 def run_caption(args: argparse.Namespace) -> None:
     from pipeline.inference.describe import run
 
-    _on_files("caption", run, args, beam=args.beam)
+    _on_files(run, args, beam=args.beam)
 
 
 def run_classify(args: argparse.Namespace) -> None:
     from pipeline.inference.classify import run
 
-    _on_files("classify", run, args, topk=args.topk, window=args.window, stride=args.stride)
+    _on_files(run, args, topk=args.topk, window=args.window, stride=args.stride)
 
 
 COMMANDS = {

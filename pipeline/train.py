@@ -25,6 +25,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 
 from pipeline import compat
+from pipeline.media.errors import UserError
 from pipeline.tracking import inputs, timings
 from pipeline.tracking import runs as tracking
 from pipeline.tracking.callbacks import PredictionCSV, fit_callbacks, report_callbacks
@@ -37,7 +38,7 @@ from pipeline.tracking.lineage import (
 )
 
 
-class CommandError(ValueError):
+class CommandError(ValueError, UserError):
     """A training command cannot run as given; the message says why and what to run instead."""
 
 
@@ -296,7 +297,9 @@ class VPipeCLI(compat.CheckpointHparams, LightningCLI):
         return metrics
 
 
-def cli_main(args: list[str] | None = None) -> VPipeCLI:
+def cli_main(args: list[str] | None = None, exit_on_error: bool = True) -> VPipeCLI:
+    """``vpipe fit|validate|test|predict ARGS``; ``exit_on_error=False``: a bad option or config raises
+    jsonargparse's ``ArgumentError`` (:func:`pipeline.cli.main` prints it as one line) instead of exiting."""
     timings.switch("config")
     # Subnormal floats (below 1.2e-38: gates and cell states of saturated recurrent cells, their
     # gradients) take the CPU's slow path, up to 4x slower per step; they are flushed to zero instead.
@@ -311,7 +314,7 @@ def cli_main(args: list[str] | None = None) -> VPipeCLI:
             save_config_callback=LogConfigToMLflow,
             args=args,
             seed_everything_default=0,
-            parser_kwargs={"default_env": False},
+            parser_kwargs={"default_env": False, "exit_on_error": exit_on_error},
         )
     finally:
         timings.switch("other")

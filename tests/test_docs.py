@@ -7,7 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
-from pipeline.cli import TRAINING, _parser
+from pipeline.cli import DEBUG, TRAINING, _parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -111,6 +111,7 @@ def vpipe_invocations(line: str):
 
 
 def problems(args: list[str]) -> list[str]:
+    args = [a for a in args if a != DEBUG]  # global: anywhere on the command line
     if not args or args[0] in ("-h", "--help"):
         return []
     command, options = args[0], [a.split("=", 1)[0] for a in args[1:] if a.startswith("-") and a != "-"]

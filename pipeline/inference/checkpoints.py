@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.media.errors import UserError
 
-class ClassifyError(RuntimeError):
+
+class ClassifyError(RuntimeError, UserError):
     """A model or a video cannot be used; the message names the file and the reason."""
 
 

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from pipeline import compat
+from pipeline.media.errors import UserError
 from pipeline.media.pictures import to_uint8
 
 
-class ForecastError(RuntimeError):
+class ForecastError(RuntimeError, UserError):
     """A video or checkpoint ``vpipe forecast`` cannot use; the message names the file and the reason."""
 
 

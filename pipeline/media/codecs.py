@@ -25,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.media.errors import UserError
+
 CODECS = ("raw", "jpeg")
 DEFAULT_CODEC = "jpeg"
 DEFAULT_QUALITY = 90
 
 
-class CodecError(ValueError):
+class CodecError(ValueError, UserError):
     """A store names a codec this version does not know, or a shard's files disagree."""
 
 

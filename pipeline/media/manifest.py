@@ -2,27 +2,37 @@
 
 ``path`` is relative to the manifest's folder (absolute paths are allowed); ``video_id`` is unique;
 ``split`` is ``train``, ``val`` or ``test``. A path may name a folder of images (an image sequence,
-as Jester ships), whose frame rate is the optional ``fps`` column.
+as Jester ships), whose frame rate is the optional ``fps`` column. ``start_sec`` and ``end_sec`` cut a
+clip out of the video: finite, ``0 <= start_sec < end_sec``, and inside the video; ``fps`` is finite
+and positive.
 
 :func:`read_manifest` rejects what makes the file unusable (columns, duplicate ids, bad values);
-:func:`validate` then checks the dataset it describes before any work is done.
+:func:`validate` then checks the dataset it describes before any work is done (clip times against
+each video's duration among them). Every message names the manifest, the line and the field.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipeline.media.errors import UserError
 
 REQUIRED = ["video_id", "path", "label", "split"]
 OPTIONAL = ["start_sec", "end_sec", "fps"]
+# The optional numbers: the lowest value each may take, and whether that value itself is allowed.
+MINIMUM = {"start_sec": (0.0, True), "end_sec": (0.0, False), "fps": (0.0, False)}
+# How far past a video's declared duration end_sec may reach (rounded annotations, container durations).
+END_SLACK_SEC = 0.1
 SPLITS = ("train", "val", "test")
 
 
-class ManifestError(ValueError):
+class ManifestError(ValueError, UserError):
     """The manifest cannot be used; the message names the file and every problem found."""
 
 
@@ -36,15 +46,25 @@ class Entry:
     end_sec: float | None = None
     fps: float | None = None  # frame rate of an image sequence
     raw_path: str = ""  # the path as written in the manifest
+    line: int = field(default=0, compare=False)  # the manifest line (header: 1)
 
 
-def _optional_float(value: str | None, where: str) -> float | None:
+def _optional_float(row: dict[str, str], name: str, where: str) -> float | None:
+    """The number in column ``name`` of ``row`` (None when empty): finite and in its range (:data:`MINIMUM`)."""
+    value = row.get(name)
     if value is None or value.strip() == "":
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError as err:
-        raise ManifestError(f"{where}: not a number: {value!r}") from err
+        raise ManifestError(f"{where}: {name}: not a number: {value!r}") from err
+    if not math.isfinite(number):
+        raise ManifestError(f"{where}: {name}: not a finite number: {value!r}")
+    lowest, allowed = MINIMUM[name]
+    if number < lowest or (number == lowest and not allowed):
+        bound = f"at least {lowest:g}" if allowed else f"above {lowest:g}"
+        raise ManifestError(f"{where}: {name} {number:g} must be {bound}")
+    return number
 
 
 def read_manifest(path: str | os.PathLike) -> list[Entry]:
@@ -82,9 +102,7 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
                 problems.append(f"{where}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
                 continue
             try:
-                start = _optional_float(row.get("start_sec"), where)
-                end = _optional_float(row.get("end_sec"), where)
-                fps = _optional_float(row.get("fps"), where)
+                start, end, fps = (_optional_float(row, name, where) for name in OPTIONAL)
             except ManifestError as err:
                 problems.append(str(err))
                 continue
@@ -102,8 +120,11 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
                     end,
                     fps,
                     row["path"],
+                    line,
                 )
             )
+    if len(problems) == 1:
+        raise ManifestError(problems[0])
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -163,6 +184,22 @@ class Report:
             print(str(self), file=sys.stderr)
 
 
+def _outside(e: Entry, manifest: Path) -> str | None:
+    """``MANIFEST:LINE: FIELD ...`` when entry ``e``'s clip times fall outside its video's duration
+    (None when inside, or when the file declares no duration: decoding then reports it)."""
+    from pipeline.media.video import probe_duration  # PyAV: only for manifests that cut clips
+
+    duration = probe_duration(e.path)
+    if duration is None:
+        return None
+    where = f"{manifest}:{e.line}" if e.line else f"{manifest} ({e.video_id})"
+    if e.start_sec is not None and e.start_sec >= duration:
+        return f"{where}: start_sec {e.start_sec:g} is not before the end of {e.path.name} ({duration:.3f} s)"
+    if e.end_sec is not None and e.end_sec > duration + END_SLACK_SEC:
+        return f"{where}: end_sec {e.end_sec:g} is past the end of {e.path.name} ({duration:.3f} s)"
+    return None
+
+
 def validate(
     entries: list[Entry],
     manifest: str | os.PathLike,
@@ -174,7 +211,9 @@ def validate(
 
     Errors: paths that escape the dataset root (``root``, default the manifest's folder; absolute
     paths are checked only against an explicit ``root``), an empty train split, labels in val/test
-    that never occur in train; and, by file, missing and unreadable paths. Warnings: an empty val or
+    that never occur in train, clip times outside their video (a video file with ``start_sec`` or
+    ``end_sec`` is probed for its duration: ``start_sec`` before it ends, ``end_sec`` at most
+    :data:`END_SLACK_SEC` past it); and, by file, missing and unreadable paths. Warnings: an empty val or
     test split, classes with fewer than ``min_per_class`` training examples.
     """
     manifest = Path(manifest)
@@ -193,6 +232,9 @@ def validate(
             files.setdefault("file(s) missing", []).append(str(e.path))
         elif not os.access(e.path, os.R_OK | (os.X_OK if e.path.is_dir() else 0)):
             files.setdefault("file(s) unreadable", []).append(str(e.path))
+        elif (e.start_sec is not None or e.end_sec is not None) and e.path.is_file():
+            if outside := _outside(e, manifest):
+                errors.setdefault("clip time(s) outside the video", []).append(outside)
     by_split = {s: [e for e in entries if e.split == s] for s in SPLITS}
     train_labels = Counter(e.label for e in by_split["train"])
     if not by_split["train"]:

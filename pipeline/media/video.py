@@ -227,6 +227,22 @@ class Decoder:
         self.count, self.duration_sec = clock.count, clock.duration_sec
 
 
+def probe_duration(path: str | os.PathLike) -> float | None:
+    """The duration in seconds that the container of ``path`` declares for its first video stream (else
+    for the whole file), read from its header without decoding; None when it declares none or cannot
+    be opened (decoding it reports why)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            if stream.duration is not None and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            return container.duration / av.time_base if container.duration is not None else None
+    except (av.FFmpegError, OSError, ValueError):
+        return None
+
+
 def decode(
     path: str | os.PathLike,
     *,

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.media.errors import UserError
 from pipeline.storage.store import file_sha256
 
 
-class BackboneError(ValueError):
+class BackboneError(ValueError, UserError):
     """A backbone cannot be built: an unknown name, an unreachable hub, weights that cannot be read or
     do not fit (the message names the file). Raised here and by :mod:`pipeline.models.backbone`, where callers
     catch it (``backbone.BackboneError``)."""

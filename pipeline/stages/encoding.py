@@ -18,13 +18,14 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from pipeline.datasets.clips import check_modality
+from pipeline.media.errors import UserError
 from pipeline.models import backbone
 from pipeline.storage.atomic import clean_stale
 from pipeline.storage.store import FeatureStore
 from pipeline.storage.writer import NpyAppender
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(RuntimeError, UserError):
     pass
 
 

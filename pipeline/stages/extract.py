@@ -38,6 +38,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline.media.codecs import DEFAULT_CODEC, DEFAULT_QUALITY, JpegShard, check_codec
+from pipeline.media.errors import UserError
 from pipeline.media.manifest import read_manifest, validate
 from pipeline.media.resample import parse_size, uniform_indices
 from pipeline.stages.parts import default_part, part_of, part_path
@@ -47,7 +48,7 @@ from pipeline.storage.store import fingerprint
 from pipeline.storage.writer import StoreWriter, copy_row
 
 
-class ExtractError(RuntimeError):
+class ExtractError(RuntimeError, UserError):
     pass
 
 

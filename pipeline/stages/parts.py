@@ -20,13 +20,14 @@ import sys
 from pathlib import Path
 
 from pipeline.media.codecs import DEFAULT_QUALITY, shard_files
+from pipeline.media.errors import UserError
 from pipeline.media.manifest import Entry
 from pipeline.storage.sources import inputs_hash, read_sources, write_sources
 from pipeline.storage.store import FrameStore, IndexRow, StoreError
 from pipeline.storage.writer import StoreWriter, copy_row, finalize
 
 
-class PartError(ValueError):
+class PartError(ValueError, UserError):
     """A ``--part`` that is malformed or out of range."""
 
 

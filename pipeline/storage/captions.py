@@ -26,11 +26,13 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from pipeline.media.errors import UserError
+
 CAPTIONS = "captions.csv"
 KEYWORDS = "caption_keywords.json"
 
 
-class CaptionError(ValueError):
+class CaptionError(ValueError, UserError):
     """A captions file cannot be used; the message names the file and the problems."""
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.storage.atomic import replace_dir
-from pipeline.storage.store import StoreError, file_sha256, fingerprint
+from pipeline.storage.store import StoreError, check_finished, file_sha256, fingerprint
 from pipeline.storage.writer import write_csv
 
 SLOT_FIELDS = ["row", "date", "time", "slot", "split"]
@@ -170,9 +170,7 @@ class GridStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        for name in ("grids.npy", "slots.csv", "meta.json"):
-            if not (self.root / name).is_file():
-                raise StoreError(f"{self.root / name}: missing; is {self.root} a grid store (vpipe grids)?")
+        check_finished(self.root, "grids", ("grids.npy", "slots.csv", "meta.json"))
         self.meta = json.loads((self.root / "meta.json").read_text())
         with open(self.root / "slots.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.media.codecs import CodecError, JpegShard, check_codec, shard_files
+from pipeline.media.errors import UserError
 from pipeline.media.images import IMAGE_SUFFIXES
 
 INDEX_FIELDS = [
@@ -36,8 +37,46 @@ INDEX_FIELDS = [
 ERROR_FIELDS = ["video_id", "path", "error"]
 
 
-class StoreError(RuntimeError):
+class StoreError(RuntimeError, UserError):
     """A store is missing, incomplete or inconsistent; the message names the file."""
+
+
+# The project's stores (data/KIND/NAME) and the DVC stage that writes each; {name}: NAME.
+STAGES = {"frames": "extract@{name}", "features": "features@{name}", "grids": "grids"}
+# Elsewhere, the command that writes a store of each kind; {out}: the store's folder.
+COMMANDS = {
+    "frames": "vpipe extract --manifest MANIFEST --out {out}",
+    "features": "vpipe features --frames FRAMES --out {out}",
+    "grids": "vpipe grids H5... --out {out}",
+}
+
+
+def what_to_run(root: str | os.PathLike, kind: str) -> str:
+    """What writes the store at ``root`` of ``kind`` (frames, features, grids): the DVC stage for the
+    project's own stores (``data/frames/NAME`` → ``dvc repro extract@NAME``), else the vpipe command."""
+    root = Path(os.path.normpath(root))
+    parts = root.absolute().parts
+    if len(parts) >= 3 and parts[-3] == "data" and parts[-2] in STAGES:
+        return f"dvc repro {STAGES[parts[-2]].format(name=parts[-1])}"
+    return COMMANDS.get(kind, "vpipe extract or vpipe features --out {out}").format(out=root)
+
+
+def check_finished(root: str | os.PathLike, kind: str, files: tuple[str, ...]) -> None:
+    """Raise :class:`StoreError` unless ``root`` holds ``files`` (those a finished store of ``kind`` has;
+    ``meta.json`` is written last). The message names the store, an interrupted write's leftover
+    (``.NAME.tmp-PID-...`` beside it) if any, and what to run first."""
+    root = Path(root)
+    missing = [name for name in files if not (root / name).is_file()]
+    if not missing:
+        return
+    leftovers = sorted(p.name for p in root.parent.glob(f".{root.name}.tmp-*")) if root.name else []
+    if not root.is_dir():
+        problem = f"{root}: no {kind} store"
+    else:
+        problem = f"{root / missing[0]}: missing; {root} is not a finished {kind} store"
+    if leftovers:
+        problem += f" (an unfinished write beside it, interrupted or still running: {leftovers[0]})"
+    raise StoreError(f"{problem}; run `{what_to_run(root, kind)}` first")
 
 
 @dataclass
@@ -110,11 +149,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike, keep_decoded: bool = True):
         self.root, self.keep_decoded = Path(root), keep_decoded
-        for name in ("index.csv", "meta.json"):
-            if not (self.root / name).is_file():
-                raise StoreError(
-                    f"{self.root / name}: missing; is {self.root} a finished {self.prefix} store?"
-                )
+        check_finished(self.root, self.prefix or "frame or feature", ("index.csv", "meta.json"))
         try:
             self.meta = json.loads((self.root / "meta.json").read_text())
         except json.JSONDecodeError as err:

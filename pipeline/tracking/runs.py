@@ -22,10 +22,11 @@ import subprocess
 from pathlib import Path
 
 from pipeline import compat
+from pipeline.media.errors import UserError
 from pipeline.tracking.workspace import project_root, workspace  # noqa: F401 - runs.workspace() for callers
 
 
-class TrackingError(RuntimeError):
+class TrackingError(RuntimeError, UserError):
     """The tracking server cannot be used; the message names the URI."""
 
 
