@@ -4,11 +4,16 @@ An error the user can fix (a project error, :class:`pipeline.media.errors.UserEr
 config that does not parse) ends the command with one line on stderr, ``vpipe COMMAND: MESSAGE``, and
 status 1 (2 for options and configs); ``--debug`` (anywhere on the command line) or ``VPIPE_DEBUG=1``
 shows the full traceback instead.
+
+An option that mirrors a parameter of the function its command calls takes that parameter's default
+(:class:`Signature`), read when the command is parsed: each default is written once, in the function.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import os
 import re
 import sys
@@ -19,11 +24,42 @@ TRAINING = ("fit", "validate", "test", "predict")
 DEBUG = "--debug"  # global: anywhere before `--`, training commands included
 
 
+class Signature:
+    """An option's default: that of parameter ``name`` (default: the option's dest) of ``function``
+    (``module:function``), passed through ``convert``. The module is imported when the option's
+    subcommand is parsed or its help shown, so ``vpipe --help`` imports none of them."""
+
+    def __init__(self, function: str, name: str | None = None, convert=None):
+        self.function, self.name, self.convert = function, name, convert
+
+    def value(self, dest: str):
+        module, _, qualname = self.function.partition(":")
+        parameter = inspect.signature(getattr(importlib.import_module(module), qualname)).parameters
+        default = parameter[self.name or dest].default
+        return self.convert(default) if self.convert else default
+
+    def __repr__(self) -> str:  # in `vpipe --help` of an unparsed subcommand, were it ever shown
+        return f"{self.function}'s {self.name or 'default'}"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``vpipe extract: argument --fps: invalid float value: 'abc'``; the
-    usage too with ``debug``)."""
+    usage too with ``debug``) and :class:`Signature` defaults resolved when a parser is used."""
 
     debug = False  # set by main()
+
+    def _resolve_defaults(self) -> None:
+        for action in self._actions:
+            if isinstance(action.default, Signature):
+                action.default = action.default.value(action.dest)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._resolve_defaults()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._resolve_defaults()
+        return super().format_help()
 
     def error(self, message: str):
         if self.debug:
@@ -31,7 +67,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _model_options(p: argparse.ArgumentParser, example: str) -> None:
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
+def _model_options(p: argparse.ArgumentParser, example: str, function: str) -> None:
     """The options every command that runs a trained model on files shares: which model, output, device."""
     m = p.add_mutually_exclusive_group(required=True)
     m.add_argument("--ckpt", help=f"checkpoint written by vpipe fit, e.g. {example}")
@@ -40,45 +84,55 @@ def _model_options(p: argparse.ArgumentParser, example: str) -> None:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     p.add_argument(
-        "--weights", default=None, help="backbone weights file, when the features were computed from one"
+        "--weights",
+        default=Signature(function),
+        help="backbone weights file, when the features were computed from one",
     )
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--device", default=Signature(function), help="torch device, e.g. cuda")
 
 
-def _root_option(p: argparse.ArgumentParser) -> None:
+def _root_option(p: argparse.ArgumentParser, function: str) -> None:
     p.add_argument(
         "--root",
-        default=None,
+        default=Signature(function),
         help="dataset root that every path must stay inside (default: the manifest's folder)",
     )
 
 
-def _decoding_options(p: argparse.ArgumentParser, workers, workers_help: str) -> None:
-    """How videos are decoded: the options vpipe extract and vpipe features --manifest share."""
-    p.add_argument("--fps", type=float, default=0.0, help="output frame rate; 0 keeps every frame")
+def _decoding_options(p: argparse.ArgumentParser, function: str, workers_help: str) -> None:
+    """How videos are decoded: the options vpipe extract and vpipe features --manifest share, with the
+    defaults of ``function`` (:func:`pipeline.stages.extract.extract`, ``compute_from_videos``)."""
+    default = Signature(function)
+    p.add_argument("--fps", type=float, default=default, help="output frame rate; 0 keeps every frame")
     p.add_argument(
-        "--size", default=None, help="scale whole frames to S×S or WxH (no crop); default keeps the size"
+        "--size", default=default, help="scale whole frames to S×S or WxH (no crop); default keeps the size"
     )
     p.add_argument(
-        "--max-frames", type=int, default=None, help="keep at most N frames per video, sampled uniformly"
+        "--max-frames", type=int, default=default, help="keep at most N frames per video, sampled uniformly"
     )
-    p.add_argument("--workers", type=int, default=workers, help=workers_help)
+    p.add_argument("--workers", type=int, default=default, help=workers_help)
     p.add_argument(
         "--on-error",
         choices=["skip", "fail"],
-        default="skip",
+        default=default,
         help="skip: record bad videos in errors.csv; fail: stop",
     )
     p.add_argument(
         "--timeout",
         type=float,
-        default=600.0,
+        default=default,
         help="seconds per video before its decoder is killed (0: no limit)",
+    )
+    p.add_argument(
+        "--image-fps",
+        type=float,
+        default=default,
+        help="frame rate of image-sequence folders without an fps column",
     )
 
 
 def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Help
     parser = Parser(
         prog="vpipe", description="Video understanding pipeline: extract → features → train → report."
     )
@@ -96,8 +150,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--manifest", help="CSV of video_id,path,label,split[,start_sec,end_sec]")
     p.add_argument("--out", required=True, help="frame store folder (replaced atomically)")
-    _decoding_options(p, os.cpu_count(), "decoding processes")
-    p.add_argument("--shard-mb", type=int, default=256, help="approximate size of a frame shard")
+    extract = "pipeline.stages.extract:extract"
+    _decoding_options(p, extract, "decoding processes (default: one per core)")
+    p.add_argument(
+        "--shard-mb", type=int, default=Signature(extract), help="approximate size of a frame shard"
+    )
     p.add_argument(
         "--part",
         default=None,
@@ -108,17 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--codec",
         choices=["jpeg", "raw"],
-        default="jpeg",
+        default=Signature(extract),
         help="jpeg: frames as JPEG images (about half the videos' bytes at 112 px); raw: uint8 arrays (8x more)",
     )
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality (1-100) of --codec jpeg")
     p.add_argument(
-        "--image-fps",
-        type=float,
-        default=12.0,
-        help="frame rate of image-sequence folders without an fps column",
+        "--quality", type=int, default=Signature(extract), help="JPEG quality (1-100) of --codec jpeg"
     )
-    _root_option(p)
+    _root_option(p, extract)
 
     p = sub.add_parser(
         "merge",
@@ -140,11 +193,15 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate a manifest and the files it names before any work", formatter_class=fmt
     )
     p.add_argument("--manifest", required=True)
-    _root_option(p)
+    validate = "pipeline.media.manifest:validate"
+    _root_option(p, validate)
     p.add_argument(
-        "--min-per-class", type=int, default=2, help="warn about classes with fewer training examples"
+        "--min-per-class",
+        type=int,
+        default=Signature(validate),
+        help="warn about classes with fewer training examples",
     )
-    p.add_argument("--show", type=int, default=5, help="offenders named per problem")
+    p.add_argument("--show", type=int, default=Signature(validate), help="offenders named per problem")
     p.add_argument(
         "--captions",
         default=None,
@@ -162,21 +219,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="NAME", help="the dataset's name: data/frames/NAME, experiments NAME_HEAD")
     p.add_argument("--manifest", required=True, help="CSV of video_id,path,label,split (written by --import)")
-    p.add_argument("--fps", type=float, default=10.0, help="extraction frame rate (0 keeps every frame)")
-    p.add_argument("--size", default="112", help="extracted frame size: S (S×S) or WxH")
-    p.add_argument("--codec", choices=["jpeg", "raw"], default="jpeg", help="frame store codec")
+    plan = "pipeline.add_dataset:plan_add"
+    p.add_argument(
+        "--fps", type=float, default=Signature(plan), help="extraction frame rate (0 keeps every frame)"
+    )
+    p.add_argument("--size", default=Signature(plan), help="extracted frame size: S (S×S) or WxH")
+    p.add_argument("--codec", choices=["jpeg", "raw"], default=Signature(plan), help="frame store codec")
     p.add_argument(
         "--template",
-        default="gestures",
+        default=Signature(plan),
         help="backbone recipe: configs/backbone_TEMPLATE.yaml (gestures, actions)",
     )
     p.add_argument(
         "--heads",
-        default="lstm,gru",
+        default=Signature(plan, convert=",".join),
         help="experiments to add, comma-separated: lstm, gru, transformer, meanpool, rnn",
     )
     p.add_argument(
-        "--epochs", type=int, default=None, help="max_epochs of every new config (default: the templates')"
+        "--epochs",
+        type=int,
+        default=Signature(plan),
+        help="max_epochs of every new config (default: the templates')",
     )
     p.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     p.add_argument(
@@ -208,15 +271,16 @@ def _parser() -> argparse.ArgumentParser:
         help="CSV of videos: decode them (as vpipe extract would) straight into the backbone, no frame store",
     )
     p.add_argument("--out", required=True, help="feature store folder (replaced atomically)")
+    compute = "pipeline.stages.features:compute"  # compute_from_videos (--manifest) has the same defaults
     p.add_argument(
         "--backbone",
-        default=None,
+        default=Signature(compute, "name"),
         help="timm model name, e.g. resnet18 (default: the one named by the card beside --weights)",
     )
     w = p.add_mutually_exclusive_group()
     w.add_argument(
         "--weights",
-        default=None,
+        default=Signature(compute),
         help="local .safetensors or .pth weights, e.g. the backbone stage's models/backbone_NAME/backbone.safetensors",
     )
     w.add_argument(
@@ -224,42 +288,60 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="timm's pretrained weights (offline for tf_efficientnet_lite0; other models need the model hub)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random-initialisation seed when no weights are given")
-    p.add_argument("--pool", choices=["avg", "grid"], default="avg", help="avg: (N, D); grid: (N, C, G, G)")
-    p.add_argument("--grid", type=int, default=4, help="G for --pool grid")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=Signature(compute),
+        help="random-initialisation seed when no weights are given",
+    )
+    p.add_argument(
+        "--pool", choices=["avg", "grid"], default=Signature(compute), help="avg: (N, D); grid: (N, C, G, G)"
+    )
+    p.add_argument("--grid", type=int, default=Signature(compute), help="G for --pool grid")
     p.add_argument(
         "--input-size",
         type=int,
-        default=None,
+        default=Signature(compute),
         help="side fed to the model; default: the weights' card (backbone.json beside them), else the model's own",
     )
     p.add_argument(
         "--modality",
         choices=["rgb", "rgb_diff"],
-        default=None,
+        default=Signature(compute),
         help="rgb: the frames; rgb_diff: each frame's difference to the next (TSN). Default: the weights' card, else rgb",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="frames per batch, per device")
+    p.add_argument("--batch-size", type=int, default=Signature(compute), help="frames per batch, per device")
     p.add_argument(
-        "--num-workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, up to 4 on GPU)"
+        "--num-workers",
+        type=int,
+        default=Signature(compute),
+        help="DataLoader workers (default: 0 on CPU, up to 4 on GPU)",
     )
-    p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto, ...")
-    p.add_argument("--devices", default="1", help="devices per node (a number, a list such as 0,1, or auto)")
-    p.add_argument("--num-nodes", type=int, default=1, help="machines (torchrun or SLURM)")
-    p.add_argument("--strategy", default="auto", help="e.g. ddp; auto picks DDP for several devices")
+    p.add_argument("--accelerator", default=Signature(compute), help="cpu, gpu, auto, ...")
     p.add_argument(
-        "--precision", default=None, help="default: bf16-mixed on CUDA GPUs with bf16, else 32-true"
+        "--devices",
+        default=Signature(compute, convert=str),
+        help="devices per node (a number, a list such as 0,1, or auto)",
+    )
+    p.add_argument("--num-nodes", type=int, default=Signature(compute), help="machines (torchrun or SLURM)")
+    p.add_argument(
+        "--strategy", default=Signature(compute), help="e.g. ddp; auto picks DDP for several devices"
+    )
+    p.add_argument(
+        "--precision",
+        default=Signature(compute),
+        help="default: bf16-mixed on CUDA GPUs with bf16, else 32-true",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a feature store whose cache key differs")
     g = p.add_argument_group("decoding (--manifest only; as vpipe extract)")
+    videos = "pipeline.stages.video_features:compute_from_videos"
     _decoding_options(
         g,
-        None,
+        videos,
         "decoding processes per device (default: the device's share of the cores; half of it on the CPU, "
         "the model's threads taking the rest)",
     )
-    g.add_argument("--image-fps", type=float, default=12.0, help="frame rate of image-sequence folders")
-    _root_option(g)
+    _root_option(g, videos)
     p.add_argument(
         "--system-metrics",
         action=argparse.BooleanOptionalAction,
@@ -276,12 +358,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("files", nargs="+", metavar="H5")
     p.add_argument("--out", required=True, help="grid store folder (replaced atomically)")
+    grids = "pipeline.storage.grids:import_grids"
     p.add_argument(
-        "--val-days", type=int, default=14, help="days before the test days that form the val split"
+        "--val-days",
+        type=int,
+        default=Signature(grids),
+        help="days before the test days that form the val split",
     )
-    p.add_argument("--test-days", type=int, default=14, help="last days of the series: the test split")
-    p.add_argument("--slots-per-day", type=int, default=48, help="slots of a day (48: 30 minutes each)")
-    p.add_argument("--channels", default="inflow,outflow", help="names of the grid channels, comma-separated")
+    p.add_argument(
+        "--test-days", type=int, default=Signature(grids), help="last days of the series: the test split"
+    )
+    p.add_argument(
+        "--slots-per-day",
+        type=int,
+        default=Signature(grids),
+        help="slots of a day (48: 30 minutes each)",
+    )
+    p.add_argument(
+        "--channels",
+        default=Signature(grids, convert=",".join),
+        help="names of the grid channels, comma-separated",
+    )
 
     for name in TRAINING:
         what = {
@@ -299,19 +396,20 @@ def _parser() -> argparse.ArgumentParser:
         help="table of every metrics/*.json, also written to reports/summary.md",
         formatter_class=fmt,
     )
-    p.add_argument("--metrics", default="metrics", help="folder of metrics JSON files")
-    p.add_argument("--out", default="reports/summary.md", help="Markdown copy of the table ('' for none)")
+    report = "pipeline.report:report"
+    p.add_argument("--metrics", default=Signature(report, "metrics_dir"), help="folder of metrics JSON files")
+    p.add_argument("--out", default=Signature(report), help="Markdown copy of the table ('' for none)")
     p.add_argument("--no-timings", action="store_true", help="leave out the run durations read from MLflow")
     p.add_argument(
         "--seeds",
-        default="bench/results/seeds.json",
+        default=Signature(report),
         help="bench/seeds.py's results: the quality as mean ± sd over seeds, shown first ('' for none)",
     )
     p.add_argument(
         "--columns",
         nargs="+",
         metavar="PATTERN",
-        default=None,
+        default=Signature(report),
         help="only metrics matching these patterns, e.g. 'test/acc*'",
     )
     p.add_argument(
@@ -321,9 +419,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ui", help="MLflow UI on this project's store, bound to 127.0.0.1", formatter_class=fmt
     )
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--host", default="127.0.0.1", help="keep it local: the UI has no authentication")
-    p.add_argument("--workers", type=int, default=1, help="server worker processes")
+    serve = "pipeline.ui:serve"
+    p.add_argument("--port", type=int, default=Signature(serve))
+    p.add_argument("--host", default=Signature(serve), help="keep it local: the UI has no authentication")
+    p.add_argument("--workers", type=int, default=Signature(serve), help="server worker processes")
 
     p = sub.add_parser(
         "classify",
@@ -333,16 +432,22 @@ def _parser() -> argparse.ArgumentParser:
         "feature store was, and print the top-k classes with probabilities.",
     )
     p.add_argument("videos", nargs="+", metavar="VIDEO")
-    _model_options(p, "models/gesture_gru/best.ckpt")
-    p.add_argument("--topk", type=int, default=5, help="classes printed per video or window")
+    classify = "pipeline.inference.classify:run"
+    _model_options(p, "models/gesture_gru/best.ckpt", classify)
+    p.add_argument(
+        "--topk", type=int, default=Signature(classify), help="classes printed per video or window"
+    )
     p.add_argument(
         "--window",
         type=float,
-        default=None,
+        default=Signature(classify),
         help="classify windows of W seconds (streaming) instead of whole videos",
     )
     p.add_argument(
-        "--stride", type=float, default=None, help="seconds between window starts (default: --window)"
+        "--stride",
+        type=float,
+        default=Signature(classify),
+        help="seconds between window starts (default: --window)",
     )
     p = sub.add_parser(
         "caption",
@@ -352,9 +457,13 @@ def _parser() -> argparse.ArgumentParser:
         "one-frame video), compute features as its feature store was, and print one caption.",
     )
     p.add_argument("videos", nargs="+", metavar="VIDEO_OR_IMAGE")
-    _model_options(p, "models/caption_gru/best.ckpt")
+    caption = "pipeline.inference.describe:run"
+    _model_options(p, "models/caption_gru/best.ckpt", caption)
     p.add_argument(
-        "--beam", type=int, default=None, help="beam width (1: greedy; default: the model's beam_size)"
+        "--beam",
+        type=int,
+        default=Signature(caption),
+        help="beam width (1: greedy; default: the model's beam_size)",
     )
     p = sub.add_parser(
         "forecast",
@@ -369,11 +478,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ckpt", required=True, help="frame forecaster checkpoint, e.g. models/nextframe_convlstm/best.ckpt"
     )
+    forecast = "pipeline.inference.rollout:forecast"
     p.add_argument(
-        "--context", type=int, default=None, help="frames read (N); default: the model's training context"
+        "--context",
+        type=int,
+        default=Signature(forecast),
+        help="frames read (N); default: the model's training context",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="frames predicted (K); default: the model's training horizon"
+        "--steps",
+        type=int,
+        default=Signature(forecast),
+        help="frames predicted (K); default: the model's training horizon",
     )
     p.add_argument("--out", required=True, help="output video: .mp4 (H.264) or .gif")
     return parser

@@ -138,7 +138,7 @@ def run_features(args: argparse.Namespace) -> None:
         sys.exit("vpipe features: --num-workers reads a frame store; with --manifest, --workers decodes")
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     # The decoding options count with --manifest only.
-    unused = {"num_workers"} if args.manifest else {*DECODING, "image_fps", "root"}
+    unused = {"num_workers"} if args.manifest else set(DECODING)
     params = {
         k: v
         for k, v in vars(args).items()
@@ -183,15 +183,14 @@ def run_features(args: argparse.Namespace) -> None:
             inputs.log_datasets(client, run_id, [args.out], "output", with_sources=False)
 
 
-# The options of cli._decoding_options, as attributes of the parsed arguments.
-DECODING = ("fps", "size", "max_frames", "workers", "on_error", "timeout")
+# The options of cli._decoding_options and cli._root_option, as attributes of the parsed arguments.
+DECODING = ("fps", "size", "max_frames", "workers", "on_error", "timeout", "image_fps", "root")
 
 
 def _decoding(args: argparse.Namespace) -> dict:
     """How ``vpipe extract`` and ``vpipe features --manifest`` decode: their shared options as keyword
     arguments (``--timeout 0``: no limit)."""
-    return {**{k: getattr(args, k) for k in DECODING}, "timeout": args.timeout or None,
-            "image_fps": args.image_fps, "root": args.root}  # fmt: skip
+    return {k: getattr(args, k) for k in DECODING}
 
 
 def run_grids(args: argparse.Namespace) -> None:

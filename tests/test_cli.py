@@ -123,3 +123,53 @@ def test_report_orders_columns_marks_the_best_and_filters(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="broken.json: expected a JSON object"):
         main(["report", "--metrics", str(tmp_path), "--out", ""])
+
+
+# Each option that mirrors a parameter of the function its command calls: (command, function, renames
+# {option dest: parameter}); every other option whose dest is a parameter's name mirrors that parameter.
+MIRRORS = [
+    ("extract", "pipeline.stages.extract:extract", {}),
+    ("merge", "pipeline.stages.parts:merge", {}),
+    ("check", "pipeline.media.manifest:validate", {}),
+    ("add-dataset", "pipeline.add_dataset:plan_add", {}),
+    ("features", "pipeline.stages.features:compute", {"backbone": "name"}),
+    ("features", "pipeline.stages.video_features:compute_from_videos", {"backbone": "name"}),
+    ("grids", "pipeline.storage.grids:import_grids", {}),
+    ("report", "pipeline.report:report", {"metrics": "metrics_dir", "all": "every"}),
+    ("ui", "pipeline.ui:serve", {}),
+    ("classify", "pipeline.inference.classify:run", {"json": "as_json", "model": "model_uri"}),
+    ("caption", "pipeline.inference.describe:run", {"json": "as_json", "model": "model_uri"}),
+    ("forecast", "pipeline.inference.rollout:forecast", {}),
+]
+# Options given as text where the function takes another type.
+AS_TEXT = {"devices": str, "channels": ",".join, "heads": ",".join}
+
+
+@pytest.mark.parametrize("command,function,renames", MIRRORS, ids=[f"{c}-{f}" for c, f, _ in MIRRORS])
+def test_each_option_defaults_to_its_function_parameters_default(command, function, renames):
+    """One source per default: `vpipe COMMAND`'s option and the library function's parameter agree, so a
+    library caller gets what the command line gets (e.g. extract's 600 s decoder timeout)."""
+    import argparse
+    import importlib
+    import inspect
+
+    from pipeline.cli import _parser
+
+    (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    options = sub.choices[command]
+    options.format_help()  # the defaults read from the signatures
+    module, _, name = function.partition(":")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    pairs = {
+        action.dest: (action.default, parameters[renames.get(action.dest, action.dest)].default)
+        for action in options._actions
+        if renames.get(action.dest, action.dest) in parameters
+        and parameters[renames.get(action.dest, action.dest)].default is not inspect.Parameter.empty
+    }
+    assert pairs, f"vpipe {command} mirrors no parameter of {function}"
+    drift = {
+        dest: (cli, AS_TEXT.get(dest, lambda v: v)(default))
+        for dest, (cli, default) in pairs.items()
+        if cli != AS_TEXT.get(dest, lambda v: v)(default)
+    }
+    assert not drift, f"vpipe {command} option defaults differ from {function}'s: {drift}"

@@ -39,10 +39,11 @@ import numpy as np
 
 from pipeline.media.codecs import DEFAULT_CODEC, DEFAULT_QUALITY, JpegShard, check_codec
 from pipeline.media.errors import UserError
+from pipeline.media.images import DEFAULT_IMAGE_FPS
 from pipeline.media.manifest import read_manifest, validate
 from pipeline.media.resample import parse_size, uniform_indices
 from pipeline.stages.parts import default_part, part_of, part_path
-from pipeline.stages.workers import Job, pool_results, remove_spill
+from pipeline.stages.workers import DECODE_TIMEOUT_SEC, Job, pool_results, remove_spill
 from pipeline.storage.sources import inputs_hash, reusable, source_key, source_row, write_sources
 from pipeline.storage.store import fingerprint
 from pipeline.storage.writer import StoreWriter, copy_row
@@ -87,10 +88,10 @@ def extract(
     max_frames: int | None = None,
     workers: int | None = None,
     on_error: Literal["skip", "fail"] = "skip",
-    timeout: float | None = None,
+    timeout: float | None = DECODE_TIMEOUT_SEC,
     shard_mb: int = 256,
     part: tuple[int, int] | None = None,
-    image_fps: float = 12.0,
+    image_fps: float = DEFAULT_IMAGE_FPS,
     root: str | os.PathLike | None = None,
     codec: str = DEFAULT_CODEC,
     quality: int = DEFAULT_QUALITY,
@@ -100,7 +101,8 @@ def extract(
     With ``part=(I, N)``, ``N`` > 1 (default: :func:`default_part`), only part ``I`` of the manifest
     is extracted, into the part store :func:`pipeline.stages.parts.part_path` ``(out, I, N)``; :func:`pipeline.stages.parts.merge` joins them.
     ``codec`` is ``jpeg`` (JPEG images at ``quality``) or ``raw`` (uint8 arrays). A "video" may be a folder of images (natural
-    order) at the manifest's ``fps`` column or ``image_fps``. The manifest is validated first
+    order) at the manifest's ``fps`` column or ``image_fps``. A video whose decoding takes longer than
+    ``timeout`` seconds (0 or None: no limit) is killed and fails. The manifest is validated first
     (:func:`pipeline.media.manifest.validate`, with ``root`` as the dataset root): dataset-level errors stop
     the run before any work; missing or unreadable files follow ``on_error``.
 

@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.datasets.clips import rgb_difference
+from pipeline.media.images import DEFAULT_IMAGE_FPS
 from pipeline.media.manifest import Entry, read_manifest, validate
 from pipeline.media.resample import parse_size, uniform_indices
 from pipeline.stages.encoding import (
@@ -52,7 +53,7 @@ from pipeline.stages.encoding import (
     up_to_date,
 )
 from pipeline.stages.parts import part_of
-from pipeline.stages.workers import Job, ahead, pool_results
+from pipeline.stages.workers import DECODE_TIMEOUT_SEC, Job, ahead, pool_results
 from pipeline.storage.sources import inputs_hash, source_row
 from pipeline.storage.store import FeatureStore, fingerprint
 from pipeline.storage.writer import StoreWriter
@@ -215,10 +216,10 @@ def compute_from_videos(
     fps: float = 0.0,
     size: str | None = None,
     max_frames: int | None = None,
-    image_fps: float = 12.0,
+    image_fps: float = DEFAULT_IMAGE_FPS,
     workers: int | None = None,
     on_error: Literal["skip", "fail"] = "skip",
-    timeout: float | None = None,
+    timeout: float | None = DECODE_TIMEOUT_SEC,
     root: str | os.PathLike | None = None,
     shard_mb: int = 256,
     name: str | None = None,

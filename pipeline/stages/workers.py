@@ -27,6 +27,9 @@ from pipeline.storage.writer import NpyAppender
 REORDER_WINDOW = 4
 # A worker writes its frames to the spill file in blocks of about this size.
 SPILL_BLOCK_BYTES = 8 << 20
+# Seconds one video may take to decode before its worker is killed (the default of extract and
+# compute_from_videos; there 0 or None: no limit).
+DECODE_TIMEOUT_SEC = 600.0
 
 
 @dataclass
