@@ -32,6 +32,21 @@ def fit_in(root: Path, *args: str) -> None:
         os.environ.pop("VPIPE_ROOT") if previous is None else os.environ.__setitem__("VPIPE_ROOT", previous)
 
 
+def quiet_trainer(**kw):
+    """A CPU Lightning trainer that writes and prints nothing of its own (no logger, checkpoints, progress
+    bar or model summary); ``kw`` adds to these settings or overrides them."""
+    import pytorch_lightning as pl
+
+    quiet = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**quiet, **kw})
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

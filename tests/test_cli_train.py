@@ -13,6 +13,7 @@ import torch
 from jsonargparse import ArgumentParser
 from test_training import feature_store, frame_store
 
+from conftest import quiet_trainer
 from pipeline.datasets.clips import segment_indices
 from pipeline.storage.store import FeatureStore
 
@@ -41,16 +42,7 @@ class LearningRates(pl.Callback):
 
 def schedule_trainer(lrs: LearningRates, **limits) -> pl.Trainer:
     """A CPU trainer that only trains (no validation, logger or checkpoints), recording into ``lrs``."""
-    return pl.Trainer(
-        **limits,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[lrs],
-        accelerator="cpu",
-        limit_val_batches=0,
-    )
+    return quiet_trainer(**limits, callbacks=[lrs], limit_val_batches=0)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_store
+from conftest import quiet_trainer, write_store
 from pipeline.storage.writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,15 +272,7 @@ def test_training_epoch_values_cover_every_step(features, tmp_path):
 
     data = FeatureDataModule(str(features), num_segments=4, batch_size=5)
     steps, csv_path = StepLosses(), tmp_path / "epochs.csv"
-    trainer = pl.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[steps, EpochCSV(csv_path)],
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(max_epochs=2, callbacks=[steps, EpochCSV(csv_path)])
     trainer.fit(Classifier(GRUHead, input_dim=data.input_dim, num_classes=data.num_classes), data)
     assert [n for _, n in steps.epochs[0]] == [5, 5, 2]
     last = steps.epochs[-1]
