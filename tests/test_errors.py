@@ -172,8 +172,6 @@ def test_vpipe_debug_gives_the_traceback_of_a_training_command(tmp_path):
         ("fps", "0", "fps 0 must be above 0"),
         ("fps", "-12", "fps -12 must be above 0"),
         ("fps", "nan", "fps: not a finite number: 'nan'"),
-        ("start_sec,end_sec", "0.5,0.6", "start_sec 0.5 is not before the end of clip.mp4 (0.480 s)"),
-        ("start_sec,end_sec", "0,0.7", "end_sec 0.7 is past the end of clip.mp4 (0.480 s)"),
     ],
 )
 def test_each_bad_manifest_value_is_one_line_naming_the_line_and_field(
@@ -190,6 +188,45 @@ def test_each_bad_manifest_value_is_one_line_naming_the_line_and_field(
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith("vpipe extract: ") and f"{manifest}:3: {message}" in err[0], err
     assert not (tmp_path / "frames").exists()
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ("0.5,0.6", "start_sec 0.5 is not before the end of clip.mp4 (0.480 s)"),
+        ("0,0.7", "end_sec 0.7 is past the end of clip.mp4 (0.480 s)"),
+    ],
+)
+def test_clip_times_outside_the_video_are_that_file_s_error(vpipe, tmp_path, make_video, values, message):
+    """Checked by the decoding worker as the video's job starts: ``--on-error fail`` stops with one line
+    naming the file, the field and the manifest line; ``skip`` records it and extracts the others."""
+    make_video("clip.mp4", frames=12, fps=25)  # 0.48 s
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "video_id,path,label,split,start_sec,end_sec\na,clip.mp4,x,train,,\n"
+        f"b,clip.mp4,x,train,{values}\nc,clip.mp4,x,val,,\nd,clip.mp4,x,test,,\n"
+    )
+    code, err = vpipe(
+        "extract",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp_path / "fail"),
+        "--on-error",
+        "fail",
+        "--workers",
+        "1",
+    )
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("vpipe extract: ") and message in err[0] and "(manifest line 3)" in err[0], err
+    assert not (tmp_path / "fail").exists()
+    code, err = vpipe(
+        "extract", "--manifest", str(manifest), "--out", str(tmp_path / "skip"), "--workers", "1"
+    )
+    assert code == 0
+    errors = (tmp_path / "skip" / "errors.csv").read_text()
+    assert "b," in errors and message in errors
+    assert (tmp_path / "skip" / "index.csv").read_text().splitlines()[1].startswith("a,")
 
 
 def test_several_manifest_problems_are_still_one_line(vpipe, tmp_path):

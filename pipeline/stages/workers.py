@@ -58,8 +58,12 @@ def _decode_to_spill(
     job: Job, fps: float, size, image_fps: float, codec: str = "raw", quality: int = DEFAULT_QUALITY
 ) -> dict:
     """Decode one video into ``job.spill`` (written block by block); returns its index info."""
+    from pipeline.media.manifest import clip_outside
     from pipeline.media.video import Decoder
 
+    if outside := clip_outside(job.entry):
+        line = f" (manifest line {job.entry.line})" if job.entry.line else ""
+        raise ValueError(f"{job.entry.path}: {outside}{line}")
     writer = None
     try:
         with Decoder(
