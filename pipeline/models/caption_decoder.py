@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.models.heads import sinusoidal_positions
 from pipeline.storage.captions import Vocabulary
 
 
@@ -26,8 +27,10 @@ class CaptionModel(nn.Module):
     Args:
         input_dim: features per step.
         vocab_size: words, with the four specials of :class:`~pipeline.storage.captions.Vocabulary`.
-        encoder: ``gru`` or ``lstm`` (reads the steps in order), or ``meanpool`` (the order-blind
-            baseline: one vector, the mean of the steps).
+        encoder: ``gru`` or ``lstm`` (reads the steps in order; the summary is the last step's output),
+            ``transformer`` (two pre-norm self-attention layers over the steps with sine/cosine positions,
+            as :class:`~pipeline.models.heads.TransformerHead`; the summary is the mean of its outputs), or
+            ``meanpool`` (the order-blind baseline: one vector, the mean of the steps).
         decoder: ``gru`` or ``lstm``.
         hidden_size: encoder and decoder width.
         embed_dim: word embedding size.
@@ -39,17 +42,25 @@ class CaptionModel(nn.Module):
         self,
         input_dim: int,
         vocab_size: int,
-        encoder: Literal["gru", "lstm", "meanpool"] = "gru",
+        encoder: Literal["gru", "lstm", "transformer", "meanpool"] = "gru",
         decoder: Literal["gru", "lstm"] = "gru",
         hidden_size: int = 256,
         embed_dim: int = 128,
         attention: bool = True,
         dropout: float = 0.2,
+        max_len: int = 256,
     ):
         super().__init__()
         self.encoder_type, self.decoder_type, self.attention = encoder, decoder, attention
         self.project = nn.Sequential(nn.Dropout(dropout), nn.Linear(input_dim, hidden_size), nn.GELU())
-        self.encoder = None if encoder == "meanpool" else _rnn(encoder, hidden_size, hidden_size)
+        if encoder == "transformer":
+            layer = nn.TransformerEncoderLayer(
+                hidden_size, 4, 2 * hidden_size, dropout, batch_first=True, norm_first=True
+            )
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.register_buffer("pos", sinusoidal_positions(max_len, hidden_size)[None], persistent=False)
+        else:
+            self.encoder = None if encoder == "meanpool" else _rnn(encoder, hidden_size, hidden_size)
         self.init_state = nn.Linear(hidden_size, hidden_size)
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=Vocabulary.PAD)
         self.decoder = _rnn(decoder, embed_dim + hidden_size, hidden_size)
@@ -62,6 +73,9 @@ class CaptionModel(nn.Module):
         if self.encoder is None:
             summary = h.mean(1)
             memory = summary[:, None]
+        elif self.encoder_type == "transformer":
+            memory = self.encoder(h + self.pos[:, : h.shape[1]])
+            summary = memory.mean(1)
         else:
             memory, _ = self.encoder(h)
             summary = memory[:, -1]

@@ -54,7 +54,7 @@ class Captioner(WarmupCosineAdamW, pl.LightningModule):
         self,
         input_dim: int | None = None,
         vocabulary: list[str] | None = None,
-        encoder: Literal["gru", "lstm", "meanpool"] = "gru",
+        encoder: Literal["gru", "lstm", "transformer", "meanpool"] = "gru",
         decoder: Literal["gru", "lstm"] = "gru",
         hidden_size: int = 256,
         embed_dim: int = 128,
