@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +75,59 @@ def test_a_model_over_cached_features_does_not_import_timm():
         "assert 'timm' not in sys.modules, 'timm imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ema_weights_are_what_a_test_after_fit_scores_and_what_the_checkpoint_holds(tmp_path):
+    """After ``fit``, ``trainer.test(ckpt_path="best")`` scores the checkpoint's averaged weights, and
+    so does a fresh trainer's test of that file (as ``vpipe test`` and the DDP test compare); Lightning's
+    own callback would put the current weights back when the checkpoint is loaded."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from conftest import quiet_trainer
+    from pipeline.systems.averaging import EMAWeights
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 1)
+            self.seen: list[torch.Tensor] = []
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.layer(x), y)
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            self.log("val/loss", torch.nn.functional.mse_loss(self.layer(x), y))
+
+        def test_step(self, batch, _):
+            self.seen.append(self.layer.weight.detach().clone())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 3), torch.randn(32, 1)), batch_size=8)
+
+    def run(callback) -> tuple[torch.Tensor, torch.Tensor, Path]:
+        torch.manual_seed(1)
+        model, folder = Tiny(), tmp_path / type(callback).__name__
+        checkpoint = ModelCheckpoint(dirpath=folder, monitor="val/loss", save_last=False)
+        trainer = quiet_trainer(max_epochs=3, callbacks=[callback, checkpoint], enable_checkpointing=True)
+        trainer.fit(model, data, data)
+        trainer.test(model, data, ckpt_path="best", verbose=False)
+        saved = torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"]["layer.weight"]
+        return model.seen[0], saved, Path(checkpoint.best_model_path)
+
+    tested, saved, path = run(EMAWeights(decay=0.5))
+    assert torch.equal(tested, saved)  # the test scored the averaged weights the file holds
+    current = torch.load(path, weights_only=True)["current_model_state"]["layer.weight"]
+    assert not torch.equal(saved, current)  # and they are not the current ones
+    fresh = Tiny()
+    quiet_trainer(callbacks=[EMAWeights(decay=0.5)]).test(fresh, data, ckpt_path=str(path), verbose=False)
+    assert torch.equal(fresh.seen[0], saved)
+    # Lightning's callback alone scores the current weights after fit: what EMAWeights is for.
+    tested, saved, _ = run(EMAWeightAveraging(decay=0.5))
+    assert not torch.equal(tested, saved)
