@@ -1,4 +1,4 @@
-"""What each ``vpipe`` command does once its arguments are parsed (:mod:`pipeline.cli` parses them).
+"""What each ``vpipe`` command does once its arguments are parsed (:mod:`pipeline.options` defines them, :mod:`pipeline.cli` parses them).
 Heavy libraries are imported inside each command, so ``vpipe --help`` needs no torch. The project's
 errors (:class:`pipeline.media.errors.UserError`) are left to :func:`pipeline.cli.main`, which prints
 them as one line."""
@@ -183,7 +183,7 @@ def run_features(args: argparse.Namespace) -> None:
             inputs.log_datasets(client, run_id, [args.out], "output", with_sources=False)
 
 
-# The options of cli._decoding_options and cli._root_option, as attributes of the parsed arguments.
+# The options of options._decoding_options and options._root_option, as attributes of the parsed arguments.
 DECODING = ("fps", "size", "max_frames", "workers", "on_error", "timeout", "image_fps", "root")
 
 
@@ -244,7 +244,7 @@ def run_ui(args: argparse.Namespace) -> None:
 
 def _on_files(run, args: argparse.Namespace, **options) -> None:
     """A trained model over the files of ``args.videos`` with the options every such command shares
-    (``cli._model_options``); exits with its status."""
+    (``options._model_options``); exits with its status."""
     status = run(
         args.videos,
         ckpt=args.ckpt,

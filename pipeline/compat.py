@@ -5,7 +5,7 @@ API does the same; its docstring names the thing and the versions tested. ``test
 runs each against the installed library, so an upgrade that changes one fails there (not in the
 middle of a training run), and checks that none of these names is used anywhere else in
 ``pipeline/``. ``pyproject.toml`` pins the ranges tested: pytorch-lightning 2.6 (2.6.6 tested),
-mlflow 3.17 (3.17.2 tested).
+mlflow 3.17 (3.17.2 tested); jsonargparse's error texts were read with 4.53.0.
 
 It imports nothing of the package, so any layer may import it, and each library only inside the
 function that uses it: the MLflow server app (:mod:`pipeline.mlflow_app`) reads a setting here
@@ -18,6 +18,37 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+# jsonargparse ------------------------------------------------------------------------------------
+
+
+def jsonargparse_keys(chain: list[BaseException]) -> tuple[list[str], str | None]:
+    """The option a jsonargparse parse error is about, which it publishes only in its messages: the
+    ``Parser key "..."`` of each level (``init_args`` below a ``Problem with given class_path '...'``),
+    and that class path. ``chain``: the error and those behind it, outermost first. Tested with
+    jsonargparse 4.53.0."""
+    import re
+
+    keys: list[str] = []
+    class_path = None
+    for err in chain:
+        if key := re.match(r'Parser key "([^"]+)":', str(err)):
+            if not keys or keys[-1] != key[1]:
+                keys.append(key[1])
+        elif given := re.match(r"Problem with given class_path '([^']+)'", str(err)):
+            class_path = given[1]
+            keys.append("init_args")
+    return keys, class_path
+
+
+def jsonargparse_reason(text: str) -> str:
+    """A jsonargparse reason (one line) as a person reads it: ``<class 'a.b.C'>`` as ``C``, and
+    ``Expected a X. Got value: Y`` as ``expected X, got Y``. Tested with jsonargparse 4.53.0."""
+    import re
+
+    text = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", text)
+    return re.sub(r"^Expected an? (.+?)\. Got value: (.*)$", r"expected \1, got \2", text)
+
 
 # Lightning ---------------------------------------------------------------------------------------
 

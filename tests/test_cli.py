@@ -153,7 +153,7 @@ def test_each_option_defaults_to_its_function_parameters_default(command, functi
     import importlib
     import inspect
 
-    from pipeline.cli import _parser
+    from pipeline.options import build_parser as _parser
 
     (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
     options = sub.choices[command]

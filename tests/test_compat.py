@@ -40,6 +40,7 @@ PRIVATE = {
     "pytorch_lightning.utilities.model_helpers": r"\bmodel_helpers\b|\bis_overridden\b",
     "SystemMetricsMonitor": r"\bsystem_metrics_monitor\b|\bSystemMetricsMonitor\b",
     "jsonargparse Path's repr": r"Path_fs?r\(",
+    "jsonargparse's error texts": r"Parser key \"|Problem with given class_path|Got value:",
     "mlflow.utils": r"\bmlflow\.utils\b|\bmlflow_tags\b|\bwarn_dependency_requirement_mismatches\b",
     "_MLFLOW_STATIC_PREFIX": r"_MLFLOW_STATIC_PREFIX",
     "mlflow.server.fastapi_app": r"\bfastapi_app\b",
@@ -393,3 +394,31 @@ def test_config_files_are_logged_as_given(tmp_path, monkeypatch):
     config = parser.parse_args(["--config", "a.yaml", "--config", "b.yaml"])
     params = readable_params(flatten(config.as_dict()))
     assert params["config"] == "a.yaml, b.yaml" and params["x"] == 2 and params["y"] == 3
+
+
+def test_jsonargparse_errors_name_their_option_in_the_text_read():
+    """A nested option of the wrong type and a class path that does not exist, as a real jsonargparse
+    parser reports them: the adapter finds the option's keys, the class path and the reason."""
+    from jsonargparse import ArgumentParser
+    from pytorch_lightning import LightningModule
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--trainer.max_epochs", type=int)
+    parser.add_argument("--model", type=LightningModule)
+
+    def chain(args: list[str]) -> list[BaseException]:
+        with pytest.raises(Exception) as caught:
+            parser.parse_args(args)
+        found, err = [], caught.value
+        while err is not None and all(err is not e for e in found):
+            found.append(err)
+            err = err.__cause__ or err.__context__
+        return found
+
+    wrong = chain(["--trainer.max_epochs", "abc"])
+    assert compat.jsonargparse_keys(wrong) == (["trainer.max_epochs"], None)
+    assert compat.jsonargparse_reason(str(wrong[-1]).splitlines()[0]) == "expected int, got abc"
+    missing = chain(["--model", '{"class_path": "pipeline.systems.nope.Classifier"}'])
+    keys, class_path = compat.jsonargparse_keys(missing)
+    assert class_path == "pipeline.systems.nope.Classifier" and keys[0] == "model"
+    assert compat.jsonargparse_reason("<class 'pipeline.systems.classifier.Classifier'> x") == "Classifier x"

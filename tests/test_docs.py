@@ -7,7 +7,8 @@ import re
 import shlex
 from pathlib import Path
 
-from pipeline.cli import DEBUG, TRAINING, _parser
+from pipeline.options import DEBUG, TRAINING
+from pipeline.options import build_parser as _parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

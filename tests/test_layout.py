@@ -74,6 +74,7 @@ def test_the_folder_list_is_the_data_flow():
         "commands",
         "compat",
         "mlflow_app",
+        "options",
         "report",
     ] + [
         "train",

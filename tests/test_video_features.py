@@ -148,7 +148,7 @@ def test_two_ddp_processes_equal_one(videos, tmp_path):
 
 
 def test_frames_and_manifest_exclude_each_other(videos, tmp_path):
-    from pipeline.cli import _parser
+    from pipeline.options import build_parser as _parser
 
     with pytest.raises(SystemExit):
         _parser().parse_args(["features", "--frames", "f", "--manifest", str(videos), "--out", "o"])
