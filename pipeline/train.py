@@ -36,6 +36,7 @@ from pipeline.tracking.lineage import (
     RunInputs,
     RunLogger,
 )
+from pipeline.tracking.workspace import workspace
 
 
 class CommandError(ValueError, UserError):
@@ -115,7 +116,7 @@ class VPipeCLI(compat.CheckpointHparams, LightningCLI):
         ckpt = config.get("ckpt_path")
         if ckpt == "hpc" or "://" in str(ckpt):  # Lightning's SLURM auto-requeue checkpoint; remote storage
             return ckpt
-        models = tracking.workspace() / "models" / config.get("name")
+        models = workspace() / "models" / config.get("name")
         path = models / f"{ckpt or 'best'}.ckpt" if ckpt in (None, "best", "last") else Path(ckpt)
         if not path.is_file():
             configs = " ".join(f"-c {c}" for c in config.get("config") or []) or "-c configs/NAME.yaml"
@@ -126,7 +127,7 @@ class VPipeCLI(compat.CheckpointHparams, LightningCLI):
         return str(path)
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
-        root = tracking.workspace()
+        root = workspace()
         name = self.experiment
         if self.subcommand == "predict" and type(self.model).predict_step is pl.LightningModule.predict_step:
             raise CommandError(
@@ -208,7 +209,7 @@ class VPipeCLI(compat.CheckpointHparams, LightningCLI):
             return
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         if not best:  # no validation ran (e.g. max_epochs below check_val_every_n_epoch): the last weights
-            best = str(tracking.workspace() / "models" / self.experiment / "last.ckpt")
+            best = str(workspace() / "models" / self.experiment / "last.ckpt")
             rank_zero_warn(
                 f"{self.experiment}: no validation ran, so no best checkpoint; testing and registering {best}"
             )
@@ -261,7 +262,7 @@ class VPipeCLI(compat.CheckpointHparams, LightningCLI):
             "best_epoch": self._best_epoch(),
             "val": metrics,
         }
-        path = tracking.workspace() / "models" / self.experiment / "backbone.safetensors"
+        path = workspace() / "models" / self.experiment / "backbone.safetensors"
         card = backbone.save(model.encoder.model, path, card)
         if (logger := tracking.run_logger(self.trainer)) is not None:
             with timings.phase("logging"):
@@ -288,7 +289,7 @@ class VPipeCLI(compat.CheckpointHparams, LightningCLI):
             if k.startswith(prefix)
         }
         if self.trainer.is_global_zero:
-            path = tracking.workspace() / "metrics" / f"{self.experiment}.json"
+            path = workspace() / "metrics" / f"{self.experiment}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(metrics, indent=2) + "\n")
             if (logger := tracking.run_logger(self.trainer)) is not None:

@@ -43,7 +43,8 @@ class VideoModel(mlflow.pyfunc.PythonModel):
         )
 
     def _frames(self, row: dict, folder: Path):
-        from pipeline.inference.classify import ClassifyError, windows
+        from pipeline.inference.checkpoints import ClassifyError
+        from pipeline.inference.runner import windows
 
         video = row.get("video")
         encoded = row.get("video_b64")

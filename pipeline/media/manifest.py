@@ -184,18 +184,13 @@ class Report:
             print(str(self), file=sys.stderr)
 
 
-def clip_outside(e: Entry) -> str | None:
-    """``start_sec ...`` / ``end_sec ...`` when entry ``e``'s clip times fall outside its video's declared
-    duration (None when inside, when it cuts no clip, or when the file declares no duration: decoding
-    then reports it). The decoding workers call it as a video's job starts (one header read, in
-    parallel): checking a Kinetics-size manifest here, before any work, would read 300k headers in
-    one process."""
-    if e.start_sec is None and e.end_sec is None or not e.path.is_file():
-        return None
-    from pipeline.media.video import probe_duration  # PyAV: only for manifests that cut clips
-
-    duration = probe_duration(e.path)
-    if duration is None:
+def clip_outside(e: Entry, duration: float | None) -> str | None:
+    """``start_sec ...`` / ``end_sec ...`` when entry ``e``'s clip times fall outside ``duration``, the
+    duration its video declares (None when inside, when it cuts no clip, or when the file declares no
+    duration: decoding then reports it). The decoding workers check it once they have opened a video
+    (:attr:`pipeline.media.video.Decoder.declared_duration`), in parallel: checking a Kinetics-size
+    manifest here, before any work, would read 300k headers in one process."""
+    if duration is None or (e.start_sec is None and e.end_sec is None):
         return None
     if e.start_sec is not None and e.start_sec >= duration:
         return f"start_sec {e.start_sec:g} is not before the end of {e.path.name} ({duration:.3f} s)"

@@ -118,6 +118,16 @@ class Decoder:
         if self.container is not None:
             self.container.close()
 
+    @property
+    def declared_duration(self) -> float | None:
+        """The duration in seconds the open file declares for its video stream (else for the whole
+        file), from its header: no decoding. None for an image sequence or a file that declares none."""
+        if self.container is None:
+            return None
+        if self.stream.duration is not None and self.stream.time_base:
+            return float(self.stream.duration * self.stream.time_base)
+        return self.container.duration / av.time_base if self.container.duration is not None else None
+
     def _timed_frames(self) -> Iterator[tuple[float, float, av.VideoFrame]]:
         """(time since the first frame, duration, frame) in presentation order, seconds."""
         if self.container is None:
@@ -225,22 +235,6 @@ class Decoder:
         if clock.empty:
             raise ValueError(f"{self.path}: no decodable video frame")
         self.count, self.duration_sec = clock.count, clock.duration_sec
-
-
-def probe_duration(path: str | os.PathLike) -> float | None:
-    """The duration in seconds that the container of ``path`` declares for its first video stream (else
-    for the whole file), read from its header without decoding; None when it declares none or cannot
-    be opened (decoding it reports why)."""
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                return None
-            stream = container.streams.video[0]
-            if stream.duration is not None and stream.time_base:
-                return float(stream.duration * stream.time_base)
-            return container.duration / av.time_base if container.duration is not None else None
-    except (av.FFmpegError, OSError, ValueError):
-        return None
 
 
 def decode(

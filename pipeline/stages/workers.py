@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.media.codecs import DEFAULT_QUALITY, JpegAppender, offsets_path
-from pipeline.media.manifest import Entry
+from pipeline.media.manifest import Entry, clip_outside
 from pipeline.storage.atomic import fault
 from pipeline.storage.writer import NpyAppender
 
@@ -58,12 +58,8 @@ def _decode_to_spill(
     job: Job, fps: float, size, image_fps: float, codec: str = "raw", quality: int = DEFAULT_QUALITY
 ) -> dict:
     """Decode one video into ``job.spill`` (written block by block); returns its index info."""
-    from pipeline.media.manifest import clip_outside
     from pipeline.media.video import Decoder
 
-    if outside := clip_outside(job.entry):
-        line = f" (manifest line {job.entry.line})" if job.entry.line else ""
-        raise ValueError(f"{job.entry.path}: {outside}{line}")
     writer = None
     try:
         with Decoder(
@@ -75,6 +71,9 @@ def _decode_to_spill(
             threads=job.threads,
             image_fps=job.entry.fps or image_fps,
         ) as decoder:
+            if outside := clip_outside(job.entry, decoder.declared_duration):
+                line = f" (manifest line {job.entry.line})" if job.entry.line else ""
+                raise ValueError(f"{job.entry.path}: {outside}{line}")
             block: list[np.ndarray] = []
             for n, frame in enumerate(decoder):
                 if n == 5:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline import compat
 from pipeline.media.errors import UserError
-from pipeline.tracking.workspace import project_root, workspace  # noqa: F401 - runs.workspace() for callers
+from pipeline.tracking.workspace import project_root
 
 
 class TrackingError(RuntimeError, UserError):
